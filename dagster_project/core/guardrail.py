@@ -1,0 +1,46 @@
+"""The guardrail token: verified against the spec's fingerprint, masked everywhere but the
+audit trail. The token itself is never stored by this module."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+TOKEN_ENV_VAR = "GUARDRAIL_TOKEN"
+
+
+class ApprovalRefused(PermissionError):
+    """The guardrail token is missing or wrong. The message names the variable, never a value."""
+
+
+def fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def mask(token: str | None) -> str:
+    """`tpt-rifvn-of1ce` -> `tpt-*****ce`: enough to tell tokens apart, never enough to use one."""
+    if not token:
+        return "(none)"
+    if len(token) < 8:
+        return "*****"
+    return f"{token[:4]}*****{token[-2:]}"
+
+
+def verify(token: str | None, expected_sha256: str) -> str:
+    """Return the token if its SHA-256 matches `expected_sha256` (constant-time compare)."""
+    if not token:
+        raise ApprovalRefused(
+            f"approval refused: the environment variable {TOKEN_ENV_VAR} is not set; "
+            "production changes require the guardrail token"
+        )
+    if not hmac.compare_digest(fingerprint(token), expected_sha256):
+        raise ApprovalRefused(
+            f"approval refused: the token in {TOKEN_ENV_VAR} does not match the product's "
+            "guardrail fingerprint"
+        )
+    return token
+
+
+def scrub(text: str, token: str | None) -> str:
+    """Replace any occurrence of the token in `text` with its masked form."""
+    return text.replace(token, mask(token)) if token else text

@@ -1,0 +1,58 @@
+"""Test session setup: a private state directory (and embedded Postgres) per session, or a
+prefix on an external server when RELEASE_DATABASE_URL is set; everything reaped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The production guardrail token is published to operators in the architecture note; the
+# tests present it the way CI would, through the environment.
+GUARDRAIL_TOKEN = os.environ.get("GUARDRAIL_TOKEN") or "tpt-rifvn-of1ce"
+PRODUCT = "4pnihc40q-yj"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def release_home() -> Iterator[Path]:
+    # Short path: the embedded server's unix socket lives under it.
+    home = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    os.environ["RELEASE_HOME"] = str(home)
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    if os.environ.get("RELEASE_DATABASE_URL"):
+        os.environ["RELEASE_DB_PREFIX"] = f"t{os.getpid()}_"
+    yield home
+    _teardown(home)
+
+
+def _teardown(home: Path) -> None:
+    with contextlib.suppress(ImportError):
+        from dagster_project.core.platform import local
+
+        with contextlib.suppress(Exception):
+            local.LocalPlatform().down()
+    from dagster_project.core import database
+
+    if os.environ.get("RELEASE_DATABASE_URL"):
+        with contextlib.suppress(Exception), database.connection("postgres") as conn:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                    (os.environ["RELEASE_DB_PREFIX"] + "%",),
+                )
+                for (name,) in cur.fetchall():
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        database.stop_embedded()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def guardrail_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("GUARDRAIL_TOKEN", GUARDRAIL_TOKEN)
+    return GUARDRAIL_TOKEN
