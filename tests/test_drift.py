@@ -1,0 +1,315 @@
+"""Schema drift through the real path: migrations applied with the history module to a real
+environment database, the live schema altered by hand, the check run against a scratch copy
+built on the same embedded Postgres."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dagster_project.core import database
+from dagster_project.core.migrations import drift, history
+
+MIGRATIONS = {
+    "0001_items.sql": """
+CREATE TYPE job_status AS ENUM ('queued', 'running', 'done', 'failed');
+CREATE TABLE items (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL,
+    price_cents integer NOT NULL DEFAULT 0 CHECK (price_cents >= 0),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX items_name_idx ON items (name);
+""",
+    "0002_jobs.sql": """
+CREATE TABLE jobs (
+    job_key text PRIMARY KEY,
+    status job_status NOT NULL DEFAULT 'queued',
+    item_id bigint REFERENCES items (id),
+    attempts integer NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_status_idx ON jobs (status) WHERE status <> 'done';
+CREATE SEQUENCE ticket_seq START 100 INCREMENT 5;
+CREATE VIEW item_prices AS SELECT id, price_cents / 100.0 AS price FROM items;
+""",
+    "0003_touch.sql": """
+CREATE FUNCTION touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER items_touch BEFORE UPDATE ON items
+    FOR EACH ROW EXECUTE FUNCTION touch_updated_at();
+""",
+    "0004_rls.sql": """
+ALTER TABLE items ENABLE ROW LEVEL SECURITY;
+CREATE POLICY items_visible ON items FOR SELECT USING (price_cents >= 0);
+CREATE MATERIALIZED VIEW job_counts AS SELECT status, count(*) AS n FROM jobs GROUP BY status;
+""",
+}
+
+
+KINDS_CREATED = (
+    "table",
+    "column",
+    "constraint",
+    "index",
+    "sequence",
+    "view",
+    "materialized view",
+    "function",
+    "enum",
+    "trigger",
+    "policy",
+    "extension",
+)
+
+
+def _write(directory: Path, names: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / name).write_text(MIGRATIONS[name], encoding="utf-8")
+    return directory
+
+
+@pytest.fixture
+def env() -> Iterator[str]:
+    """A fresh environment database per test (the check must not depend on test order)."""
+    name = f"drift_env_{secrets.token_hex(3)}"
+    database.ensure_database(name)
+    yield name
+    database.drop_database(name)
+
+
+def _execute(env: str, sql: str) -> None:
+    with database.connection(env) as conn, conn.cursor() as cur:
+        cur.execute(sql)
+
+
+def _scratch_databases() -> list[str]:
+    with database.connection("postgres") as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s",
+            (database.physical_name("scratch\\_") + "%",),
+        )
+        return [row[0] for row in cur.fetchall()]
+
+
+def _migrated(env: str, tmp_path: Path, names: list[str] | None = None) -> Path:
+    migrations = _write(tmp_path / "migrations", names or sorted(MIGRATIONS))
+    applied = history.apply_pending(env, migrations, actor="test")
+    assert [a["filename"] for a in applied] == (names or sorted(MIGRATIONS))
+    return migrations
+
+
+def test_untouched_schema_has_no_drift(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path)
+    report = drift.check_drift(env, migrations)
+    assert report.items == [], report.as_markdown()
+    assert not report.has_drift
+    assert report.applied_migrations == sorted(MIGRATIONS)
+    # Every kind the migrations create is in the snapshot, so "no drift" means something.
+    kinds = drift.snapshot_schema(env).count_by_kind()
+    for kind in KINDS_CREATED:
+        assert kinds.get(kind, 0) >= 1, kind
+    assert report.expected_count == report.actual_count == sum(kinds.values())
+    assert "No schema drift" in report.as_markdown()
+
+
+def test_no_false_positives_across_several_releases(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path, ["0001_items.sql", "0002_jobs.sql"])
+    assert drift.check_drift(env, migrations).items == []
+    # Pending files on disk are not drift: only applied ones define the expected schema.
+    _write(migrations, ["0003_touch.sql", "0004_rls.sql"])
+    pending_report = drift.check_drift(env, migrations)
+    assert pending_report.items == []
+    assert pending_report.applied_migrations == ["0001_items.sql", "0002_jobs.sql"]
+    # The next release applies them; still no drift.
+    history.apply_pending(env, migrations, actor="test")
+    report = drift.check_drift(env, migrations)
+    assert report.items == [], report.as_markdown()
+    assert len(report.applied_migrations) == 4
+
+
+HAND_CHANGES = [
+    (
+        "added column",
+        "ALTER TABLE items ADD COLUMN colour text",
+        ("column", "public.items.colour", "unexpected"),
+    ),
+    (
+        "dropped index",
+        "DROP INDEX items_name_idx",
+        ("index", "public.items_name_idx", "missing"),
+    ),
+    (
+        "changed default",
+        "ALTER TABLE items ALTER COLUMN price_cents SET DEFAULT 100",
+        ("column", "public.items.price_cents", "changed"),
+    ),
+    (
+        "dropped not null",
+        "ALTER TABLE jobs ALTER COLUMN attempts DROP NOT NULL",
+        ("column", "public.jobs.attempts", "changed"),
+    ),
+    (
+        "extra table",
+        "CREATE TABLE scratchpad (id int PRIMARY KEY, note text NOT NULL)",
+        ("table", "public.scratchpad", "unexpected"),
+    ),
+    (
+        "changed function body",
+        """CREATE OR REPLACE FUNCTION touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN NEW;
+END
+$$""",
+        ("function", "public.touch_updated_at()", "changed"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "alter_sql", "expected"), HAND_CHANGES, ids=[h[0] for h in HAND_CHANGES]
+)
+def test_hand_change_is_detected_and_named(
+    env: str, tmp_path: Path, label: str, alter_sql: str, expected: tuple[str, str, str]
+) -> None:
+    migrations = _migrated(env, tmp_path)
+    assert drift.check_drift(env, migrations).items == []
+    _execute(env, alter_sql)
+    report = drift.check_drift(env, migrations)
+    assert report.has_drift, label
+    found = {(i.kind, i.object, i.change) for i in report.items}
+    assert expected in found, (label, found)
+    markdown = report.as_markdown()
+    assert expected[1] in markdown and expected[2] in markdown
+    assert report.summary().startswith(f"schema drift in {env}")
+
+
+def test_changed_items_show_only_the_differing_attributes(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path)
+    _execute(env, "ALTER TABLE items ALTER COLUMN price_cents SET DEFAULT 100")
+    _execute(env, "ALTER TABLE jobs ALTER COLUMN attempts DROP NOT NULL")
+    items = {i.object: i for i in drift.check_drift(env, migrations).items}
+    price = items["public.items.price_cents"]
+    assert (price.expected, price.actual) == ({"default": "0"}, {"default": "100"})
+    attempts = items["public.jobs.attempts"]
+    assert (attempts.expected, attempts.actual) == ({"not_null": True}, {"not_null": False})
+    # Postgres 18 records NOT NULL as a constraint too: it is reported missing.
+    assert items["public.jobs.jobs_attempts_not_null"].change == "missing"
+
+
+def test_extra_table_is_one_item_not_one_per_column(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path)
+    _execute(env, "CREATE TABLE scratchpad (id int PRIMARY KEY, note text NOT NULL)")
+    items = drift.check_drift(env, migrations).items
+    assert [(i.kind, i.object, i.change) for i in items] == [
+        ("table", "public.scratchpad", "unexpected")
+    ]
+
+
+def test_no_history_means_expected_is_empty(env: str, tmp_path: Path) -> None:
+    _execute(env, "CREATE TABLE handmade (id int)")
+    report = drift.check_drift(env, _write(tmp_path / "m", ["0001_items.sql"]))
+    assert report.applied_migrations == []
+    assert ("table", "public.handmade", "unexpected") in {
+        (i.kind, i.object, i.change) for i in report.items
+    }
+
+
+def test_release_meta_is_ignored(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path)
+    _execute(env, "CREATE TABLE release_meta.anything_goes (id int)")
+    assert drift.check_drift(env, migrations).items == []
+
+
+def test_edited_applied_migration_is_an_error(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path)
+    (migrations / "0002_jobs.sql").write_text(MIGRATIONS["0002_jobs.sql"] + "\n-- edited\n")
+    with pytest.raises(drift.DriftCheckError, match=r"0002_jobs\.sql changed after it was applied"):
+        drift.check_drift(env, migrations)
+    (migrations / "0002_jobs.sql").unlink()
+    with pytest.raises(drift.DriftCheckError, match=r"0002_jobs\.sql is recorded as applied"):
+        drift.check_drift(env, migrations)
+
+
+def test_migration_failing_in_scratch_is_an_error_and_scratch_is_dropped(
+    env: str, tmp_path: Path
+) -> None:
+    # The migration only worked in the environment because of a table made by hand there.
+    _execute(env, "CREATE TABLE legacy (id int)")
+    migrations = tmp_path / "migrations"
+    migrations.mkdir()
+    (migrations / "0001_extend_legacy.sql").write_text(
+        "CREATE TABLE fresh (id int);\n\nALTER TABLE legacy ADD COLUMN note text;\n"
+    )
+    history.apply_pending(env, migrations, actor="test")
+    before = _scratch_databases()
+    with pytest.raises(drift.DriftCheckError) as failure:
+        drift.check_drift(env, migrations)
+    message = str(failure.value)
+    assert "0001_extend_legacy.sql line 3" in message
+    assert 'relation "legacy" does not exist' in message
+    assert _scratch_databases() == before == []
+
+
+def test_scratch_databases_are_dropped_after_success(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path)
+    drift.check_drift(env, migrations)
+    drift.expected_schema(env, migrations)
+    assert _scratch_databases() == []
+
+
+def test_missing_environment_database_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(database.DatabaseUnavailable, match="drift_env_never_created"):
+        drift.check_drift("drift_env_never_created", tmp_path)
+
+
+def test_unreachable_server_is_an_error_not_a_pass(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Port 9 on loopback: nothing listens, so the connection is refused at once.
+    monkeypatch.setenv(database.ENV_URL, "postgresql://postgres@127.0.0.1:9/postgres")
+    with pytest.raises(database.DatabaseUnavailable, match=r"127\.0\.0\.1:9"):
+        drift.check_drift("staging", tmp_path)
+
+
+def test_diff_is_pure_and_ordered() -> None:
+    expected = drift.SchemaSnapshot(
+        "a",
+        {
+            ("table", "public.t"): {"row_level_security": False},
+            ("column", "public.t.a"): {"type": "integer", "not_null": True, "default": None},
+            ("index", "public.t_a_idx"): {"definition": "CREATE INDEX ...", "valid": True},
+        },
+        {("column", "public.t.a"): ("table", "public.t")},
+    )
+    actual = drift.SchemaSnapshot(
+        "b",
+        {
+            ("table", "public.t"): {"row_level_security": True},
+            ("column", "public.t.a"): {"type": "integer", "not_null": True, "default": None},
+            ("table", "public.u"): {"row_level_security": False},
+            ("column", "public.u.b"): {"type": "text", "not_null": False, "default": None},
+        },
+        {("column", "public.u.b"): ("table", "public.u")},
+    )
+    items = drift.diff(expected, actual)
+    assert [(i.change, i.kind, i.object) for i in items] == [
+        ("missing", "index", "public.t_a_idx"),
+        ("unexpected", "table", "public.u"),
+        ("changed", "table", "public.t"),
+    ]
+    assert items[2].expected == {"row_level_security": False}
+    assert items[2].actual == {"row_level_security": True}
+    assert drift.diff(expected, expected) == []
+    report = drift.DriftReport("staging", items, 3, 4, 0.1, [])
+    markdown = report.as_markdown()
+    assert markdown.count("\n") == 4  # header, rule, three rows
+    assert "| missing | index | `public.t_a_idx` |" in markdown
+    assert report.as_metadata()["drift_count"] == 3
