@@ -155,6 +155,26 @@ def test_runtime_error_without_position_still_names_the_line(env: str, migration
         history.apply_pending(env, migrations, actor="ci")
 
 
+def test_concurrent_index_needs_and_honours_the_no_transaction_marker(
+    env: str, migrations: Path
+) -> None:
+    history.apply_pending(env, migrations, actor="ci")
+    index_sql = (
+        "SET lock_timeout = '2s';\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_note ON orders (note);\n"
+    )
+    write(migrations, "0003_index.sql", index_sql)
+    with pytest.raises(MigrationError, match=r"0003_index.sql line 2: .*no-transaction"):
+        history.apply_pending(env, migrations, actor="ci")
+    write(migrations, "0003_index.sql", "-- migration: no-transaction\n" + index_sql)
+    applied = history.apply_pending(env, migrations, actor="ci")
+    assert [a["filename"] for a in applied] == ["0003_index.sql"]
+    with database.connection(env) as conn, conn.cursor() as cur:
+        cur.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'orders_note'::regclass")
+        assert cur.fetchone() == (True,)
+    assert [r["outcome"] for r in history.history(env)][-2:] == ["failed", "applied"]
+
+
 def test_concurrent_appliers_apply_each_file_once(env: str, migrations: Path) -> None:
     write(migrations, "0003_slow.sql", "SELECT pg_sleep(0.3);\nCREATE TABLE slow (id int);\n")
     results: list[list[dict[str, object]]] = []
@@ -187,9 +207,11 @@ def test_split_statements_respects_quotes_and_comments() -> None:
         "/* note; */ SELECT 'it''s;';\n"
     )
     statements = history.split_statements(sql)
-    assert [(s.line, s.comments_above) for s in statements] == [
-        (4, ("-- safety: allow x because y",)),
-        (5, ()),
-        (6, ()),
+    assert [(s.line, s.end_line, s.comments_above) for s in statements] == [
+        (4, 4, ((3, "-- safety: allow x because y"),)),
+        (5, 5, ()),
+        (6, 6, ()),
     ]
+    multi_line = history.split_statements("ALTER TABLE a\n    ADD COLUMN b text\n;\n")
+    assert [(s.line, s.end_line) for s in multi_line] == [(1, 2)]
     assert statements[1].text.endswith("LANGUAGE sql")

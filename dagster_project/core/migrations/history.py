@@ -26,6 +26,11 @@ from dagster_project.core import database
 # `0001_create_orders.sql`: a numeric version, an underscore, a description.
 MIGRATION_NAME_RE = re.compile(r"^(?P<version>\d{4,})_(?P<description>[a-z0-9][a-z0-9_]*)\.sql$")
 
+# `CREATE INDEX CONCURRENTLY` and friends cannot run inside a transaction block. A file that
+# carries this line is run statement by statement in autocommit mode instead (so a failure can
+# leave earlier statements applied: write them with IF NOT EXISTS so a re-run completes them).
+NO_TRANSACTION_MARKER = "-- migration: no-transaction"
+
 HISTORY_SCHEMA = "release_meta"
 HISTORY_TABLE = f"{HISTORY_SCHEMA}.migration_history"
 
@@ -65,6 +70,15 @@ class MigrationFile:
     @property
     def sql(self) -> str:
         return self.path.read_text(encoding="utf-8")
+
+    @property
+    def in_transaction(self) -> bool:
+        """False when the file opts out of the wrapping transaction (NO_TRANSACTION_MARKER)."""
+        return not is_no_transaction(self.sql)
+
+
+def is_no_transaction(sql: str) -> bool:
+    return any(line.strip().lower() == NO_TRANSACTION_MARKER for line in sql.splitlines())
 
 
 @dataclass(frozen=True)
@@ -259,6 +273,8 @@ def _apply_one(
     if file_sha256(migration.path) != migration.sha256:
         conn.rollback()
         raise MigrationError(f"{migration.filename}: changed on disk while migrating {env}")
+    if not migration.in_transaction:
+        return _apply_one_without_transaction(conn, env, migration, actor, sql)
     started = time.monotonic()
     try:
         with conn.cursor() as cur:
@@ -276,6 +292,48 @@ def _apply_one(
     duration_ms = int((time.monotonic() - started) * 1000)
     applied_at = _record(conn, migration, actor, "applied", duration_ms, None)
     conn.commit()
+    return _applied_summary(env, migration, actor, applied_at, duration_ms)
+
+
+def _apply_one_without_transaction(
+    conn: psycopg2.extensions.connection,
+    env: str,
+    migration: MigrationFile,
+    actor: str,
+    sql: str,
+) -> dict[str, Any]:
+    """Run a no-transaction file statement by statement; other appliers stay queued behind a
+    session-level advisory lock (the transaction-level one ends with the first commit)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+    conn.commit()
+    conn.autocommit = True
+    started = time.monotonic()
+    try:
+        with conn.cursor() as cur:
+            for statement in split_statements(sql):
+                try:
+                    cur.execute(statement.text)
+                except psycopg2.Error as exc:
+                    duration_ms = int((time.monotonic() - started) * 1000)
+                    message = (
+                        _describe_failure(migration, statement.line, exc)
+                        + " (no-transaction migration: statements above this line stay applied)"
+                    )
+                    _record(conn, migration, actor, "failed", duration_ms, message)
+                    raise MigrationError(message) from exc
+        duration_ms = int((time.monotonic() - started) * 1000)
+        applied_at = _record(conn, migration, actor, "applied", duration_ms, None)
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
+        conn.autocommit = False
+    return _applied_summary(env, migration, actor, applied_at, duration_ms)
+
+
+def _applied_summary(
+    env: str, migration: MigrationFile, actor: str, applied_at: datetime, duration_ms: int
+) -> dict[str, Any]:
     return {
         "env": env,
         "version": migration.version,
@@ -331,6 +389,8 @@ def _describe_failure(migration: MigrationFile, line: int | None, exc: psycopg2.
     first_line = (diag.message_primary or str(exc)).strip().splitlines()[0]
     where = f"{migration.filename} line {line}" if line else migration.filename
     detail = f" ({diag.sqlstate})" if diag.sqlstate else ""
+    if diag.sqlstate == "25001":  # active_sql_transaction: e.g. CREATE INDEX CONCURRENTLY
+        detail += f"; put the line '{NO_TRANSACTION_MARKER}' in the file to run it outside one"
     return f"{where}: {first_line}{detail}"
 
 
@@ -353,7 +413,9 @@ def as_dicts(items: list[Any]) -> list[dict[str, Any]]:
 class Statement:
     text: str  # the statement without its terminating semicolon
     line: int  # 1-based line of its first non-blank, non-comment character
-    comments_above: tuple[str, ...]  # `--` comment lines directly above it, in order
+    end_line: int  # 1-based line of its last character
+    # `--` comment lines directly above it (no blank line between), as (line, text).
+    comments_above: tuple[tuple[int, str], ...] = ()
 
 
 # Tokens that can hide a semicolon: quoted strings/identifiers, dollar quotes, comments.
@@ -388,22 +450,21 @@ def split_statements(sql: str) -> list[Statement]:
 
 
 def _append_statement(statements: list[Statement], sql: str, start: int, end: int) -> None:
-    chunk = sql[start:end]
-    leading_comments: list[str] = []
-    body_lines: list[str] = []
     first_line = sql[:start].count("\n") + 1
-    body_line = 0
-    for offset, raw in enumerate(chunk.split("\n")):
+    leading_comments: list[tuple[int, str]] = []
+    body: list[tuple[int, str]] = []
+    for offset, raw in enumerate(sql[start:end].split("\n")):
         stripped = raw.strip()
-        if not body_lines:
+        if not body:
             if not stripped:
                 leading_comments.clear()  # a blank line detaches comments from the statement
                 continue
             if stripped.startswith("--"):
-                leading_comments.append(stripped)
+                leading_comments.append((first_line + offset, stripped))
                 continue
-            body_line = first_line + offset
-        body_lines.append(raw)
-    text = "\n".join(body_lines).strip()
-    if text:
-        statements.append(Statement(text, body_line, tuple(leading_comments)))
+        body.append((first_line + offset, raw))
+    while body and not body[-1][1].strip():
+        body.pop()
+    if body:
+        text = "\n".join(raw for _, raw in body).strip()
+        statements.append(Statement(text, body[0][0], body[-1][0], tuple(leading_comments)))
