@@ -1,0 +1,319 @@
+"""The smoke suite: pure logic (TTL parsing, backoff deadlines, response contracts, the report)
+and the real path: releases deployed on the local platform and smoke-tested through the
+staging edge, healthy and broken in the ways the suite must catch."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import PRODUCT
+
+from dagster_project.core import smoke
+from dagster_project.core.smoke import (
+    CheckFailed,
+    SmokeReport,
+    SmokeReportError,
+    SmokeRow,
+    backoff_delays,
+    check_json_shape,
+    effective_ttl,
+    job_deadline_seconds,
+    post_deploy_smoke,
+    run_smoke,
+)
+from dagster_project.core.spec import ProductSpec, load_spec
+
+
+@pytest.fixture(scope="module")
+def spec() -> ProductSpec:
+    return load_spec(PRODUCT)
+
+
+# --- pure logic -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "ttl"),
+    [
+        ("public, s-maxage=5", 5),
+        ("public, max-age=60, s-maxage=86400", 86400),  # the shared-cache TTL wins
+        ("max-age=60", 60),
+        ('public, s-maxage="7"', 7),
+        ("no-store", None),
+        ("max-age=soon", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_effective_ttl_reads_the_shared_cache_lifetime(cache_control: str | None, ttl: int) -> None:
+    assert effective_ttl(cache_control) == ttl
+
+
+def test_job_deadline_follows_the_spec_backoff_policy(spec: ProductSpec) -> None:
+    high, low = spec.queues.high, spec.queues.low
+    # 4 attempts: three waits, 50 ms doubling (high) and 100 ms doubling (low).
+    assert backoff_delays(high) == pytest.approx([0.05, 0.1, 0.2])
+    assert backoff_delays(low) == pytest.approx([0.1, 0.2, 0.4])
+    assert job_deadline_seconds(high, slack=2.0) == pytest.approx(2.35)
+    capped = high.model_copy(update={"max_attempts": 8, "backoff_max_ms": 300})
+    assert backoff_delays(capped)[-1] == pytest.approx(0.3)  # never above backoff_max_ms
+
+
+def test_json_contracts_accept_the_documented_shapes() -> None:
+    item = {"id": 1, "name": "notebook", "price_cents": 450, "updated_at": "2025-01-01"}
+    assert check_json_shape("/v1/items", {"items": [item], "count": 1}) == "items list (1 items)"
+    assert check_json_shape("/v1/items/1", item) == "item object"
+    summary_body = {
+        "items": {"count": 5, "total_price_cents": 8994},
+        "jobs": {"queued": 0, "running": 0, "done": 2, "dead": 1},
+        "dead_letter": {"count": 1},
+    }
+    assert check_json_shape("/v1/summary", summary_body) == "summary object"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("/v1/items", {"items": [{"id": 1, "name": "x"}]}, "items.0.price_cents"),
+        ("/v1/items", [{"id": 1, "name": "x", "price_cents": 1}], "items list"),
+        ("/v1/items", {"items": []}, "items list is empty"),
+        ("/v1/items/1", {"id": "one", "name": "x", "price_cents": 1}, "field 'id'"),
+        ("/v1/summary", {"items": 5}, "summary object"),
+        ("/v1/other", ["not", "an", "object"], "JSON object"),
+    ],
+)
+def test_json_contract_violations_name_the_path_and_field(path: str, body: Any, named: str) -> None:
+    with pytest.raises(CheckFailed) as failure:
+        check_json_shape(path, body)
+    assert path in str(failure.value)
+    assert named in str(failure.value)
+
+
+def _report(rows: list[tuple[str, bool]], sections: list[str] | None = None) -> SmokeReport:
+    return SmokeReport(
+        product=PRODUCT,
+        env="staging",
+        expected_version="1.0.0",
+        run_id="abc123",
+        edge_url="http://127.0.0.1:1",
+        sections=sections or ["smoke", "edge_cache", "worker_dlq"],  # type: ignore[arg-type]
+        started_at="2025-01-01T00:00:00+00:00",
+        rows=[
+            SmokeRow(section=section, name=f"check {i}", passed=ok, detail=f"d|{i}", seconds=0.1)  # type: ignore[arg-type]
+            for i, (section, ok) in enumerate(rows)
+        ],
+    )
+
+
+def test_report_passes_a_section_only_with_rows_all_passing() -> None:
+    report = _report(
+        [("smoke", True), ("smoke", True), ("edge_cache", True), ("edge_cache", False)]
+    )
+    assert report.passed("smoke")
+    assert not report.passed("edge_cache")  # one failing row
+    assert not report.passed("worker_dlq")  # asked for, but no rows: never a pass
+    assert report.verdict("worker_dlq") == "FAILED (no checks ran)"
+    assert not report.passed()
+    assert not _report([("smoke", True)], sections=["smoke"]).passed("edge_cache")  # not run
+    assert _report([("smoke", True)], sections=["smoke"]).passed()
+    assert not _report([], sections=[]).passed()  # nothing asked, nothing proven
+
+
+def test_report_round_trips_through_json_and_renders_markdown() -> None:
+    report = _report([("smoke", True), ("edge_cache", False), ("worker_dlq", True)])
+    stored = json.loads(json.dumps(report.to_dict()))
+    stored["seconds"] = 4.2  # the asset adds its own keys next to the report's
+    again = SmokeReport.from_dict(stored)
+    assert again.rows == report.rows
+    assert again.passed("smoke")
+    assert not again.passed("edge_cache")
+
+    table = report.as_markdown("edge_cache")
+    assert "| section | check | result | detail | seconds |" in table
+    assert "**FAIL**" in table
+    assert "d\\|1" in table  # pipes in details cannot break the table
+    assert "check 0" not in table  # only the asked-for section
+    assert "(no checks ran)" in _report([], sections=["smoke"]).as_markdown("smoke")
+
+    summary = report.summary()
+    assert "FAILED" in summary
+    assert "edge_cache: FAILED (0/1 checks passed); first failure: check 1: d|1" in summary
+    assert "smoke: PASSED (1/1" in summary
+
+
+def test_report_from_a_bad_dict_names_the_field() -> None:
+    stored = _report([("smoke", True)]).to_dict()
+    stored["rows"][0]["passed"] = "maybe"
+    with pytest.raises(SmokeReportError, match=r"rows\.0\.passed"):
+        SmokeReport.from_dict(stored)
+    with pytest.raises(SmokeReportError, match="expected_version"):
+        SmokeReport.from_dict({k: v for k, v in stored.items() if k != "expected_version"})
+
+
+# --- through real sockets, without the platform ---------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EdgeAt:
+    """A platform whose edge is at a fixed URL (e.g. a closed port): `purge` is never reached
+    because the edge fails first."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def edge_url(self, env: str) -> str:
+        return self.url
+
+    def purge(self, env: str, url: str | None = None, surrogate_key: str | None = None) -> int:
+        raise AssertionError("purge must not be reached when the edge does not answer")
+
+
+class NoEdge(EdgeAt):
+    def edge_url(self, env: str) -> str:
+        raise RuntimeError(f"environment {env!r} has no edge running")
+
+
+def test_closed_edge_port_fails_every_section_naming_the_url(spec: ProductSpec) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    report = run_smoke(spec, EdgeAt(url), "staging", "1.0.0", job_slack_seconds=1.0)
+    for section in smoke.SECTIONS:
+        assert report.section_rows(section), section
+        assert not report.passed(section), section
+    assert not report.passed()
+    health = report.section_rows("smoke")[0]
+    assert health.name == "GET /healthz"
+    assert f"{url}/healthz" in health.detail
+    assert "ConnectError" in health.detail
+    assert any(f"{url}/v1/jobs" in row.detail for row in report.section_rows("worker_dlq"))
+
+
+def test_environment_without_edge_fails_closed(spec: ProductSpec) -> None:
+    report = run_smoke(spec, NoEdge(""), "staging", "1.0.0")
+    assert not report.passed()
+    assert {row.section for row in report.rows} == set(smoke.SECTIONS)
+    assert all("has no edge running" in row.detail for row in report.rows)
+
+
+# --- the real path: releases on the local platform --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def platform(spec: ProductSpec) -> Iterator[Any]:
+    from dagster_project.core.migrations.history import apply_pending
+    from dagster_project.core.platform.local import LocalPlatform
+
+    local = LocalPlatform(PRODUCT)
+    try:
+        local.up()
+        apply_pending("staging", spec.migrations_path, "test")
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="module")
+def deploy(spec: ProductSpec, platform: Any) -> Callable[..., str]:
+    """Build, push and deploy a release to a track of an environment; returns its version."""
+    from dagster_project.core import registry
+
+    def deploy_release(
+        version: str, settings: dict[str, Any] | None = None, env: str = "staging"
+    ) -> str:
+        artifact = registry.build_artifact(spec, version, settings or {})
+        registry.push(artifact)
+        platform.deploy(env, "stable", artifact)
+        return version
+
+    return deploy_release
+
+
+def _failure_details(report: SmokeReport, section: str) -> str:
+    return "\n".join(f"{row.name}: {row.detail}" for row in report.failures(section))
+
+
+def test_healthy_release_passes_all_sections(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    version = deploy("1.0.0-smoke")
+    report = run_smoke(spec, platform, "staging", version)
+    assert report.passed(), report.summary()
+    smoke_rows = report.section_rows("smoke")
+    # /healthz, /readyz and every smoke endpoint of the spec
+    assert len(smoke_rows) == 2 + sum(e.smoke for e in spec.endpoints)
+    assert {row.name for row in smoke_rows} >= {"GET /v1/items", "GET /static/app.js"}
+    cache_names = [row.name for row in report.section_rows("edge_cache")]
+    for kind in ("dynamic", "static"):
+        assert sum(f"({kind})" in name for name in cache_names) == 6, cache_names
+    worker_rows = report.section_rows("worker_dlq")
+    assert len(worker_rows) == 4
+    assert "dead after 4 attempts" in worker_rows[1].detail
+    # Stored as an asset value: survives JSON.
+    assert SmokeReport.from_dict(json.loads(json.dumps(report.to_dict()))).passed()
+
+
+def test_wrong_expected_version_fails_the_smoke_section(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    deploy("1.0.0-smoke")
+    report = run_smoke(
+        spec, platform, "staging", "9.9.9", include_edge_cache=False, include_worker=False
+    )
+    assert not report.passed("smoke")
+    details = _failure_details(report, "smoke")
+    assert "X-Release '1.0.0-smoke', expected '9.9.9'" in details
+    assert "/v1/items" in details
+
+
+def test_release_answering_errors_fails_smoke_naming_the_endpoint(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    version = deploy("1.0.1-errors", {"error_rate": 1.0})
+    report = run_smoke(spec, platform, "staging", version, include_worker=False)
+    assert not report.passed("smoke")
+    assert not report.passed("edge_cache")  # nothing cacheable was served
+    failed = {row.name: row.detail for row in report.failures("smoke")}
+    assert "GET /v1/items" in failed
+    assert "/v1/items?smoke=" in failed["GET /v1/items"]
+    assert "status 500" in failed["GET /v1/items"]
+    # Probes and static files do not go through the data handlers: they still pass.
+    assert report.section_rows("smoke")[0].passed
+
+
+def test_release_failing_jobs_fails_the_worker_section(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    version = deploy("1.0.2-failjobs", {"fail_jobs_matching": f"^{smoke.NORMAL_JOB_PREFIX}"})
+    report = run_smoke(spec, platform, "staging", version, include_edge_cache=False)
+    assert report.passed("smoke"), report.summary()
+    assert not report.passed("worker_dlq")
+    failed = {row.name: row.detail for row in report.failures("worker_dlq")}
+    normal = failed["normal job done after one attempt"]
+    assert smoke.NORMAL_JOB_PREFIX in normal
+    assert "status 'dead' after 4 attempts" in normal
+    assert "re-enqueue of a done key is not processed twice" in failed
+    # Poison jobs still behave: only the normal job's rows fail.
+    assert len(report.failures("worker_dlq")) == 2
+
+
+def test_post_deploy_smoke_runs_the_smoke_section_on_production(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    from dagster_project.core.migrations.history import apply_pending
+
+    apply_pending("production", spec.migrations_path, "test")
+    version = deploy("1.0.0-smoke", env="production")
+    report = post_deploy_smoke(spec, platform, version)
+    assert report.env == "production"
+    assert report.sections == ["smoke"]
+    assert report.passed(), report.summary()
+    assert report.edge_url == platform.edge_url("production").rstrip("/")
+    assert not post_deploy_smoke(spec, platform, "0.0.1-not-deployed").passed()
