@@ -1,0 +1,388 @@
+"""The product's API tier (api-i): a Starlette app served by uvicorn as its own process.
+
+    python -m uvicorn api:app --app-dir <artifact>/service --host 127.0.0.1 --port N
+
+Configuration comes from the environment (see service_config.py). Every response carries
+X-Release and X-Track; the spec's endpoints also carry Cache-Control (TTL of their class) and
+Surrogate-Key, which the edge uses for caching and selective purge. Prometheus metrics are
+labelled with version and track so the canary judge can compare the two tracks.
+
+Release knobs (manifest `settings`) act on the data endpoints through the real code path:
+`extra_latency_ms` sleeps inside the handler, `error_rate` makes that exact fraction of
+requests raise, which the app answers with a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import decimal
+import itertools
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from db import Database, DatabaseUnavailable
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from service_config import ConfigError, ServiceConfig, load_config
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("api")
+
+try:
+    CONFIG: ServiceConfig = load_config()
+except ConfigError as exc:
+    # Fail at start-up with one readable line rather than a traceback from deep in uvicorn.
+    sys.exit(f"api: configuration error: {exc}")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SCHEMA_TABLES = ("items", "jobs", "job_results", "dead_letter")
+JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
+UNMATCHED_PATH = "(unmatched)"  # one label for every unknown URL keeps cardinality bounded
+
+# Dense buckets (seconds): the canary judge rebuilds latency samples from bucket deltas.
+LATENCY_BUCKETS_MS = (
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500,
+    750, 1000, 1500, 2500,
+)  # fmt: skip
+
+METRICS = CollectorRegistry()
+REQUESTS = Counter(
+    "http_requests",  # exposed as http_requests_total
+    "HTTP requests answered, by route template and status.",
+    ("version", "track", "path", "status"),
+    registry=METRICS,
+)
+LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time from request to the end of the response body, by route template.",
+    ("version", "track", "path"),
+    buckets=tuple(ms / 1000 for ms in LATENCY_BUCKETS_MS),
+    registry=METRICS,
+)
+
+DB = Database(
+    CONFIG.database_url,
+    display_url=CONFIG.display_database(),
+    application_name=f"{CONFIG.api_tier}-{CONFIG.track}",
+)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a data handler when the release's error_rate selects this request."""
+
+
+class FaultSchedule:
+    """Selects exactly `rate` of the calls, evenly spread (deterministic, unlike random())."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._calls = itertools.count(1)  # next() on itertools.count is atomic in CPython
+
+    def should_fail(self) -> bool:
+        if self.rate <= 0:
+            return False
+        n = next(self._calls)
+        return math.floor(n * self.rate) > math.floor((n - 1) * self.rate)
+
+
+FAULTS = FaultSchedule(CONFIG.knobs.error_rate)
+
+
+async def apply_release_knobs() -> None:
+    if CONFIG.knobs.extra_latency_ms > 0:
+        await asyncio.sleep(CONFIG.knobs.extra_latency_ms / 1000)
+    if FAULTS.should_fail():
+        raise InjectedFault(f"injected fault (error_rate={CONFIG.knobs.error_rate})")
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+async def query(sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    return await run_in_threadpool(DB.query, sql, params)
+
+
+# --- probes and metrics ---------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok", "version": CONFIG.version, "track": CONFIG.track})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    try:
+        rows = await query(
+            "SELECT t.name FROM unnest(%s::TEXT[]) AS t(name) "
+            "WHERE to_regclass('public.' || t.name) IS NULL",
+            (list(SCHEMA_TABLES),),
+        )
+    except DatabaseUnavailable as exc:
+        return JSONResponse({"status": "not ready", "reason": str(exc)}, status_code=503)
+    missing = [row["name"] for row in rows]
+    if missing:
+        reason = f"schema incomplete in {DB.display_url}: missing table(s) {', '.join(missing)}"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "ready", "version": CONFIG.version, "track": CONFIG.track})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(METRICS), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- data endpoints -------------------------------------------------------------------------
+
+
+async def list_items(request: Request) -> JSONResponse:
+    await apply_release_knobs()
+    rows = await query("SELECT id, name, price_cents, updated_at FROM items ORDER BY id")
+    return JSONResponse({"items": jsonable(rows), "count": len(rows)})
+
+
+async def get_item(request: Request) -> JSONResponse:
+    await apply_release_knobs()
+    item_id: int = request.path_params["item_id"]
+    rows = await query(
+        "SELECT id, name, price_cents, updated_at FROM items WHERE id = %s", (item_id,)
+    )
+    # Per-item surrogate keys also for items the spec does not list (the spec's win if listed).
+    headers = {"Surrogate-Key": f"items item-{item_id}"}
+    if not rows:
+        return JSONResponse({"error": f"item {item_id} not found"}, 404, headers=headers)
+    return JSONResponse(jsonable(rows[0]), headers=headers)
+
+
+async def summary(request: Request) -> JSONResponse:
+    await apply_release_knobs()
+    rows = await query(
+        """
+        SELECT
+            (SELECT count(*) FROM items) AS items,
+            (SELECT coalesce(sum(price_cents), 0) FROM items) AS items_total_price_cents,
+            (SELECT count(*) FROM jobs WHERE status = 'queued') AS jobs_queued,
+            (SELECT count(*) FROM jobs WHERE status = 'running') AS jobs_running,
+            (SELECT count(*) FROM jobs WHERE status = 'done') AS jobs_done,
+            (SELECT count(*) FROM jobs WHERE status = 'dead') AS jobs_dead,
+            (SELECT count(*) FROM job_results) AS job_results,
+            (SELECT max(written_at) FROM job_results) AS job_results_latest_written_at,
+            (SELECT count(*) FROM dead_letter) AS dead_letter
+        """
+    )
+    row = jsonable(rows[0])
+    return JSONResponse(
+        {
+            "items": {"count": row["items"], "total_price_cents": row["items_total_price_cents"]},
+            "jobs": {s: row[f"jobs_{s}"] for s in ("queued", "running", "done", "dead")},
+            "job_results": {
+                "count": row["job_results"],
+                "latest_written_at": row["job_results_latest_written_at"],
+            },
+            "dead_letter": {"count": row["dead_letter"]},
+        }
+    )
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+def _bad_request(field: str, reason: str, status: int = 422) -> JSONResponse:
+    return JSONResponse({"error": f"field '{field}': {reason}", "field": field}, status)
+
+
+async def enqueue_job(request: Request) -> JSONResponse:
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad_request("(body)", "request body is not valid JSON", 400)
+    if not isinstance(body, dict):
+        return _bad_request("(body)", "request body must be a JSON object", 400)
+    unknown = sorted(set(body) - {"key", "priority", "payload"})
+    if unknown:
+        return _bad_request(unknown[0], "unknown field; expected key, priority, payload")
+    key, priority, payload = body.get("key"), body.get("priority"), body.get("payload", {})
+    if not isinstance(key, str) or not JOB_KEY_RE.match(key):
+        return _bad_request(
+            "key",
+            "must be 1-200 characters of letters, digits and . _ : @ -, starting "
+            "with a letter or digit",
+        )
+    if priority not in CONFIG.queues:
+        return _bad_request("priority", f"must be one of {', '.join(CONFIG.queues)}")
+    if not isinstance(payload, dict):
+        return _bad_request("payload", "must be a JSON object")
+
+    inserted = await query(
+        "INSERT INTO jobs (job_key, queue, payload) VALUES (%s, %s, %s::JSONB) "
+        "ON CONFLICT (job_key) DO NOTHING RETURNING job_key, queue, status, attempts",
+        (key, priority, json.dumps(payload)),
+    )
+    if inserted:
+        return JSONResponse({**jsonable(inserted[0]), "key": key, "created": True}, 202)
+    # Idempotent on the key: the same request again answers with the job as it stands.
+    existing = await query(
+        "SELECT job_key, queue, payload, status, attempts FROM jobs WHERE job_key = %s", (key,)
+    )
+    job = existing[0]
+    if job["queue"] != priority or job["payload"] != payload:
+        return _bad_request(
+            "key", f"job {key!r} already exists with a different priority or payload", 409
+        )
+    job.pop("payload")
+    return JSONResponse({**jsonable(job), "key": key, "created": False}, 200)
+
+
+async def get_job(request: Request) -> JSONResponse:
+    key: str = request.path_params["key"]
+    rows = await query(
+        """
+        SELECT j.job_key, j.queue, j.status, j.attempts, j.next_attempt_at, j.last_error,
+               j.created_at, j.updated_at, r.result, r.written_at
+        FROM jobs AS j LEFT JOIN job_results AS r ON r.job_key = j.job_key
+        WHERE j.job_key = %s
+        """,
+        (key,),
+    )
+    if not rows:
+        return JSONResponse({"error": f"job {key!r} not found"}, 404)
+    job = jsonable(rows[0])
+    job["key"] = job.pop("job_key")
+    job["priority"] = job["queue"]
+    return JSONResponse(job)
+
+
+# --- headers, metrics and errors for every request -------------------------------------------
+
+
+def route_template(routes: list[BaseRoute], scope: Scope) -> str:
+    """The route's path template (`/v1/items/{item_id:int}`), never the raw URL."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            if isinstance(route, Mount):
+                return f"{route.path}/{{path}}"
+            return getattr(route, "path", UNMATCHED_PATH)
+    return UNMATCHED_PATH
+
+
+class ReleaseMiddleware:
+    """Adds the release headers to every response and records the request metrics (errors
+    included: Starlette's own error handling answers inside this middleware)."""
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute], config: ServiceConfig) -> None:
+        self.app = app
+        self.routes = routes
+        self.config = config
+        # TTL of each spec endpoint's route template, so /v1/items/7 gets /v1/items/1's TTL.
+        self.ttl_by_template: dict[str, int] = {}
+        for endpoint in config.endpoints.values():
+            template = route_template(routes, _probe_scope(endpoint.path))
+            self.ttl_by_template.setdefault(template, endpoint.ttl_seconds)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        template = route_template(self.routes, scope)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self._add_headers(MutableHeaders(scope=message), scope["path"], template, status)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if template != "/metrics":  # scrapes would drown the traffic being judged
+                labels = (self.config.version, self.config.track, template)
+                REQUESTS.labels(*labels, str(status)).inc()
+                LATENCY.labels(*labels).observe(time.perf_counter() - started)
+
+    def _add_headers(self, headers: MutableHeaders, path: str, template: str, status: int) -> None:
+        headers["X-Release"] = self.config.version
+        headers["X-Track"] = self.config.track
+        endpoint = self.config.endpoints.get(path)
+        if endpoint is not None and endpoint.surrogate_keys:
+            headers["Surrogate-Key"] = " ".join(endpoint.surrogate_keys)
+        ttl = endpoint.ttl_seconds if endpoint else self.ttl_by_template.get(template)
+        if ttl is not None and status < 400:
+            headers["Cache-Control"] = f"public, max-age={ttl}"
+        else:
+            # Errors and non-spec endpoints (jobs, probes, metrics) must never be cached.
+            headers["Cache-Control"] = "no-store"
+
+
+async def injected_fault(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, 500)
+
+
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("%s", exc)
+    return JSONResponse({"error": str(exc)}, 503)
+
+
+def _probe_scope(path: str) -> Scope:
+    return {"type": "http", "method": "GET", "path": path, "root_path": ""}
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics),
+    Route("/v1/items", list_items),
+    Route("/v1/items/{item_id:int}", get_item),
+    Route("/v1/summary", summary),
+    Route("/v1/jobs", enqueue_job, methods=["POST"]),
+    Route("/v1/jobs/{key}", get_job),
+    Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+]
+
+
+def create_app() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers={
+            InjectedFault: injected_fault,
+            DatabaseUnavailable: database_unavailable,
+        },
+    )
+    log.info(
+        "%s %s (%s) serving %s; knobs: error_rate=%s extra_latency_ms=%s",
+        CONFIG.api_tier, CONFIG.version, CONFIG.track, CONFIG.display_database(),
+        CONFIG.knobs.error_rate, CONFIG.knobs.extra_latency_ms,
+    )  # fmt: skip
+    return ReleaseMiddleware(app, ROUTES, CONFIG)
+
+
+app = create_app()

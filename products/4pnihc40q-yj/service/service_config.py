@@ -1,0 +1,249 @@
+"""Configuration of the sample service (API and worker), read from the environment the
+platform sets. Ships inside the artifact and runs on its own: standard library and PyYAML only.
+
+Variables:
+  SERVICE_DATABASE_URL   libpq URI of the environment database (required; `?host=` socket URLs ok)
+  SERVICE_VERSION        release version served (required)
+  SERVICE_TRACK          stable | canary (default stable)
+  SERVICE_MANIFEST       the artifact's manifest.json (default: <artifact>/manifest.json if present)
+  SERVICE_PRODUCT_SPEC   product.yaml (default: <artifact>/product.yaml)
+
+A bad value stops the process with a `ConfigError` naming the variable, file and field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ARTIFACT_ROOT = Path(__file__).resolve().parent.parent
+TRACKS = ("stable", "canary")
+QUEUE_NAMES = ("high", "low")
+KNOWN_SETTINGS = ("error_rate", "extra_latency_ms", "fail_jobs_matching")
+
+
+class ConfigError(ValueError):
+    """Invalid service configuration; the message names the variable, file and field."""
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Release knobs from the manifest's `settings`: make a release bad on demand."""
+
+    error_rate: float = 0.0
+    extra_latency_ms: float = 0.0
+    fail_jobs_matching: re.Pattern[str] | None = None
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    name: str
+    max_attempts: int
+    backoff_initial_ms: int
+    backoff_multiplier: float
+    backoff_max_ms: int
+
+    def backoff_ms(self, attempt: int) -> float:
+        """Delay before retrying after failed attempt number `attempt` (1-based)."""
+        delay = self.backoff_initial_ms * self.backoff_multiplier ** (attempt - 1)
+        return min(delay, self.backoff_max_ms)
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    path: str
+    ttl_seconds: int
+    surrogate_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    database_url: str
+    version: str
+    track: str
+    product: str
+    api_tier: str
+    worker_tier: str
+    knobs: Knobs
+    endpoints: dict[str, EndpointPolicy] = field(default_factory=dict)
+    queues: dict[str, QueuePolicy] = field(default_factory=dict)
+
+    def display_database(self) -> str:
+        """The database URL without its password, for logs and readiness answers."""
+        parts = urlsplit(self.database_url)
+        if parts.password is None:
+            return self.database_url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+
+
+def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
+    env = os.environ if environ is None else environ
+    database_url = _required(env, "SERVICE_DATABASE_URL")
+    if not database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("SERVICE_DATABASE_URL: expected a libpq URI starting with postgresql://")
+    version = _required(env, "SERVICE_VERSION")
+    track = env.get("SERVICE_TRACK", "stable") or "stable"
+    if track not in TRACKS:
+        raise ConfigError(f"SERVICE_TRACK: {track!r} is not one of {', '.join(TRACKS)}")
+
+    manifest_path = _path(env, "SERVICE_MANIFEST", ARTIFACT_ROOT / "manifest.json")
+    settings: dict[str, Any] = {}
+    if manifest_path is not None:
+        manifest = _read_json(manifest_path, "SERVICE_MANIFEST")
+        settings = manifest.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{manifest_path}: field 'settings' must be a mapping")
+    knobs = parse_knobs(settings, source=str(manifest_path))
+
+    spec_path = _path(env, "SERVICE_PRODUCT_SPEC", ARTIFACT_ROOT / "product.yaml")
+    if spec_path is None:
+        raise ConfigError(
+            "SERVICE_PRODUCT_SPEC: not set and no product.yaml beside the service "
+            f"({ARTIFACT_ROOT / 'product.yaml'})"
+        )
+    spec = _read_yaml(spec_path)
+    return ServiceConfig(
+        database_url=database_url,
+        version=version,
+        track=track,
+        product=str(spec.get("product", "")),
+        api_tier=str(_get(spec, spec_path, "tiers", "api", "name")),
+        worker_tier=str(_get(spec, spec_path, "tiers", "worker", "name")),
+        knobs=knobs,
+        endpoints=_endpoints(spec, spec_path),
+        queues=_queues(spec, spec_path),
+    )
+
+
+def parse_knobs(settings: dict[str, Any], *, source: str = "settings") -> Knobs:
+    unknown = sorted(set(settings) - set(KNOWN_SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown setting(s) {unknown}; known: {', '.join(KNOWN_SETTINGS)}"
+        )
+    error_rate = _number(settings, "error_rate", 0.0, source)
+    if not 0.0 <= error_rate <= 1.0:
+        raise ConfigError(f"{source}: setting 'error_rate' must be within [0, 1], got {error_rate}")
+    extra_latency_ms = _number(settings, "extra_latency_ms", 0.0, source)
+    if extra_latency_ms < 0:
+        raise ConfigError(
+            f"{source}: setting 'extra_latency_ms' must be >= 0, got {extra_latency_ms}"
+        )
+    pattern = settings.get("fail_jobs_matching")
+    compiled = None
+    if pattern not in (None, ""):
+        try:
+            compiled = re.compile(str(pattern))
+        except re.error as exc:
+            raise ConfigError(
+                f"{source}: setting 'fail_jobs_matching' is not a valid regex: {exc}"
+            ) from None
+    return Knobs(
+        error_rate=error_rate, extra_latency_ms=extra_latency_ms, fail_jobs_matching=compiled
+    )
+
+
+def _required(env: Any, name: str) -> str:
+    value = env.get(name, "")
+    if not value:
+        raise ConfigError(f"{name}: environment variable is not set")
+    return value
+
+
+def _path(env: Any, name: str, default: Path) -> Path | None:
+    """The file named by `name`; a set-but-missing file is an error, an absent default is None."""
+    value = env.get(name, "")
+    if value:
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{name}: file {path} does not exist")
+        return path
+    return default if default.is_file() else None
+
+
+def _read_json(path: Path, variable: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{variable}: {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{variable}: {path} must hold a JSON object")
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"SERVICE_PRODUCT_SPEC: {path} is not readable YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"SERVICE_PRODUCT_SPEC: {path} must hold a mapping")
+    return data
+
+
+def _get(data: dict[str, Any], path: Path, *keys: str) -> Any:
+    node: Any = data
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise ConfigError(f"{path}: field '{'.'.join(keys[: depth + 1])}' is missing")
+        node = node[key]
+    return node
+
+
+def _number(settings: dict[str, Any], key: str, default: float, source: str) -> float:
+    value = settings.get(key, default)
+    if isinstance(value, bool):
+        raise ConfigError(f"{source}: setting '{key}' must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: setting '{key}' must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{source}: setting '{key}' must be finite, got {value!r}")
+    return number
+
+
+def _endpoints(spec: dict[str, Any], path: Path) -> dict[str, EndpointPolicy]:
+    ttl_classes = _get(spec, path, "ttl_classes")
+    endpoints: dict[str, EndpointPolicy] = {}
+    for index, entry in enumerate(_get(spec, path, "endpoints")):
+        where = f"{path}: field 'endpoints.{index}"
+        if not isinstance(entry, dict) or "path" not in entry or "ttl_class" not in entry:
+            raise ConfigError(f"{where}': needs 'path' and 'ttl_class'")
+        ttl_class = entry["ttl_class"]
+        if ttl_class not in ttl_classes:
+            raise ConfigError(f"{where}.ttl_class': no TTL for class {ttl_class!r} in ttl_classes")
+        endpoints[entry["path"]] = EndpointPolicy(
+            path=entry["path"],
+            ttl_seconds=int(ttl_classes[ttl_class]),
+            surrogate_keys=tuple(str(k) for k in entry.get("surrogate_keys") or ()),
+        )
+    return endpoints
+
+
+def _queues(spec: dict[str, Any], path: Path) -> dict[str, QueuePolicy]:
+    queues: dict[str, QueuePolicy] = {}
+    for name in QUEUE_NAMES:
+        raw = _get(spec, path, "queues", name)
+        try:
+            queues[name] = QueuePolicy(
+                name=name,
+                max_attempts=int(raw["max_attempts"]),
+                backoff_initial_ms=int(raw["backoff_initial_ms"]),
+                backoff_multiplier=float(raw["backoff_multiplier"]),
+                backoff_max_ms=int(raw["backoff_max_ms"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"{path}: field 'queues.{name}' is incomplete or invalid: {exc}"
+            ) from None
+    return queues
