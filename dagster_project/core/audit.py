@@ -1,0 +1,699 @@
+"""The tamper-evident audit trail of production changes, and its verifier.
+
+Storage (database `release_control`, schema `audit`):
+
+- `audit.entries`: one row per production change. `seq` is assigned by the append function,
+  not by a database sequence, so the numbers are contiguous and a gap means a deleted row.
+  `payload` is the canonical JSON text of the entry, stored verbatim; `entry_hash` is
+  `sha256(prev_hash || payload)` (hex, over UTF-8), `prev_hash` the previous entry's hash
+  (`GENESIS_HASH` for seq 1). `product`, `release`, `environment` and `change_id` are copied
+  out of the payload for lookups; `change_id` is UNIQUE so a change is audited exactly once.
+- `audit.head`: a single row (id = 1) holding the last seq and hash. Appends lock it
+  (`SELECT ... FOR UPDATE`), which serialises them: no two entries can share a predecessor.
+- `audit.append(change_id, payload)`: the only writer (SECURITY DEFINER). Re-appending a
+  known change_id returns the stored entry with `created = false`.
+- Triggers reject UPDATE, DELETE and TRUNCATE on both tables, and direct INSERTs or head
+  updates that do not come from `audit.append` (it flags its own writes with a
+  transaction-local setting). They stop mistakes and ordinary SQL, even by the owner; an
+  attacker with superuser rights can disable them, which is what `verify()` is for.
+- Role `release_pipeline` (NOLOGIN): USAGE on the schema, SELECT on both tables, EXECUTE on
+  `audit.append`, nothing else. Every connection this module opens runs `SET ROLE
+  release_pipeline` before touching the trail, so the pipeline's own code can only append and
+  read. The connecting user must be a member of the role; `ensure_audit_schema()` grants it.
+
+The guardrail token is recorded in the payload (the one place it is kept) and masked in
+everything this module prints or raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from dagster_project.core import database as db
+from dagster_project.core.guardrail import mask, scrub
+
+PIPELINE_ROLE = "release_pipeline"
+GENESIS_HASH = "0" * 64
+
+# The architecture note's five required fields of every production deployment's audit entry.
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "timestamp",
+    "identity",
+    "artifact_sha256",
+    "environment",
+    "guardrail_token",
+)
+OUTCOMES: tuple[str, ...] = ("promoted", "aborted")
+# Optional fields that are copied into lookup columns and therefore must be strings.
+_STRING_FIELDS: tuple[str, ...] = ("product", "release", "environment", "change_id")
+
+# Verify reasons (stable strings: the CLI's JSON output and tests rely on them).
+PAYLOAD_EDITED = "payload edited"
+ROW_DELETED = "row deleted (gap)"
+BROKEN_LINK = "reordered / broken link"
+HEAD_MISMATCH = "head mismatch"
+PAYLOAD_INVALID = "payload invalid"
+LOOKUP_EDITED = "lookup columns edited"
+EMPTY_TRAIL = "empty trail"
+NO_TRAIL = "no audit trail"
+UNREADABLE = "audit trail unreadable"
+
+
+class AuditError(RuntimeError):
+    """An append or read failed; the message names the database and never holds the token."""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    change_id: str
+    product: str | None
+    release: str | None
+    environment: str | None
+    recorded_at: datetime
+    prev_hash: str
+    entry_hash: str
+    # The canonical JSON as stored (it holds the token): kept out of repr so that logging
+    # an entry never prints the secret. Use `masked(entry)` for display.
+    payload_text: str = field(repr=False)
+    created: bool = False  # True only for the call that wrote it
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.payload_text)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    entries_checked: int  # entries found intact before the first bad one (all, when ok)
+    first_bad_seq: int | None
+    reason: str | None  # one of the reason constants above; None when ok
+    detail: str = ""
+    head_seq: int | None = None
+    head_hash: str | None = None  # record it elsewhere to detect a rewritten chain later
+
+
+# --------------------------------------------------------------------------- schema
+
+_REQUIRED_SQL = ", ".join(f"'{name}'" for name in REQUIRED_FIELDS)
+
+_SCHEMA_SQL = f"""
+CREATE SCHEMA IF NOT EXISTS audit;
+
+CREATE TABLE IF NOT EXISTS audit.entries (
+    seq         bigint PRIMARY KEY CHECK (seq >= 1),
+    prev_hash   text NOT NULL,
+    payload     text NOT NULL,
+    entry_hash  text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    change_id   text NOT NULL UNIQUE,
+    product     text,
+    release     text,
+    environment text
+);
+CREATE INDEX IF NOT EXISTS entries_product_idx ON audit.entries (product, seq);
+
+CREATE TABLE IF NOT EXISTS audit.head (
+    id   int PRIMARY KEY CHECK (id = 1),
+    seq  bigint NOT NULL,
+    hash text NOT NULL
+);
+
+-- UPDATE, DELETE and TRUNCATE are never allowed, whoever asks.
+CREATE OR REPLACE FUNCTION audit.reject_change() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'audit.%: % is not allowed: the audit trail is append-only',
+        TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'write through audit.append(change_id, payload)';
+END
+$fn$;
+
+-- INSERT into entries and UPDATE of head only from audit.append, and the head only ever
+-- advances by one onto the entry that links to it.
+CREATE OR REPLACE FUNCTION audit.guard_write() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_TABLE_NAME = 'head' AND TG_OP = 'INSERT' THEN
+        IF NEW.id = 1 AND NEW.seq = 0 AND NEW.hash = '{GENESIS_HASH}' THEN
+            RETURN NEW;  -- the initial head written by ensure_audit_schema
+        END IF;
+        RAISE EXCEPTION 'audit.head: only the initial head row may be inserted'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF current_setting('audit.writer', true) IS DISTINCT FROM 'append' THEN
+        RAISE EXCEPTION 'audit.%: direct % is not allowed', TG_TABLE_NAME, TG_OP
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'write through audit.append(change_id, payload)';
+    END IF;
+    -- Nested IF: PL/pgSQL does not short-circuit AND, and entries rows have no NEW.id.
+    IF TG_TABLE_NAME = 'head' THEN
+        IF NOT (NEW.id = 1 AND NEW.seq = OLD.seq + 1 AND EXISTS (
+                SELECT 1 FROM audit.entries e
+                WHERE e.seq = NEW.seq AND e.entry_hash = NEW.hash AND e.prev_hash = OLD.hash))
+        THEN
+            RAISE EXCEPTION 'audit.head: may only advance by one onto the appended entry'
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE OR REPLACE TRIGGER entries_insert_guard BEFORE INSERT ON audit.entries
+    FOR EACH ROW EXECUTE FUNCTION audit.guard_write();
+CREATE OR REPLACE TRIGGER entries_no_change BEFORE UPDATE OR DELETE ON audit.entries
+    FOR EACH ROW EXECUTE FUNCTION audit.reject_change();
+CREATE OR REPLACE TRIGGER entries_no_truncate BEFORE TRUNCATE ON audit.entries
+    FOR EACH STATEMENT EXECUTE FUNCTION audit.reject_change();
+CREATE OR REPLACE TRIGGER head_write_guard BEFORE INSERT OR UPDATE ON audit.head
+    FOR EACH ROW EXECUTE FUNCTION audit.guard_write();
+CREATE OR REPLACE TRIGGER head_no_delete BEFORE DELETE ON audit.head
+    FOR EACH ROW EXECUTE FUNCTION audit.reject_change();
+CREATE OR REPLACE TRIGGER head_no_truncate BEFORE TRUNCATE ON audit.head
+    FOR EACH STATEMENT EXECUTE FUNCTION audit.reject_change();
+
+INSERT INTO audit.head (id, seq, hash)
+SELECT 1, 0, '{GENESIS_HASH}' WHERE NOT EXISTS (SELECT 1 FROM audit.head);
+
+CREATE OR REPLACE FUNCTION audit.append(p_change_id text, p_payload text)
+RETURNS TABLE (
+    seq bigint, change_id text, product text, release text, environment text,
+    recorded_at timestamptz, prev_hash text, entry_hash text, payload text, created boolean
+)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_doc json;
+    v_field text;
+    v_head_seq bigint;
+    v_head_hash text;
+    v_hash text;
+BEGIN
+    IF coalesce(btrim(p_change_id), '') = '' THEN
+        RAISE EXCEPTION 'audit.append: change_id is empty'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    BEGIN
+        v_doc := p_payload::json;
+    EXCEPTION WHEN others THEN
+        -- never echo the payload: it holds the guardrail token
+        RAISE EXCEPTION 'audit.append: payload is not valid JSON'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF json_typeof(v_doc) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'audit.append: payload must be a JSON object'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_field IN ARRAY ARRAY[{_REQUIRED_SQL}] LOOP
+        IF coalesce(v_doc ->> v_field, '') = '' THEN
+            RAISE EXCEPTION 'audit.append: payload field % is missing or empty', v_field
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    IF (v_doc ->> 'change_id') IS DISTINCT FROM p_change_id THEN
+        RAISE EXCEPTION 'audit.append: payload field change_id does not match the argument'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- The head row lock serialises appends: one predecessor per entry, no gaps, no forks.
+    SELECT h.seq, h.hash INTO v_head_seq, v_head_hash FROM audit.head h WHERE h.id = 1 FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'audit.append: audit.head row is missing';
+    END IF;
+
+    -- Checked under the lock, so a concurrent append of the same change is seen here.
+    IF EXISTS (SELECT 1 FROM audit.entries e WHERE e.change_id = p_change_id) THEN
+        RETURN QUERY SELECT e.seq, e.change_id, e.product, e.release, e.environment,
+                            e.recorded_at, e.prev_hash, e.entry_hash, e.payload, false
+                     FROM audit.entries e WHERE e.change_id = p_change_id;
+        RETURN;
+    END IF;
+
+    v_hash := encode(sha256(convert_to(v_head_hash || p_payload, 'UTF8')), 'hex');
+    PERFORM set_config('audit.writer', 'append', true);
+    INSERT INTO audit.entries AS e (seq, prev_hash, payload, entry_hash, recorded_at,
+                                    change_id, product, release, environment)
+    VALUES (v_head_seq + 1, v_head_hash, p_payload, v_hash, clock_timestamp(),
+            p_change_id, v_doc ->> 'product', v_doc ->> 'release', v_doc ->> 'environment');
+    UPDATE audit.head h SET seq = v_head_seq + 1, hash = v_hash WHERE h.id = 1;
+    PERFORM set_config('audit.writer', '', true);
+
+    RETURN QUERY SELECT e.seq, e.change_id, e.product, e.release, e.environment,
+                        e.recorded_at, e.prev_hash, e.entry_hash, e.payload, true
+                 FROM audit.entries e WHERE e.seq = v_head_seq + 1;
+END
+$fn$;
+
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PIPELINE_ROLE}') THEN
+        BEGIN
+            CREATE ROLE {PIPELINE_ROLE} NOLOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;  -- created meanwhile by another database's setup (roles are cluster-wide)
+        END;
+    END IF;
+    IF NOT pg_has_role(current_user, '{PIPELINE_ROLE}', 'MEMBER') THEN
+        EXECUTE format('GRANT {PIPELINE_ROLE} TO %I', current_user);
+    END IF;
+END
+$do$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA audit FROM PUBLIC, {PIPELINE_ROLE};
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA audit FROM PUBLIC, {PIPELINE_ROLE};
+GRANT USAGE ON SCHEMA audit TO {PIPELINE_ROLE};
+GRANT SELECT ON audit.entries, audit.head TO {PIPELINE_ROLE};
+GRANT EXECUTE ON FUNCTION audit.append(text, text) TO {PIPELINE_ROLE};
+"""
+
+_COLUMNS = (
+    "seq, change_id, product, release, environment, recorded_at, prev_hash, entry_hash, payload"
+)
+
+# Schema setup done in this process, keyed by (server, database): DDL once, not per append.
+_ready: set[tuple[str, str]] = set()
+
+
+def ensure_audit_schema(database: str = db.CONTROL_DB) -> None:
+    """Create the schema, triggers, append function and role (idempotent, safe to race)."""
+    key = (db.server().display_url(database), database)
+    if key in _ready:
+        return
+    db.ensure_database(database)
+    with db.connection(database, autocommit=False) as conn:
+        with conn.cursor() as cur:
+            # Concurrent CREATE OR REPLACE of the same function fails; take turns.
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('release_audit_schema'))")
+            cur.execute(_SCHEMA_SQL)
+        conn.commit()
+    _ready.add(key)
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def canonical_json(payload: Mapping[str, Any]) -> str:
+    """The exact text that is stored and hashed; Python and the verifier agree on it."""
+    return json.dumps(
+        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def entry_hash(prev_hash: str, payload_text: str) -> str:
+    """sha256(prev_hash || payload) as the append function computes it."""
+    return hashlib.sha256((prev_hash + payload_text).encode("utf-8")).hexdigest()
+
+
+def validate_payload(payload: Mapping[str, Any]) -> None:
+    """Refuse a payload without the five required fields; errors name the field, never values."""
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"audit payload must be a mapping, got {type(payload).__name__}")
+    for name in REQUIRED_FIELDS:
+        value = payload.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"audit payload field {name!r} is missing or empty")
+        if not isinstance(value, str):
+            raise ValueError(
+                f"audit payload field {name!r} must be a string, got {type(value).__name__}"
+            )
+    for name in _STRING_FIELDS:
+        if name in payload and not isinstance(payload[name], str):
+            raise ValueError(
+                f"audit payload field {name!r} must be a string, got {type(payload[name]).__name__}"
+            )
+    try:
+        datetime.fromisoformat(payload["timestamp"])
+    except ValueError:
+        raise ValueError(
+            "audit payload field 'timestamp' is not an ISO-8601 date-time "
+            "(e.g. 2025-01-31T12:00:00+00:00)"
+        ) from None
+    outcome = payload.get("outcome")
+    if outcome is not None and outcome not in OUTCOMES:
+        raise ValueError(f"audit payload field 'outcome' must be one of {list(OUTCOMES)}")
+    for name, value in payload.items():
+        if not isinstance(name, str):
+            raise ValueError(f"audit payload keys must be strings, got {type(name).__name__}")
+        _check_json_value(value, name)
+
+
+def _check_json_value(value: Any, where: str) -> None:
+    # json.dumps' own errors do not say which field is at fault; this does.
+    if isinstance(value, str):
+        if "\x00" in value:  # Postgres text cannot hold NUL; refuse it here, by name
+            raise ValueError(f"audit payload field {where!r} contains a NUL character")
+        return
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"audit payload field {where!r} is not a finite number")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"audit payload field {where!r} has a non-string key")
+            _check_json_value(item, f"{where}.{key}")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{where}[{index}]")
+        return
+    raise ValueError(
+        f"audit payload field {where!r} is not JSON-serialisable ({type(value).__name__})"
+    )
+
+
+# --------------------------------------------------------------------------- append / read
+
+
+def append(
+    change_id: str, payload: Mapping[str, Any], *, database: str = db.CONTROL_DB
+) -> AuditEntry:
+    """Record one production change. Idempotent on `change_id`: a second call returns the
+    stored entry with `created=False` (the new payload is not written).
+
+    `change_id` identifies the production change (e.g. `<product>:<release>:<run id>`); it is
+    also stored in the payload, so it is covered by the hash.
+    """
+    if not isinstance(change_id, str) or not change_id.strip():
+        raise ValueError("audit change_id is missing or empty")
+    validate_payload(payload)
+    if payload.get("change_id", change_id) != change_id:
+        raise ValueError("audit payload field 'change_id' differs from the change_id argument")
+    token = payload["guardrail_token"]
+    text = canonical_json({**payload, "change_id": change_id})
+    ensure_audit_schema(database)
+    try:
+        with _pipeline_connection(database) as conn, conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '30s'")  # a stuck appender surfaces as an error
+            cur.execute("SELECT * FROM audit.append(%s, %s)", (change_id, text))
+            row = cur.fetchone()
+    except psycopg2.Error as exc:
+        # `from None`: the driver's exception may quote the statement, which holds the token.
+        message = (
+            f"audit append of change {change_id!r} to {db.server().display_url(database)} "
+            f"failed: {str(exc).strip()}"
+        )
+        raise AuditError(scrub(message, token)) from None
+    assert row is not None
+    return _entry(row[:9], created=bool(row[9]))
+
+
+def find(change_id: str, *, database: str = db.CONTROL_DB) -> AuditEntry | None:
+    """The entry recorded for `change_id`, or None."""
+    rows = _select(
+        f"SELECT {_COLUMNS} FROM audit.entries WHERE change_id = %s", (change_id,), database
+    )
+    return rows[0] if rows else None
+
+
+def entries(product: str | None = None, *, database: str = db.CONTROL_DB) -> list[AuditEntry]:
+    """All entries in seq order, optionally only those of one product."""
+    if product is None:
+        return _select(f"SELECT {_COLUMNS} FROM audit.entries ORDER BY seq", (), database)
+    return _select(
+        f"SELECT {_COLUMNS} FROM audit.entries WHERE product = %s ORDER BY seq",
+        (product,),
+        database,
+    )
+
+
+def masked(entry: AuditEntry) -> dict[str, Any]:
+    """A JSON-able view of the entry for display: the token masked wherever it appears."""
+    payload = entry.payload
+    token = payload.get("guardrail_token")
+    token = token if isinstance(token, str) and token else None
+    shown = _scrub_values(payload, token)
+    if "guardrail_token" in shown:
+        shown["guardrail_token"] = mask(token)
+    return {
+        "seq": entry.seq,
+        "change_id": scrub(entry.change_id, token),
+        "product": entry.product,
+        "release": entry.release,
+        "environment": entry.environment,
+        "recorded_at": entry.recorded_at.isoformat(),
+        "prev_hash": entry.prev_hash,
+        "entry_hash": entry.entry_hash,
+        "payload": shown,
+    }
+
+
+def _scrub_values(value: Any, token: str | None) -> Any:
+    if isinstance(value, str):
+        return scrub(value, token)
+    if isinstance(value, dict):
+        return {scrub(k, token): _scrub_values(v, token) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_values(v, token) for v in value]
+    return value
+
+
+class _pipeline_connection:
+    """A connection acting as `release_pipeline` (append and read only), closed on exit."""
+
+    def __init__(self, database: str, *, autocommit: bool = True) -> None:
+        self._database = database
+        self._autocommit = autocommit
+
+    def __enter__(self) -> psycopg2.extensions.connection:
+        self._conn = db.connect(self._database, autocommit=self._autocommit)
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute(f"SET ROLE {PIPELINE_ROLE}")
+        except BaseException:
+            self._conn.close()
+            raise
+        return self._conn
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.close()
+
+
+def _select(sql: str, params: tuple[Any, ...], database: str) -> list[AuditEntry]:
+    ensure_audit_schema(database)
+    try:
+        with _pipeline_connection(database) as conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return [_entry(row) for row in cur.fetchall()]
+    except psycopg2.Error as exc:
+        raise AuditError(
+            f"reading the audit trail in {db.server().display_url(database)} failed: "
+            f"{str(exc).strip()}"
+        ) from None
+
+
+def _entry(row: tuple[Any, ...], *, created: bool = False) -> AuditEntry:
+    seq, change_id, product, release, environment, recorded_at, prev, own, payload = row
+    return AuditEntry(
+        seq=int(seq),
+        change_id=change_id,
+        product=product,
+        release=release,
+        environment=environment,
+        recorded_at=recorded_at,
+        prev_hash=prev,
+        entry_hash=own,
+        payload_text=payload,
+        created=created,
+    )
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(*, database: str = db.CONTROL_DB, allow_empty: bool = False) -> VerifyResult:
+    """Recompute the chain from seq 1 and compare it with the head; name the first bad seq.
+
+    Checks, per entry in seq order: contiguity (a gap is a deleted row), the entry's hash
+    over prev_hash + payload (an edited payload), the link to the previous entry's hash
+    (reordering, or an edit whose hash was recomputed), the payload's canonical form and
+    required fields, and the lookup columns against the payload. Then the head must name the
+    last entry. Fails closed: an empty trail (unless `allow_empty`), a missing schema or a
+    read error is not ok.
+    """
+    try:
+        return _verify(database, allow_empty)
+    except (psycopg2.Error, db.DatabaseUnavailable) as exc:
+        return VerifyResult(False, 0, None, UNREADABLE, str(exc).strip())
+
+
+def _verify(database: str, allow_empty: bool) -> VerifyResult:
+    with db.connection(database, autocommit=False) as conn:
+        # One snapshot for head and entries, so concurrent appends cannot look like damage.
+        conn.set_session(
+            isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True
+        )
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('audit.entries'), to_regclass('audit.head')")
+            if None in cur.fetchone():
+                return VerifyResult(
+                    False,
+                    0,
+                    None,
+                    NO_TRAIL,
+                    f"schema audit does not exist in {db.server().display_url(database)}",
+                )
+            cur.execute(f"SET ROLE {PIPELINE_ROLE}")
+            cur.execute("SELECT seq, hash FROM audit.head WHERE id = 1")
+            head = cur.fetchone()
+        if head is None:
+            return VerifyResult(False, 0, None, HEAD_MISMATCH, "the audit.head row is missing")
+        head_seq, head_hash = int(head[0]), head[1]
+        with conn.cursor(name="audit_verify") as rows:
+            rows.itersize = 2000  # stream: the trail grows with every release
+            rows.execute(f"SELECT {_COLUMNS} FROM audit.entries ORDER BY seq")
+            result = check_chain((_entry(r) for r in rows), head_seq, head_hash, allow_empty)
+        conn.rollback()
+    return result
+
+
+def check_chain(
+    chain: Iterable[AuditEntry], head_seq: int, head_hash: str, allow_empty: bool = False
+) -> VerifyResult:
+    """The verifier's logic over entries in seq order (pure; `verify()` feeds it from SQL)."""
+    expected_seq, expected_prev, checked = 1, GENESIS_HASH, 0
+
+    def bad(seq: int | None, reason: str, detail: str) -> VerifyResult:
+        return VerifyResult(False, checked, seq, reason, detail, head_seq, head_hash)
+
+    for entry in chain:
+        if entry.seq != expected_seq:
+            if entry.seq > expected_seq:
+                return bad(
+                    expected_seq,
+                    ROW_DELETED,
+                    f"seq {expected_seq} is missing (next present is {entry.seq})",
+                )
+            return bad(entry.seq, BROKEN_LINK, f"seq {entry.seq} appears out of order")
+        if entry_hash(entry.prev_hash, entry.payload_text) != entry.entry_hash:
+            return bad(
+                entry.seq,
+                PAYLOAD_EDITED,
+                f"seq {entry.seq}: entry_hash does not match sha256(prev_hash || payload)",
+            )
+        if entry.prev_hash != expected_prev:
+            return bad(
+                entry.seq,
+                BROKEN_LINK,
+                f"seq {entry.seq}: prev_hash does not match the entry_hash of seq {entry.seq - 1}",
+            )
+        problem = _payload_problem(entry)
+        if problem:
+            reason, detail = problem
+            return bad(entry.seq, reason, f"seq {entry.seq}: {detail}")
+        expected_seq, expected_prev = entry.seq + 1, entry.entry_hash
+        checked += 1
+
+    last_seq = expected_seq - 1
+    if head_seq > last_seq:
+        return bad(
+            last_seq + 1,
+            ROW_DELETED,
+            f"the head records {head_seq} entries but the table ends at seq {last_seq}",
+        )
+    if head_seq < last_seq:
+        return bad(
+            head_seq + 1,
+            HEAD_MISMATCH,
+            f"entries after seq {head_seq} were not appended through audit.append "
+            f"(the head records {head_seq}, the table ends at {last_seq})",
+        )
+    if head_hash != expected_prev:
+        return bad(
+            last_seq or None,
+            HEAD_MISMATCH,
+            f"the head hash does not match the entry_hash of seq {last_seq}",
+        )
+    if checked == 0 and not allow_empty:
+        return bad(None, EMPTY_TRAIL, "the audit trail has no entries: nothing to verify")
+    return VerifyResult(True, checked, None, None, "", head_seq, head_hash)
+
+
+def _payload_problem(entry: AuditEntry) -> tuple[str, str] | None:
+    # Only reachable when someone rewrote a payload *and* its hash chain consistently from
+    # here on, or wrote rows bypassing audit.append: the hash alone cannot tell.
+    try:
+        payload = json.loads(entry.payload_text)
+    except ValueError:
+        return PAYLOAD_INVALID, "payload is not valid JSON"
+    if not isinstance(payload, dict):
+        return PAYLOAD_INVALID, "payload is not a JSON object"
+    if canonical_json(payload) != entry.payload_text:
+        return PAYLOAD_INVALID, "payload is not in canonical JSON form"
+    missing = [f for f in REQUIRED_FIELDS if not payload.get(f)]
+    if missing:
+        return PAYLOAD_INVALID, f"required field(s) missing: {', '.join(missing)}"
+    for column in ("change_id", "product", "release", "environment"):
+        if getattr(entry, column) != payload.get(column):
+            return LOOKUP_EDITED, f"column {column} disagrees with the payload"
+    return None
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def verify_output(result: VerifyResult, as_json: bool = False) -> tuple[str, int]:
+    """Text (or JSON) and exit code for `release audit verify`: 0 intact, 1 otherwise."""
+    code = 0 if result.ok else 1
+    if as_json:
+        return json.dumps(asdict(result), indent=2), code
+    if result.ok:
+        return (
+            f"audit trail intact: {result.entries_checked} entries verified, "
+            f"head seq {result.head_seq} hash {result.head_hash}",
+            code,
+        )
+    where = f" at seq {result.first_bad_seq}" if result.first_bad_seq is not None else ""
+    detail = f" - {result.detail}" if result.detail else ""
+    return (
+        f"audit trail NOT intact{where}: {result.reason}{detail} "
+        f"({result.entries_checked} entries verified before it)",
+        code,
+    )
+
+
+def show_output(
+    product: str, as_json: bool = False, *, database: str = db.CONTROL_DB
+) -> tuple[str, int]:
+    """Text (or JSON) and exit code for `release audit show PRODUCT`, token masked."""
+    shown = [masked(e) for e in entries(product, database=database)]
+    if as_json:
+        return json.dumps(shown, indent=2, ensure_ascii=False), 0
+    if not shown:
+        return f"no audit entries for product {product}", 0
+    header = ("seq", "recorded_at", "release", "env", "outcome", "identity", "artifact", "token")
+    table = [header] + [
+        (
+            str(e["seq"]),
+            e["recorded_at"][:19],
+            str(e["release"]),
+            str(e["environment"]),
+            str(e["payload"].get("outcome", "-")),
+            str(e["payload"].get("identity", "-")),
+            str(e["payload"].get("artifact_sha256", "-"))[:12],
+            str(e["payload"].get("guardrail_token", "-")),
+        )
+        for e in shown
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    ]
+    return "\n".join([f"audit entries for {product}:", *lines]), 0
