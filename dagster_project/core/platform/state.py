@@ -1,0 +1,392 @@
+"""Platform state in Postgres (`release_control`, schema `platform`), so every process (CLI,
+Dagster run workers, the edges themselves) sees which process runs where.
+
+`environments`: one row per (product, env): the edge's port and pid, the purge key, the
+traffic weights and a routes generation (bumped on every routing change, so an edge never
+applies an older route table over a newer one it was pushed).
+`processes`: one row per started process (edge, api, worker). `status` is `starting` while
+a deploy waits for readiness, `serving` once it takes traffic, `retiring` while replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg2.extensions
+import psycopg2.extras
+
+from dagster_project.core import database
+
+ENVIRONMENTS = ("staging", "production")
+TRACKS = ("stable", "canary")
+Role = Literal["api", "worker", "edge"]
+ProcessStatus = Literal["starting", "serving", "retiring"]
+
+DEFAULT_WEIGHTS: dict[str, int] = {"stable": 100, "canary": 0}
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS platform;
+CREATE TABLE IF NOT EXISTS platform.environments (
+    product           text        NOT NULL,
+    env               text        NOT NULL,
+    edge_port         integer,
+    edge_pid          integer,
+    purge_key         text        NOT NULL,
+    weights           jsonb       NOT NULL,
+    routes_generation bigint      NOT NULL DEFAULT 1,
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (product, env)
+);
+CREATE TABLE IF NOT EXISTS platform.processes (
+    id               bigserial   PRIMARY KEY,
+    product          text        NOT NULL,
+    env              text        NOT NULL,
+    track            text        CHECK (track IN ('stable', 'canary')),
+    role             text        NOT NULL CHECK (role IN ('api', 'worker', 'edge')),
+    status           text        NOT NULL CHECK (status IN ('starting', 'serving', 'retiring')),
+    pid              integer     NOT NULL,
+    create_time      double precision NOT NULL,
+    port             integer,
+    version          text,
+    artifact_sha     text,
+    deploy_dir       text,
+    log_path         text        NOT NULL,
+    command          text        NOT NULL,
+    started_at       timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class UnknownEnvironment(ValueError):
+    """An environment or track name the platform does not know."""
+
+
+def check_env(env: str) -> str:
+    if env not in ENVIRONMENTS:
+        raise UnknownEnvironment(
+            f"unknown environment {env!r}: expected one of {', '.join(ENVIRONMENTS)}"
+        )
+    return env
+
+
+def check_track(track: str) -> str:
+    if track not in TRACKS:
+        raise UnknownEnvironment(f"unknown track {track!r}: expected one of {', '.join(TRACKS)}")
+    return track
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    id: int
+    product: str
+    env: str
+    track: str | None
+    role: str
+    status: str
+    pid: int
+    create_time: float
+    port: int | None
+    version: str | None
+    artifact_sha: str | None
+    deploy_dir: str | None
+    log_path: str
+    command: str
+    started_at: str
+
+    @property
+    def url(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}" if self.port else None
+
+    @property
+    def label(self) -> str:
+        where = f"{self.env}/{self.track}" if self.track else self.env
+        return f"{self.role} of {where} (pid {self.pid})"
+
+
+@dataclass(frozen=True)
+class EnvironmentRecord:
+    product: str
+    env: str
+    edge_port: int | None
+    edge_pid: int | None
+    purge_key: str
+    weights: dict[str, int]
+    routes_generation: int
+
+    @property
+    def edge_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.edge_port}" if self.edge_port else None
+
+
+class PlatformState:
+    """Reads and writes `release_control.platform.*` for one product."""
+
+    def __init__(self, product: str) -> None:
+        self.product = product
+        self._schema_ready = False
+
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[psycopg2.extras.RealDictCursor]:
+        with database.connection(database.CONTROL_DB) as conn:
+            if not self._schema_ready:
+                self._ensure_schema(conn)
+            with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                yield cur
+
+    def _ensure_schema(self, conn: psycopg2.extensions.connection) -> None:
+        with conn.cursor() as cur:
+            # Serialise concurrent first use: CREATE ... IF NOT EXISTS races on the catalog.
+            cur.execute("SELECT pg_advisory_lock(%s)", (_lock_id("platform-ddl"),))
+            try:
+                cur.execute(_DDL)
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (_lock_id("platform-ddl"),))
+        self._schema_ready = True
+
+    def ensure_schema(self) -> None:
+        database.ensure_database(database.CONTROL_DB)
+        with self._cursor():
+            pass
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise platform operations on this product across processes (session lock)."""
+        with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+            key = _lock_id(f"platform:{self.product}")
+            cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+    # -- environments --------------------------------------------------------------------
+
+    def environment(self, env: str) -> EnvironmentRecord | None:
+        with self._cursor() as cur:
+            cur.execute(
+                "SELECT * FROM platform.environments WHERE product = %s AND env = %s",
+                (self.product, env),
+            )
+            row = cur.fetchone()
+        return _environment(row) if row else None
+
+    def upsert_environment(
+        self, env: str, *, edge_port: int, edge_pid: int | None, purge_key: str
+    ) -> EnvironmentRecord:
+        with self._cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO platform.environments (product, env, edge_port, edge_pid, purge_key,
+                                                   weights)
+                VALUES (%s, %s, %s, %s, %s, %s)
+                ON CONFLICT (product, env) DO UPDATE
+                   SET edge_port = EXCLUDED.edge_port, edge_pid = EXCLUDED.edge_pid,
+                       purge_key = EXCLUDED.purge_key, updated_at = now()
+                RETURNING *
+                """,
+                (self.product, env, edge_port, edge_pid, purge_key, json.dumps(DEFAULT_WEIGHTS)),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return _environment(row)
+
+    def set_edge_pid(self, env: str, edge_pid: int) -> None:
+        with self._cursor() as cur:
+            cur.execute(
+                "UPDATE platform.environments SET edge_pid = %s, updated_at = now() "
+                "WHERE product = %s AND env = %s",
+                (edge_pid, self.product, env),
+            )
+
+    def set_weights(self, env: str, weights: dict[str, int]) -> int:
+        """Store the weights; returns the new routes generation."""
+        with self._cursor() as cur:
+            cur.execute(
+                """
+                UPDATE platform.environments
+                   SET weights = %s, routes_generation = routes_generation + 1, updated_at = now()
+                 WHERE product = %s AND env = %s
+                RETURNING routes_generation
+                """,
+                (json.dumps(weights), self.product, env),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise UnknownEnvironment(
+                f"environment {env!r} of {self.product} is not up: run `release platform up`"
+            )
+        return int(row["routes_generation"])
+
+    def bump_generation(self, env: str) -> int:
+        with self._cursor() as cur:
+            cur.execute(
+                """
+                UPDATE platform.environments
+                   SET routes_generation = routes_generation + 1, updated_at = now()
+                 WHERE product = %s AND env = %s
+                RETURNING routes_generation
+                """,
+                (self.product, env),
+            )
+            row = cur.fetchone()
+        return int(row["routes_generation"]) if row else 0
+
+    def delete_environments(self) -> None:
+        with self._cursor() as cur:
+            cur.execute("DELETE FROM platform.environments WHERE product = %s", (self.product,))
+
+    # -- processes -----------------------------------------------------------------------
+
+    def add_process(
+        self,
+        *,
+        env: str,
+        track: str | None,
+        role: Role,
+        status: ProcessStatus,
+        pid: int,
+        create_time: float,
+        port: int | None,
+        log_path: str,
+        command: str,
+        version: str | None = None,
+        artifact_sha: str | None = None,
+        deploy_dir: str | None = None,
+    ) -> ProcessRecord:
+        with self._cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO platform.processes (product, env, track, role, status, pid,
+                    create_time, port, version, artifact_sha, deploy_dir, log_path, command)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                RETURNING *
+                """,
+                (
+                    self.product,
+                    env,
+                    track,
+                    role,
+                    status,
+                    pid,
+                    create_time,
+                    port,
+                    version,
+                    artifact_sha,
+                    deploy_dir,
+                    log_path,
+                    command,
+                ),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return _process(row)
+
+    def processes(
+        self,
+        env: str | None = None,
+        *,
+        track: str | None = None,
+        role: str | None = None,
+        status: str | None = None,
+    ) -> list[ProcessRecord]:
+        clauses, params = ["product = %s"], [self.product]
+        for column, value in (("env", env), ("track", track), ("role", role), ("status", status)):
+            if value is not None:
+                clauses.append(f"{column} = %s")
+                params.append(value)
+        with self._cursor() as cur:
+            cur.execute(
+                f"SELECT * FROM platform.processes WHERE {' AND '.join(clauses)} ORDER BY id",
+                params,
+            )
+            return [_process(row) for row in cur.fetchall()]
+
+    def switch_serving(self, env: str, track: str, new_ids: list[int]) -> int:
+        """Atomically: the track's serving processes become `retiring`, `new_ids` become
+        `serving`, and the routes generation is bumped. Returns the new generation."""
+        with (
+            database.connection(database.CONTROL_DB, autocommit=False) as conn,
+            conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute(
+                """
+                    UPDATE platform.processes SET status = 'retiring'
+                     WHERE product = %s AND env = %s AND track = %s AND status = 'serving'
+                       AND NOT (id = ANY(%s))
+                    """,
+                (self.product, env, track, new_ids),
+            )
+            cur.execute(
+                "UPDATE platform.processes SET status = 'serving' WHERE id = ANY(%s)",
+                (new_ids,),
+            )
+            cur.execute(
+                """
+                    UPDATE platform.environments
+                       SET routes_generation = routes_generation + 1, updated_at = now()
+                     WHERE product = %s AND env = %s
+                    RETURNING routes_generation
+                    """,
+                (self.product, env),
+            )
+            row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+    def mark_retiring(self, ids: list[int]) -> None:
+        with self._cursor() as cur:
+            cur.execute(
+                "UPDATE platform.processes SET status = 'retiring' WHERE id = ANY(%s)", (ids,)
+            )
+
+    def remove_processes(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        with self._cursor() as cur:
+            cur.execute("DELETE FROM platform.processes WHERE id = ANY(%s)", (ids,))
+
+    # -- routes: what an edge needs ------------------------------------------------------
+
+    def routes(self, env: str) -> dict[str, Any]:
+        """The edge's route table: weights, serving upstream per track, generation."""
+        record = self.environment(env)
+        upstreams: dict[str, dict[str, Any]] = {}
+        for proc in self.processes(env, role="api", status="serving"):
+            assert proc.track is not None
+            upstreams[proc.track] = {
+                "url": proc.url,
+                "version": proc.version,
+                "artifact_sha": proc.artifact_sha,
+            }
+        return {
+            "env": env,
+            "generation": record.routes_generation if record else 0,
+            "weights": record.weights if record else dict(DEFAULT_WEIGHTS),
+            "upstreams": upstreams,
+        }
+
+
+def _lock_id(name: str) -> int:
+    # pg advisory locks take a bigint; a stable hash of the name keeps processes in agreement.
+    return zlib.crc32(name.encode())
+
+
+def _environment(row: dict[str, Any]) -> EnvironmentRecord:
+    return EnvironmentRecord(
+        product=row["product"],
+        env=row["env"],
+        edge_port=row["edge_port"],
+        edge_pid=row["edge_pid"],
+        purge_key=row["purge_key"],
+        weights={str(k): int(v) for k, v in row["weights"].items()},
+        routes_generation=int(row["routes_generation"]),
+    )
+
+
+def _process(row: dict[str, Any]) -> ProcessRecord:
+    return ProcessRecord(**{**row, "started_at": row["started_at"].isoformat()})
