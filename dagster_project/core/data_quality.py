@@ -1,0 +1,327 @@
+"""Data-quality gate: a versioned Great Expectations suite validated against Postgres tables.
+
+The suite is a JSON file in the product's `expectations/` folder:
+
+    {"name": "release_quality", "version": 1,
+     "tables": {"items": {"min_rows": 1, "expectations": [
+         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "id"}}]}}}
+
+`expectations` entries are Great Expectations 1.x configurations (`type` + `kwargs`), so any
+GE expectation can be used. Every table also gets `expect_table_row_count_to_be_between
+(min_value=min_rows)` first: an empty table is a failure, never a vacuous pass.
+
+Great Expectations takes ~10-15 s to import, so it is imported only inside
+`validate_tables`; loading and checking the suite file (`load_suite`) does not need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.engine import make_url
+
+from dagster_project.core import database
+from dagster_project.core.settings import product_dir
+
+SUITE_FILENAME = "release_quality.json"
+ROW_COUNT_EXPECTATION = "expect_table_row_count_to_be_between"
+
+
+class DataQualityError(RuntimeError):
+    """The suite could not be loaded or run (bad file, unreachable database); blocks."""
+
+
+# --------------------------------------------------------------------------------------------
+# The suite file
+# --------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ExpectationEntry(_Strict):
+    type: str = Field(pattern=r"^expect_[a-z0-9_]+$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class TableExpectations(_Strict):
+    db_schema: str = Field(default="public", alias="schema")
+    # At least one row: "no data" must never validate successfully.
+    min_rows: int = Field(default=1, ge=1)
+    expectations: list[ExpectationEntry] = Field(min_length=1)
+
+
+class QualitySuite(_Strict):
+    name: str = Field(min_length=1)
+    version: int = Field(ge=1)
+    description: str = ""
+    tables: dict[str, TableExpectations] = Field(min_length=1)
+
+
+def default_suite_path(product_id: str) -> Path:
+    return product_dir(product_id) / "expectations" / SUITE_FILENAME
+
+
+def load_suite(suite_path: Path | str) -> QualitySuite:
+    """Read and check the suite file; errors name the file and the field (or line)."""
+    path = Path(suite_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataQualityError(f"expectation suite {path} cannot be read: {exc.strerror}") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataQualityError(
+            f"expectation suite {path} line {exc.lineno} column {exc.colno}: invalid JSON "
+            f"({exc.msg})"
+        ) from exc
+    try:
+        return QualitySuite.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise DataQualityError(f"expectation suite {path} is invalid: {problems}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataQualityReport:
+    success: bool
+    # One dict per expectation: table, expectation, column, success, observed (+ kwargs).
+    results: list[dict[str, Any]]
+    evaluated: int  # expectations that ran to a result (errors excluded)
+    suite: str = ""
+    version: int = 0
+    rows: dict[str, int] = field(default_factory=dict)  # rows per table, as GE counted them
+    reasons: list[str] = field(default_factory=list)  # why it failed, one line each
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if not r["success"]]
+
+    def summary(self) -> str:
+        head = f"suite {self.suite} v{self.version}"
+        if self.success:
+            return (
+                f"{head}: {self.evaluated} expectations passed over "
+                f"{sum(self.rows.values())} rows in {len(self.rows)} tables"
+            )
+        return f"{head} failed: " + "; ".join(self.reasons)
+
+    def as_markdown(self) -> str:
+        lines = [
+            "| table | expectation | column | result | observed |",
+            "|---|---|---|---|---|",
+        ]
+        for r in self.results:
+            observed = str(r["observed"]).replace("|", "\\|").replace("\n", " ")
+            lines.append(
+                f"| {r['table']} | {r['expectation']} | {r['column'] or '—'} | "
+                f"{'pass' if r['success'] else '**FAIL**'} | {observed[:200]} |"
+            )
+        return "\n".join(lines)
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "version": self.version,
+            "success": self.success,
+            "evaluated": self.evaluated,
+            "rows": dict(self.rows),
+            "reasons": list(self.reasons),
+            "results": list(self.results),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_great_expectations() -> Iterator[None]:
+    """GE logs at INFO and warns freely; the check's metadata carries what matters."""
+    logger = logging.getLogger("great_expectations")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(previous)
+
+
+def validate_tables(db: str, suite_path: Path | str) -> DataQualityReport:
+    """Validate the tables of logical database `db` against the suite file at `suite_path`.
+
+    Raises DataQualityError / DatabaseUnavailable when it cannot run at all. Any failing or
+    erroring expectation, or a table with fewer than `min_rows` rows, gives success=False."""
+    started = time.perf_counter()
+    suite = load_suite(suite_path)
+    # Fail fast (and clearly) before paying for the GE import.
+    with database.connection(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+
+    # No usage statistics: this machine has no internet, and a gate must not phone home.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    with _quiet_great_expectations():
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+        from great_expectations.expectations.expectation_configuration import (
+            ExpectationConfiguration,
+        )
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        datasource = _add_datasource(context, database.server().sqlalchemy_url(db))
+
+        results: list[dict[str, Any]] = []
+        rows: dict[str, int] = {}
+        reasons: list[str] = []
+        for table, spec in suite.tables.items():
+            ge_suite = gx.ExpectationSuite(name=f"{suite.name}.{table}")
+            configs = [{"type": ROW_COUNT_EXPECTATION, "kwargs": {"min_value": spec.min_rows}}]
+            configs += [e.model_dump() for e in spec.expectations]
+            for index, config in enumerate(configs):
+                try:
+                    ge_suite.add_expectation(ExpectationConfiguration(**config).to_domain_obj())
+                except Exception as exc:  # GE raises many types for an unknown/invalid config
+                    where = "min_rows" if index == 0 else f"expectations.{index - 1}"
+                    raise DataQualityError(
+                        f"expectation suite {suite_path}: tables.{table}.{where}: "
+                        f"{config['type']} is not a valid Great Expectations expectation: "
+                        f"{_first_line(exc)}"
+                    ) from exc
+            ge_suite = context.suites.add(ge_suite)
+            try:
+                asset = datasource.add_table_asset(
+                    name=table, table_name=table, schema_name=spec.db_schema
+                )
+                batch = asset.add_batch_definition_whole_table("whole_table").get_batch()
+                validation = batch.validate(ge_suite)
+            except Exception as exc:  # a missing table or lost connection: record, block
+                message = _first_line(exc)
+                results.append(_row(table, "load_table", None, False, message, {}))
+                reasons.append(f"table {spec.db_schema}.{table} could not be validated: {message}")
+                continue
+            for outcome in validation.results:
+                row = _result_row(table, outcome)
+                results.append(row)
+                if row["expectation"] == ROW_COUNT_EXPECTATION:
+                    count = (outcome.result or {}).get("observed_value")
+                    rows[table] = int(count) if isinstance(count, int | float) else 0
+                    if not row["success"]:
+                        reasons.append(
+                            f"table {table} has {rows[table]} rows; the suite needs at "
+                            f"least {spec.min_rows}"
+                        )
+                elif not row["success"]:
+                    column = f" on {table}.{row['column']}" if row["column"] else f" on {table}"
+                    reasons.append(f"{row['expectation']}{column} failed: {row['observed']}")
+
+    evaluated = sum(1 for r in results if r["error"] is None and r["expectation"] != "load_table")
+    if evaluated == 0:
+        reasons.append("no expectation was evaluated")
+    if sum(rows.values()) == 0 and not any("rows; the suite needs" in r for r in reasons):
+        reasons.append("no rows were evaluated")
+    return DataQualityReport(
+        success=not reasons and all(r["success"] for r in results),
+        results=results,
+        evaluated=evaluated,
+        suite=suite.name,
+        version=suite.version,
+        rows=rows,
+        reasons=reasons,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _add_datasource(context: Any, url: str) -> Any:
+    """A Postgres data source; `add_postgres` insists on a URL with a host, which the
+    embedded server's unix-socket URLs (`?host=/path`) lack, so those use the generic SQL
+    source (same SQLAlchemy execution engine, same queries)."""
+    if make_url(url).host:
+        return context.data_sources.add_postgres(name="release_db", connection_string=url)
+    return context.data_sources.add_sql(name="release_db", connection_string=url)
+
+
+def _result_row(table: str, outcome: Any) -> dict[str, Any]:
+    config = outcome.expectation_config
+    kwargs = {k: v for k, v in dict(config.kwargs).items() if k != "batch_id"}
+    error = _exception_message(outcome.exception_info)
+    observed: Any = f"error: {error}" if error else _observed(outcome.result or {})
+    return _row(table, config.type, kwargs.get("column"), bool(outcome.success) and not error,
+                observed, kwargs, error)  # fmt: skip
+
+
+def _row(
+    table: str,
+    expectation: str,
+    column: str | None,
+    success: bool,
+    observed: Any,
+    kwargs: dict[str, Any],
+    error: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "table": table,
+        "expectation": expectation,
+        "column": column,
+        "success": success,
+        "observed": _jsonable(observed),
+        "kwargs": _jsonable(kwargs),
+        "error": error,
+    }
+
+
+def _observed(result: dict[str, Any]) -> Any:
+    """Aggregate expectations report observed_value; column-map ones report counts."""
+    if "observed_value" in result:
+        return result["observed_value"]
+    if "unexpected_count" in result:
+        text = f"{result['unexpected_count']} of {result.get('element_count')} rows unexpected"
+        sample = result.get("partial_unexpected_list") or []
+        return text + (f", e.g. {sample[:5]}" if sample else "")
+    return result
+
+
+def _exception_message(info: Any) -> str | None:
+    """GE 1.x nests exception info per metric; older shapes put it at the top level."""
+    if not info:
+        return None
+    entries = [info] if "raised_exception" in info else list(info.values())
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return str(entry.get("exception_message") or "expectation raised an exception")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

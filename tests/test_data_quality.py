@@ -1,0 +1,222 @@
+"""The data-quality gate through the real path: the product's own migrations and suite file,
+Great Expectations 1.x against tables in the embedded Postgres.
+
+Great Expectations costs ~15 s to import once per session; the tests that need it share
+one database per scenario and keep the number of validations small."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dagster_project.core import data_quality, database
+from dagster_project.core.migrations import history
+from dagster_project.core.settings import product_dir
+
+PRODUCT = "4pnihc40q-yj"
+SUITE = data_quality.default_suite_path(PRODUCT)
+
+# What the staging smoke run leaves behind: processed jobs, their results, one dead letter.
+GOOD_ROWS = """
+INSERT INTO jobs (job_key, queue, status, attempts) VALUES
+    ('smoke-1', 'high', 'done', 1), ('smoke-2', 'low', 'done', 1), ('poison-1', 'high', 'dead', 4);
+INSERT INTO job_results (job_key, result) VALUES
+    ('smoke-1', '{"ok": true}'), ('smoke-2', '{"ok": true}');
+INSERT INTO dead_letter (job_key, queue, payload, attempts, last_error) VALUES
+    ('poison-1', 'high', '{}', 4, 'poison message');
+"""
+
+
+@pytest.fixture
+def product_db() -> Iterator[str]:
+    """A database migrated with the product's real migrations and holding good rows."""
+    name = f"dq_{secrets.token_hex(3)}"
+    database.ensure_database(name)
+    history.apply_pending(name, product_dir(PRODUCT) / "migrations", actor="test")
+    _execute(name, GOOD_ROWS)
+    yield name
+    database.drop_database(name)
+
+
+def _execute(db: str, sql: str) -> None:
+    with database.connection(db) as conn, conn.cursor() as cur:
+        cur.execute(sql)
+
+
+def test_product_suite_file_is_versioned_and_covers_the_written_tables() -> None:
+    suite = data_quality.load_suite(SUITE)
+    assert suite.version >= 1
+    assert set(suite.tables) == {"items", "jobs", "job_results", "dead_letter"}
+    assert all(t.min_rows >= 1 for t in suite.tables.values())
+
+
+def test_good_rows_pass_with_every_expectation_reported(product_db: str) -> None:
+    report = data_quality.validate_tables(product_db, SUITE)
+    assert report.success, report.reasons
+    suite = data_quality.load_suite(SUITE)
+    declared = sum(len(t.expectations) for t in suite.tables.values())
+    # Each table also gets its row-count expectation.
+    assert report.evaluated == declared + len(suite.tables) == len(report.results)
+    assert report.rows == {"items": 5, "jobs": 3, "job_results": 2, "dead_letter": 1}
+    assert all(r["success"] for r in report.results)
+    assert {(r["table"], r["expectation"], r["column"]) for r in report.results} >= {
+        ("items", "expect_column_values_to_be_unique", "id"),
+        ("items", "expect_column_values_to_be_between", "price_cents"),
+        ("jobs", "expect_column_values_to_be_in_set", "status"),
+        ("job_results", "expect_column_values_to_not_be_null", "result"),
+        ("dead_letter", "expect_column_values_to_be_between", "attempts"),
+    }
+    assert report.as_metadata()["version"] == suite.version
+    json.dumps(report.as_metadata())  # metadata must be JSON-able as it stands
+    assert "**FAIL**" not in report.as_markdown()
+
+
+def test_failing_expectations_fail_and_are_named(product_db: str) -> None:
+    # A constraint lost in production would let such rows in; the suite must still catch them.
+    _execute(product_db, "ALTER TABLE items DROP CONSTRAINT items_price_cents_check")
+    _execute(product_db, "INSERT INTO items (name, price_cents) VALUES ('refund', -250)")
+    _execute(product_db, "UPDATE dead_letter SET attempts = 0")
+    report = data_quality.validate_tables(product_db, SUITE)
+    assert not report.success
+    failed = {(r["table"], r["expectation"], r["column"]) for r in report.failures}
+    assert failed == {
+        ("items", "expect_column_values_to_be_between", "price_cents"),
+        ("dead_letter", "expect_column_values_to_be_between", "attempts"),
+    }
+    price = next(r for r in report.failures if r["table"] == "items")
+    assert "1 of 6 rows unexpected" in price["observed"] and "-250" in price["observed"]
+    assert any("items.price_cents" in reason for reason in report.reasons)
+    assert "**FAIL**" in report.as_markdown()
+
+
+def test_empty_table_does_not_pass(product_db: str) -> None:
+    _execute(product_db, "DELETE FROM dead_letter")
+    report = data_quality.validate_tables(product_db, SUITE)
+    assert not report.success
+    assert report.rows["dead_letter"] == 0
+    assert "table dead_letter has 0 rows; the suite needs at least 1" in report.reasons
+    # The column expectations on the empty table "pass" vacuously in GE; the gate does not.
+    assert [r["expectation"] for r in report.failures] == ["expect_table_row_count_to_be_between"]
+
+
+def test_missing_table_and_missing_column_do_not_pass(product_db: str, tmp_path: Path) -> None:
+    suite_path = tmp_path / "suite.json"
+    suite_path.write_text(
+        json.dumps(
+            {
+                "name": "broken",
+                "version": 2,
+                "tables": {
+                    "items": {
+                        "expectations": [
+                            {
+                                "type": "expect_column_values_to_not_be_null",
+                                "kwargs": {"column": "colour"},
+                            }
+                        ]
+                    },
+                    "no_such_table": {
+                        "expectations": [
+                            {
+                                "type": "expect_column_values_to_not_be_null",
+                                "kwargs": {"column": "id"},
+                            }
+                        ]
+                    },
+                },
+            }
+        )
+    )
+    report = data_quality.validate_tables(product_db, suite_path)
+    assert not report.success
+    by_table = {(r["table"], r["expectation"]): r for r in report.failures}
+    colour = by_table[("items", "expect_column_values_to_not_be_null")]
+    assert "colour" in colour["error"]
+    assert ("no_such_table", "load_table") in by_table
+    assert any("public.no_such_table could not be validated" in r for r in report.reasons)
+
+
+def test_all_tables_empty_is_not_a_pass(tmp_path: Path) -> None:
+    name = f"dq_empty_{secrets.token_hex(3)}"
+    database.ensure_database(name)
+    try:
+        _execute(name, "CREATE TABLE items (id int, price_cents int)")
+        suite_path = tmp_path / "suite.json"
+        suite_path.write_text(
+            json.dumps(
+                {
+                    "name": "tiny",
+                    "version": 1,
+                    "tables": {
+                        "items": {
+                            "expectations": [
+                                {
+                                    "type": "expect_column_values_to_be_between",
+                                    "kwargs": {"column": "price_cents", "min_value": 0},
+                                }
+                            ]
+                        }
+                    },
+                }
+            )
+        )
+        report = data_quality.validate_tables(name, suite_path)
+        assert not report.success
+        assert report.rows == {"items": 0}
+        assert report.summary().startswith("suite tiny v1 failed: table items has 0 rows")
+    finally:
+        database.drop_database(name)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", r"suite\.json line 1 column 2: invalid JSON"),
+        ('{"name": "s", "tables": {}}', r"version: Field required"),
+        (
+            '{"name": "s", "version": 1, "tables": {"t": {"min_rows": 0, "expectations": '
+            '[{"type": "expect_column_values_to_not_be_null"}]}}}',
+            r"tables\.t\.min_rows: Input should be greater than or equal to 1",
+        ),
+        (
+            '{"name": "s", "version": 1, "tables": {"t": {"expectations": '
+            '[{"type": "drop table t"}]}}}',
+            r"tables\.t\.expectations\.0\.type: String should match pattern",
+        ),
+        ('{"name": "s", "version": 1, "tables": {"t": {"expectations": []}}}',
+         r"tables\.t\.expectations: List should have at least 1 item"),
+    ],
+)  # fmt: skip
+def test_invalid_suite_file_names_file_and_field(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    suite_path = tmp_path / "suite.json"
+    suite_path.write_text(content)
+    with pytest.raises(data_quality.DataQualityError, match=message) as failure:
+        data_quality.load_suite(suite_path)
+    assert str(suite_path) in str(failure.value)
+
+
+def test_unknown_expectation_type_is_an_error(product_db: str, tmp_path: Path) -> None:
+    suite_path = tmp_path / "suite.json"
+    suite_path.write_text(
+        '{"name": "s", "version": 1, "tables": {"items": {"expectations": '
+        '[{"type": "expect_prices_to_be_cheap", "kwargs": {}}]}}}'
+    )
+    with pytest.raises(data_quality.DataQualityError, match=r"tables\.items\.expectations\.0"):
+        data_quality.validate_tables(product_db, suite_path)
+
+
+def test_missing_suite_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(data_quality.DataQualityError, match=r"nowhere\.json cannot be read"):
+        data_quality.load_suite(tmp_path / "nowhere.json")
+
+
+def test_unreachable_database_is_an_error_not_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(database.ENV_URL, "postgresql://postgres@127.0.0.1:9/postgres")
+    with pytest.raises(database.DatabaseUnavailable, match=r"127\.0\.0\.1:9"):
+        data_quality.validate_tables("staging", SUITE)
