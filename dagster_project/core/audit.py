@@ -27,10 +27,11 @@ everything this module prints or raises.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -464,25 +465,13 @@ def _scrub_values(value: Any, token: str | None) -> Any:
     return value
 
 
-class _pipeline_connection:
+@contextlib.contextmanager
+def _pipeline_connection(database: str) -> Iterator[psycopg2.extensions.connection]:
     """A connection acting as `release_pipeline` (append and read only), closed on exit."""
-
-    def __init__(self, database: str, *, autocommit: bool = True) -> None:
-        self._database = database
-        self._autocommit = autocommit
-
-    def __enter__(self) -> psycopg2.extensions.connection:
-        self._conn = db.connect(self._database, autocommit=self._autocommit)
-        try:
-            with self._conn.cursor() as cur:
-                cur.execute(f"SET ROLE {PIPELINE_ROLE}")
-        except BaseException:
-            self._conn.close()
-            raise
-        return self._conn
-
-    def __exit__(self, *exc: object) -> None:
-        self._conn.close()
+    with db.connection(database) as conn:
+        with conn.cursor() as cur:
+            cur.execute(f"SET ROLE {PIPELINE_ROLE}")
+        yield conn
 
 
 def _select(sql: str, params: tuple[Any, ...], database: str) -> list[AuditEntry]:
