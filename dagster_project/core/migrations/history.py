@@ -419,7 +419,7 @@ class Statement:
 
 
 # Tokens that can hide a semicolon: quoted strings/identifiers, dollar quotes, comments.
-_SQL_TOKEN_RE = re.compile(
+SQL_TOKEN_RE = re.compile(
     r"""
       (?P<line_comment>--[^\n]*)
     | (?P<block_comment>/\*.*?\*/)
@@ -441,7 +441,7 @@ def split_statements(sql: str) -> list[Statement]:
     """
     statements: list[Statement] = []
     start = 0
-    for match in _SQL_TOKEN_RE.finditer(sql):
+    for match in SQL_TOKEN_RE.finditer(sql):
         if match.lastgroup == "semicolon":
             _append_statement(statements, sql, start, match.start())
             start = match.end()
