@@ -26,16 +26,16 @@ def mask(token: str | None) -> str:
     return f"{token[:4]}*****{token[-2:]}"
 
 
-def verify(token: str | None, expected_sha256: str) -> str:
+def verify(token: str | None, expected_sha256: str, env_var: str = TOKEN_ENV_VAR) -> str:
     """Return the token if its SHA-256 matches `expected_sha256` (constant-time compare)."""
     if not token:
         raise ApprovalRefused(
-            f"approval refused: the environment variable {TOKEN_ENV_VAR} is not set; "
+            f"approval refused: the environment variable {env_var} is not set; "
             "production changes require the guardrail token"
         )
     if not hmac.compare_digest(fingerprint(token), expected_sha256):
         raise ApprovalRefused(
-            f"approval refused: the token in {TOKEN_ENV_VAR} does not match the product's "
+            f"approval refused: the token in {env_var} does not match the product's "
             "guardrail fingerprint"
         )
     return token

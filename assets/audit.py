@@ -1,0 +1,87 @@
+"""Stage 6: the audit entry for every production change of this release.
+
+Appends to the hash-chained audit trail one entry per production change (a promotion, or a
+canary that was aborted after production carried its traffic): timestamp, identity, artifact
+SHA, target environment and the guardrail token (the trail is the one place the token is
+recorded), plus run id, verdicts and monitoring snapshots. Idempotent: re-running the audit for
+a release, or a backfill of audits, returns the existing entries. Gate: `compliance`.
+"""
+
+
+from typing import Any
+
+import dagster as dg
+
+from assets.common import group_name, md_table, stage_key
+from dagster_project.core import changes
+from dagster_project.core.spec import ProductSpec
+from dagster_project.resources import ApprovalResource, AuditResource
+from dagster_project.resources.approval import Approval
+
+ENV = "production"
+
+
+def audit_payload(change: changes.ProductionChange, approval: Approval) -> dict[str, Any]:
+    details = change.details
+    return {
+        # The five fields the architecture note requires.
+        "timestamp": change.recorded_at.isoformat(),
+        "identity": details.get("approver") or approval.approver,
+        "artifact_sha256": change.artifact_sha256,
+        "environment": ENV,
+        "guardrail_token": approval.token,
+        # Context for the auditor.
+        "product": change.product,
+        "release": change.release,
+        "run_id": change.run_id,
+        "change_id": change.change_id,
+        "outcome": change.outcome,
+        "approver": details.get("approver") or approval.approver,
+        "audited_by": approval.approver,
+        "previous_artifact_sha256": change.previous_artifact_sha256,
+        "smoke_verdict": details.get("smoke_verdict", "not run (canary aborted)"),
+        "slo_verdict": details.get("slo_verdict"),
+        "slo_steps": details.get("slo_steps") or details.get("steps"),
+        "snapshots": details.get("snapshots", []),
+        "waivers": details.get("waivers", []),
+    }
+
+
+def audit_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=stage_key(spec, "audit"),
+        deps=[stage_key(spec, "promotion")],
+        partitions_def=partitions_def,
+        group_name=group_name(spec),
+        description="One audit-trail entry per production change of this release.",
+    )
+    def audit(
+        context: dg.AssetExecutionContext, approval: ApprovalResource, audit_trail: AuditResource
+    ) -> dg.Output[dict[str, Any]]:
+        release = context.partition_key
+        found = changes.for_release(spec.product, release)
+        if not found:
+            raise dg.Failure(
+                description=f"no production change recorded for {spec.product} {release}: "
+                "nothing to audit (was the release promoted or its canary started?)"
+            )
+        approved = approval.approve(spec)  # the trail must carry the presented token
+        entries = []
+        for change in found:
+            entry = audit_trail.append(change.change_id, audit_payload(change, approved))
+            entries.append(
+                {
+                    "seq": entry.seq,
+                    "change_id": change.change_id,
+                    "outcome": change.outcome,
+                    "entry_hash": entry.entry_hash,
+                    "created": entry.created,
+                }
+            )
+        context.log.info(f"audit trail: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+        return dg.Output(
+            {"release": release, "entries": entries},
+            metadata={"entries": md_table(entries), "count": len(entries)},
+        )
+
+    return audit

@@ -1,0 +1,58 @@
+"""Stage 3: deploy the artifact to staging and run the smoke suite through the staging edge:
+health and readiness, the contract of each endpoint, edge TTLs and purge, worker retries and
+dead-letter handling. Gates: `smoke`, `edge_cache`, `worker_dlq`, `data_quality`."""
+
+
+import time
+from typing import Any
+
+import dagster as dg
+
+from assets.common import group_name, md_table, stage_input, stage_key
+from dagster_project.core.spec import ProductSpec
+from dagster_project.resources import PlatformResource, RegistryResource
+
+ENV = "staging"
+
+
+def staging_smoke_asset(
+    spec: ProductSpec, partitions_def: dg.PartitionsDefinition
+) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=stage_key(spec, "staging_smoke"),
+        ins={"artifact": stage_input(spec, "build")},
+        deps=[stage_key(spec, "schema_migration_check")],
+        partitions_def=partitions_def,
+        group_name=group_name(spec),
+        kinds={"httpx"},
+        description="The release deployed to staging and smoke-tested through the staging edge.",
+    )
+    def staging_smoke(
+        context: dg.AssetExecutionContext,
+        artifact: dict[str, Any],
+        platform: PlatformResource,
+        registry: RegistryResource,
+    ) -> dg.Output[dict[str, Any]]:
+        from dagster_project.core.smoke import run_smoke
+
+        started = time.monotonic()
+        local = platform.for_product(spec.product)
+        local.up()
+        local.deploy(ENV, "stable", registry.fetch(artifact["sha256"]))
+        context.log.info(f"deployed {artifact['version']} to {ENV}; running the smoke suite")
+        report = run_smoke(spec, local, ENV, artifact["version"])
+        value = report.to_dict()
+        value["edge_url"] = local.edge_url(ENV)
+        value["seconds"] = round(time.monotonic() - started, 3)
+        return dg.Output(
+            value,
+            metadata={
+                "environment": ENV,
+                "edge_url": dg.MetadataValue.url(value["edge_url"]),
+                "version": artifact["version"],
+                "results": md_table(value["rows"], ["section", "name", "passed", "detail"]),
+                "seconds": value["seconds"],
+            },
+        )
+
+    return staging_smoke

@@ -1,0 +1,43 @@
+"""Gate on staging: the product's Great Expectations suite against the tables the staging
+workers wrote back during the smoke run. GE is imported only when the check runs."""
+
+
+import dagster as dg
+
+from assets.common import md_table, stage_key
+from dagster_project.core.spec import ProductSpec
+
+
+def data_quality_check(
+    spec: ProductSpec, partitions_def: dg.PartitionsDefinition
+) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=stage_key(spec, "staging_smoke"),
+        name="data_quality",
+        blocking=True,
+        partitions_def=partitions_def,
+        description="Great Expectations suite on the staging tables written back by the workers.",
+    )
+    def data_quality() -> dg.AssetCheckResult:
+        from dagster_project.core.data_quality import validate_tables
+
+        report = validate_tables("staging", suite_path(spec))
+        failed = [r for r in report.results if not r["success"]]
+        return dg.AssetCheckResult(
+            passed=bool(report.success and report.evaluated),
+            description=(
+                f"{report.evaluated - len(failed)}/{report.evaluated} expectations met"
+                + (f"; failed: {', '.join(r['expectation'] for r in failed[:5])}" if failed else "")
+                + ("" if report.evaluated else " (nothing evaluated: inconclusive)")
+            ),
+            metadata={"results": md_table(report.results), "suite": str(suite_path(spec))},
+        )
+
+    return data_quality
+
+
+def suite_path(spec: ProductSpec):  # noqa: ANN201 - Path
+    suites = sorted(spec.expectations_path.glob("*.json"))
+    if not suites:
+        raise FileNotFoundError(f"no expectation suite (*.json) in {spec.expectations_path}")
+    return suites[-1]

@@ -1,0 +1,48 @@
+"""Gates from the smoke suite: `smoke` on staging (blocking) and `post_deploy_smoke` on
+production after promotion (judged again by the audit's compliance sign-off)."""
+
+
+from typing import Any
+
+import dagster as dg
+
+from assets.common import stage_key
+from checks.common import rows_result
+from dagster_project.core.spec import ProductSpec
+
+COLUMNS = ["name", "passed", "detail"]
+
+
+def section_rows(report: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    return [row for row in report.get("rows", []) if row.get("section") == section]
+
+
+def smoke_check(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=stage_key(spec, "staging_smoke"),
+        name="smoke",
+        blocking=True,
+        partitions_def=partitions_def,
+        description="Health, readiness and the contract of every endpoint through the staging edge.",
+    )
+    def smoke(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
+        return rows_result(section_rows(staging_smoke, "smoke"), what="staging smoke", columns=COLUMNS)
+
+    return smoke
+
+
+def post_deploy_smoke_check(
+    spec: ProductSpec, partitions_def: dg.PartitionsDefinition
+) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=stage_key(spec, "promotion"),
+        name="post_deploy_smoke",
+        blocking=False,  # production has moved; a failure must still reach the audit
+        partitions_def=partitions_def,
+        description="The smoke suite on production after promotion.",
+    )
+    def post_deploy_smoke(promotion: dict[str, Any]) -> dg.AssetCheckResult:
+        report = promotion.get("post_deploy_smoke", {})
+        return rows_result(section_rows(report, "smoke"), what="post-deploy smoke", columns=COLUMNS)
+
+    return post_deploy_smoke

@@ -1,0 +1,44 @@
+"""The code location: Definitions assembled from the product specs.
+
+Kept light on purpose: loading this module imports dagster, pydantic and yaml, never
+great_expectations, scipy, sqlfluff or matplotlib (those load inside the steps that use them),
+and starts nothing (Postgres and the platform start when a step needs them).
+"""
+
+
+import dagster as dg
+
+from assets import release_assets
+from checks import blocking_check_keys_before_promotion, release_checks
+from dagster_project.core.settings import list_products
+from dagster_project.core.spec import load_spec
+from dagster_project.jobs import release_jobs
+from dagster_project.partitions import releases_partitions
+from dagster_project.resources import resources_for_deployment
+from dagster_project.schedules import release_schedules
+from dagster_project.sensors import release_sensors
+
+
+def product_definitions(product_id: str) -> dg.Definitions:
+    spec = load_spec(product_id)
+    partitions_def = releases_partitions(spec.product)
+    checks = release_checks(spec, partitions_def)
+    assets = release_assets(spec, partitions_def, blocking_check_keys_before_promotion(checks))
+    jobs = release_jobs(spec, partitions_def)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        schedules=release_schedules(spec),
+        sensors=release_sensors(spec),
+    )
+
+
+def build_definitions() -> dg.Definitions:
+    return dg.Definitions.merge(
+        *(product_definitions(product) for product in list_products()),
+        dg.Definitions(resources=resources_for_deployment()),
+    )
+
+
+defs = build_definitions()

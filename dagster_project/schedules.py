@@ -1,0 +1,69 @@
+"""Schedules per product, written by hand because `build_schedule_from_partitioned_job` does not
+accept dynamic partitions.
+
+- nightly release train: releases the newest registered release that is not in production.
+- post-deploy verification: re-runs the smoke suite against production every hour.
+"""
+
+
+import dagster as dg
+
+from dagster_project.core.spec import ProductSpec
+from dagster_project.jobs import release_job_name
+from dagster_project.partitions import releases_partitions
+from dagster_project.resources import PlatformResource
+
+
+def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
+    partitions_def = releases_partitions(spec.product)
+    slug = spec.product.replace("-", "_")
+
+    @dg.schedule(
+        name=f"nightly_release_train_{slug}",
+        cron_schedule="0 2 * * *",
+        job_name=release_job_name(spec.product),
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Releases the newest registered release not yet in production.",
+    )
+    def nightly_release_train(
+        context: dg.ScheduleEvaluationContext, platform: PlatformResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        releases = context.instance.get_dynamic_partitions(partitions_def.name)
+        if not releases:
+            return dg.SkipReason("no release registered")
+        newest = releases[-1]
+        live = (platform.for_product(spec.product).current("production").get("stable") or {})
+        if live.get("version") == newest:
+            return dg.SkipReason(f"newest release {newest} is already in production")
+        return dg.RunRequest(partition_key=newest, run_key=f"train-{newest}-{context.scheduled_execution_time:%Y%m%d}")
+
+    @dg.op(name=f"verify_production_{slug}")
+    def verify_production(context: dg.OpExecutionContext, platform: PlatformResource) -> dict:
+        from dagster_project.core.smoke import post_deploy_smoke
+
+        local = platform.for_product(spec.product)
+        live = local.current("production").get("stable")
+        if not live:
+            raise dg.Failure(description="nothing is deployed to production: nothing to verify")
+        report = post_deploy_smoke(spec, local, live["version"]).to_dict()
+        failed = [r for r in report["rows"] if not r["passed"]]
+        if failed or not report["rows"]:
+            raise dg.Failure(
+                description=f"post-deploy verification failed on production {live['version']}",
+                metadata={"failed": dg.MetadataValue.json(failed)},
+            )
+        context.log.info(f"production {live['version']} verified: {len(report['rows'])} checks")
+        return report
+
+    @dg.job(name=f"verify_production_job_{slug}")
+    def verify_production_job() -> None:
+        verify_production()
+
+    verification = dg.ScheduleDefinition(
+        name=f"post_deploy_verification_{slug}",
+        cron_schedule="0 * * * *",
+        job=verify_production_job,
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Hourly smoke of production after deploys.",
+    )
+    return [nightly_release_train, verification]
