@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -403,10 +403,6 @@ def line_of_position(sql: str, position: str | int | None) -> int | None:
         return None
     offset = int(position)
     return sql[: max(offset - 1, 0)].count("\n") + 1
-
-
-def as_dicts(items: list[Any]) -> list[dict[str, Any]]:
-    return [asdict(i) for i in items]
 
 
 @dataclass(frozen=True)
