@@ -48,11 +48,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dagster_project.core.platform.state import PURGE_KEY_HEADER, PlatformState
 from dagster_project.core.spec import ProductSpec, load_spec
 
 logger = logging.getLogger("release.edge")
 
-PURGE_KEY_HEADER = "X-Purge-Key"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 CACHE_OPTIONS = hishel.CacheOptions(shared=True)
 # Headers meaningful for one connection only (RFC 9110 §7.6.1) plus those we recompute.
@@ -547,8 +547,6 @@ def _grouped(raw: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
 
 def state_loader(product: str, env: str) -> Callable[[], tuple[str, dict[str, Any]]]:
     """Read the purge key and route table of `env` from platform state."""
-    from dagster_project.core.platform.state import PlatformState
-
     state = PlatformState(product)
 
     def load() -> tuple[str, dict[str, Any]]:

@@ -23,9 +23,9 @@ import httpx
 
 from dagster_project.core import database, registry
 from dagster_project.core.platform import processes
-from dagster_project.core.platform.edge import PURGE_KEY_HEADER
 from dagster_project.core.platform.state import (
     ENVIRONMENTS,
+    PURGE_KEY_HEADER,
     TRACKS,
     EnvironmentRecord,
     PlatformState,
@@ -39,7 +39,6 @@ from dagster_project.core.spec import load_spec
 
 logger = logging.getLogger("release.platform")
 
-READY_DEADLINE_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 5.0
 
 
@@ -56,8 +55,11 @@ class ArtifactLike(Protocol):
 
 
 class LocalPlatform:
-    def __init__(self, product_id: str | None = None) -> None:
+    def __init__(
+        self, product_id: str | None = None, *, ready_deadline_seconds: float = 30.0
+    ) -> None:
         self.product = product_id or _only_product()
+        self.ready_deadline_seconds = ready_deadline_seconds
         self.spec = load_spec(self.product)
         self.state = PlatformState(self.product)
 
@@ -78,7 +80,7 @@ class LocalPlatform:
                     create_time=edge.create_time,
                     log_path=Path(edge.log_path),
                     what=f"edge of {edge.env}",
-                    deadline_seconds=READY_DEADLINE_SECONDS,
+                    deadline_seconds=self.ready_deadline_seconds,
                 )
         return self.status()
 
@@ -240,7 +242,7 @@ class LocalPlatform:
                 create_time=api.create_time,
                 log_path=Path(api.log_path),
                 what=f"api {version} of {env}/{track}",
-                deadline_seconds=READY_DEADLINE_SECONDS,
+                deadline_seconds=self.ready_deadline_seconds,
             )
             if not processes.is_alive(worker.pid, worker.create_time):
                 raise processes.ProcessStartError(

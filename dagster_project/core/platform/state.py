@@ -27,6 +27,9 @@ TRACKS = ("stable", "canary")
 Role = Literal["api", "worker", "edge"]
 ProcessStatus = Literal["starting", "serving", "retiring"]
 
+# The header carrying the environment's purge key to the edge's admin endpoints.
+PURGE_KEY_HEADER = "X-Purge-Key"
+
 DEFAULT_WEIGHTS: dict[str, int] = {"stable": 100, "canary": 0}
 
 _DDL = """
