@@ -4,7 +4,6 @@
 build -> schema_migration_check -> staging_smoke -> canary -> promotion -> audit.
 """
 
-
 from collections.abc import Sequence
 
 import dagster as dg

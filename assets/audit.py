@@ -7,7 +7,6 @@ recorded), plus run id, verdicts and monitoring snapshots. Idempotent: re-runnin
 a release, or a backfill of audits, returns the existing entries. Gate: `compliance`.
 """
 
-
 from typing import Any
 
 import dagster as dg

@@ -1,7 +1,6 @@
 """Stage 1: package the product source and the release's manifest into an artifact, compute its
 SHA-256 and push it to the staging registry (content-addressed)."""
 
-
 import time
 from typing import Any
 
@@ -21,7 +20,9 @@ class BuildConfig(dg.Config):
 def parse_setting(value: str) -> Any:
     """'0.05' -> 0.05, '150' -> 150, anything else stays a string."""
     parsed = yaml.safe_load(value) if value.strip() else value
-    return parsed if isinstance(parsed, int | float | str) and not isinstance(parsed, bool) else value
+    return (
+        parsed if isinstance(parsed, int | float | str) and not isinstance(parsed, bool) else value
+    )
 
 
 def build_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -30,7 +31,7 @@ def build_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
         partitions_def=partitions_def,
         group_name=group_name(spec),
         kinds={"python"},
-        description="Artifact of the product source at this release, pushed to the staging registry.",
+        description="The product source at this release, packaged and pushed to the registry.",
     )
     def build(
         context: dg.AssetExecutionContext, config: BuildConfig, registry: RegistryResource

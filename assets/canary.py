@@ -9,14 +9,13 @@ back to stable. A canary that passes is parked at 0% (still running) for `promot
 production is never left half-moved between stages. Gates: `slo_regression`, `schema_drift`.
 """
 
-
 import time
 from typing import Any
 
 import dagster as dg
 
 from assets.common import group_name, md_table, run_actor, stage_input, stage_key
-from assets.schema_migration import migration_gate_report
+from assets.schema_migration import drift_as_dict, migration_gate_report
 from dagster_project.core import changes
 from dagster_project.core.locks import production_lock
 from dagster_project.core.settings import release_home
@@ -84,7 +83,7 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
 
         migrations_dir = registry.unpacked(artifact["sha256"]) / spec.migrations_dir
         drift = check_drift(ENV, migrations_dir)
-        report["drift"] = drift.as_dict()
+        report["drift"] = drift_as_dict(drift)
         if drift.items:
             report.update(outcome="blocked", passed=False, reason="production schema drift")
             context.log.error(f"production schema drift: {len(drift.items)} difference(s)")

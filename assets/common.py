@@ -1,6 +1,5 @@
 """Small helpers shared by the stage modules: keys, metadata tables, the gate on promotion."""
 
-
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +30,9 @@ def stage_input(spec: ProductSpec, stage: str) -> dg.AssetIn:
     return dg.AssetIn(key=stage_key(spec, stage))
 
 
-def md_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> dg.MetadataValue:
+def md_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> dg.MetadataValue:
     """A markdown table for the UI; an empty table says so instead of rendering nothing."""
     if not rows:
         return dg.MetadataValue.md("_(no rows)_")

@@ -8,7 +8,6 @@ production and records the production change for the audit. A refusal changes no
 Gate: `post_deploy_smoke` (judged by the audit's compliance sign-off).
 """
 
-
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +91,8 @@ def promotion_asset(
                         local.purge(ENV, surrogate_key=key)
                 report["purged"] = changed
                 report["outcome"] = "promoted"
-            smoke = post_deploy_smoke(spec, local, artifact["version"]).to_dict()
+            smoke_report = post_deploy_smoke(spec, local, artifact["version"])
+            smoke = smoke_report.to_dict()
             report["post_deploy_smoke"] = smoke
             if report["outcome"] == "promoted":
                 change = changes.record(
@@ -104,7 +104,7 @@ def promotion_asset(
                     run_id=context.run.run_id,
                     details={
                         "approver": approver,
-                        "smoke_verdict": "passed" if smoke.get("passed") else "failed",
+                        "smoke_verdict": "passed" if smoke_report.passed("smoke") else "failed",
                         "slo_verdict": canary.get("verdict"),
                         "slo_steps": canary.get("steps"),
                         "snapshots": canary.get("snapshots", []),

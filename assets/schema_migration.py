@@ -7,7 +7,6 @@ migrations to staging. The gates (`migration_lint`, `migration_safety`, `schema_
 asset checks in `checks/migrations.py`; this stage records what they judge.
 """
 
-
 import time
 from typing import Any
 
@@ -20,7 +19,9 @@ from dagster_project.resources import RegistryResource
 ENV = "staging"
 
 
-def migration_gate_report(env: str, migrations_dir: Any, actor: str, *, apply: bool) -> dict[str, Any]:
+def migration_gate_report(
+    env: str, migrations_dir: Any, actor: str, *, apply: bool
+) -> dict[str, Any]:
     """Lint, safety, compatibility and history for `env`; applies pending files if all clean.
 
     Shared with the canary stage, which runs the same gate on production before it touches it.
@@ -58,6 +59,19 @@ def migration_gate_report(env: str, migrations_dir: Any, actor: str, *, apply: b
     }
 
 
+def drift_as_dict(report: Any) -> dict[str, Any]:
+    """A drift report as a JSON-able dict (stage values and check metadata)."""
+    return {
+        "env": report.env,
+        "items": [item.as_dict() for item in report.items],
+        "expected_count": report.expected_count,
+        "actual_count": report.actual_count,
+        "summary": report.summary(),
+        "markdown": report.as_markdown(),
+        "seconds": round(report.seconds, 3),
+    }
+
+
 def _as_dict(item: Any) -> dict[str, Any]:
     from dataclasses import asdict, is_dataclass
 
@@ -73,7 +87,7 @@ def schema_migration_asset(
         partitions_def=partitions_def,
         group_name=group_name(spec),
         kinds={"postgres", "sqlfluff"},
-        description="Lint, safety and history of the release's migrations; pending ones applied to staging.",
+        description="Lint, safety and history of the migrations; pending ones applied to staging.",
     )
     def schema_migration_check(
         context: dg.AssetExecutionContext, artifact: dict[str, Any], registry: RegistryResource
@@ -82,7 +96,9 @@ def schema_migration_asset(
         report = migration_gate_report(ENV, migrations_dir, run_actor(context), apply=True)
         report["migrations_dir"] = str(migrations_dir)
         if report["blocked_by"]:
-            context.log.warning(f"migrations not applied to {ENV}: blocked by {report['blocked_by']}")
+            context.log.warning(
+                f"migrations not applied to {ENV}: blocked by {report['blocked_by']}"
+            )
         else:
             context.log.info(f"applied to {ENV}: {report['applied'] or 'nothing pending'}")
         return dg.Output(

@@ -2,7 +2,6 @@
 health and readiness, the contract of each endpoint, edge TTLs and purge, worker retries and
 dead-letter handling. Gates: `smoke`, `edge_cache`, `worker_dlq`, `data_quality`."""
 
-
 import time
 from typing import Any
 

@@ -4,7 +4,6 @@
 no data, too little data or an error is never a pass.
 """
 
-
 import dagster as dg
 
 from checks.artifact import artifact_integrity_check

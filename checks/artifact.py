@@ -1,6 +1,5 @@
 """Gate on `build`: the artifact in the registry is the one that was built."""
 
-
 from typing import Any
 
 import dagster as dg
@@ -20,7 +19,9 @@ def artifact_integrity_check(
         partitions_def=partitions_def,
         description="The registry's copy hashes to the SHA-256 recorded at build time.",
     )
-    def artifact_integrity(build: dict[str, Any], registry: RegistryResource) -> dg.AssetCheckResult:
+    def artifact_integrity(
+        build: dict[str, Any], registry: RegistryResource
+    ) -> dg.AssetCheckResult:
         sha = build["sha256"]
         ok = registry.verify(sha)
         return dg.AssetCheckResult(

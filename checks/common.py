@@ -1,6 +1,5 @@
 """Helpers for the gates: a verdict from report rows that never passes on no data."""
 
-
 from collections.abc import Sequence
 from typing import Any
 

@@ -5,7 +5,6 @@ its stages; (3) the guardrail token present in the audit entry; (4) sign-off: po
 passed, metrics within SLO, monitoring snapshots attached with matching hashes.
 """
 
-
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ def compliance_check(
         name="compliance",
         blocking=True,
         partitions_def=partitions_def,
-        description="Footnote checklist: SHA in registry, deploy completed, token in the entry, sign-off.",
+        description="Footnote checklist: SHA in registry, deploy done, token in entry, sign-off.",
     )
     def compliance(
         audit: dict[str, Any], audit_trail: AuditResource, registry: RegistryResource
@@ -69,17 +68,33 @@ def checklist(entry: Any, registry: RegistryResource) -> list[dict[str, Any]]:
             promoted,
             f"outcome {payload.get('outcome')} (run {payload.get('run_id')})",
         ),
-        row("3 guardrail token in audit entry", bool(payload.get("guardrail_token")), "present (masked)"),
+        row(
+            "3 guardrail token in audit entry",
+            bool(payload.get("guardrail_token")),
+            "present (masked)",
+        ),
     ]
     if promoted:
         rows += [
-            row("4a post-deploy smoke passed", payload.get("smoke_verdict") == "passed", str(payload.get("smoke_verdict"))),
-            row("4b metrics within SLO", payload.get("slo_verdict") == "pass", str(payload.get("slo_verdict"))),
-            row("4c snapshots attached, hashes match", snapshots_ok, f"{len(snapshots)} snapshot(s)"),
+            row(
+                "4a post-deploy smoke passed",
+                payload.get("smoke_verdict") == "passed",
+                str(payload.get("smoke_verdict")),
+            ),
+            row(
+                "4b metrics within SLO",
+                payload.get("slo_verdict") == "pass",
+                str(payload.get("slo_verdict")),
+            ),
+            row(
+                "4c snapshots attached, hashes match", snapshots_ok, f"{len(snapshots)} snapshot(s)"
+            ),
         ]
     return rows
 
 
 def _hash_matches(snapshot: dict[str, Any]) -> bool:
     path = Path(snapshot.get("path", ""))
-    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == snapshot.get("sha256")
+    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == snapshot.get(
+        "sha256"
+    )

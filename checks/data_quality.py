@@ -1,7 +1,6 @@
 """Gate on staging: the product's Great Expectations suite against the tables the staging
 workers wrote back during the smoke run. GE is imported only when the check runs."""
 
-
 import dagster as dg
 
 from assets.common import md_table, stage_key
@@ -36,7 +35,7 @@ def data_quality_check(
     return data_quality
 
 
-def suite_path(spec: ProductSpec):  # noqa: ANN201 - Path
+def suite_path(spec: ProductSpec):
     suites = sorted(spec.expectations_path.glob("*.json"))
     if not suites:
         raise FileNotFoundError(f"no expectation suite (*.json) in {spec.expectations_path}")

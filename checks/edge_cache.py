@@ -2,7 +2,6 @@
 refuses purges without the environment's key (the note's "validate edge cache TTLs and purge
 rules")."""
 
-
 from typing import Any
 
 import dagster as dg
@@ -21,9 +20,11 @@ def edge_cache_check(
         name="edge_cache",
         blocking=True,
         partitions_def=partitions_def,
-        description="Edge TTL per endpoint class, HIT/MISS and Age, purge by URL and surrogate key.",
+        description="Edge TTL per endpoint class, HIT/MISS and Age, purge by URL and key.",
     )
     def edge_cache(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
-        return rows_result(section_rows(staging_smoke, "edge_cache"), what="edge cache", columns=COLUMNS)
+        return rows_result(
+            section_rows(staging_smoke, "edge_cache"), what="edge cache", columns=COLUMNS
+        )
 
     return edge_cache

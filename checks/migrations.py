@@ -2,13 +2,13 @@
 history) on `schema_migration_check`, and schema drift on staging (after applying) and on
 production (before the canary touches it)."""
 
-
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from assets.common import md_table, stage_key
+from assets.schema_migration import drift_as_dict
 from dagster_project.core.spec import ProductSpec
 
 
@@ -22,7 +22,7 @@ def migration_checks(
         name="migration_lint",
         blocking=True,
         partitions_def=partitions_def,
-        description="sqlfluff (postgres dialect, [tool.sqlfluff] of pyproject.toml) on every migration.",
+        description="sqlfluff (postgres, [tool.sqlfluff] of pyproject.toml) on every migration.",
     )
     def migration_lint(schema_migration_check: dict[str, Any]) -> dg.AssetCheckResult:
         lint = schema_migration_check["lint"]
@@ -63,7 +63,7 @@ def migration_checks(
         from dagster_project.core.migrations.drift import check_drift
 
         report = check_drift("staging", Path(schema_migration_check["migrations_dir"]))
-        return drift_result(report.as_dict(), "staging")
+        return drift_result(drift_as_dict(report), "staging")
 
     @dg.asset_check(
         asset=stage_key(spec, "canary"),
@@ -88,7 +88,10 @@ def migration_checks(
 
 def safety_result(report: dict[str, Any]) -> dg.AssetCheckResult:
     safety = report["safety"]
-    problems = [{"file": "(history)", "line": "", "rule": "history", "message": p} for p in report["plan"]["problems"]]
+    problems = [
+        {"file": "(history)", "line": "", "rule": "history", "message": p}
+        for p in report["plan"]["problems"]
+    ]
     findings = list(safety["findings"]) + list(report["compat"]) + problems
     errors = list(safety.get("errors", []))
     passed = not findings and not errors
@@ -121,7 +124,7 @@ def drift_result(drift: dict[str, Any], env: str) -> dg.AssetCheckResult:
         ),
         metadata={
             "environment": env,
-            "differences": md_table(items, ["change", "kind", "object", "expected", "actual"]),
+            "differences": dg.MetadataValue.md(drift.get("markdown", "")),
             "objects_expected": drift.get("expected_count", 0),
             "objects_actual": drift.get("actual_count", 0),
         },

@@ -1,7 +1,6 @@
 """Gate on the canary: canary judged against the stable baseline at every step (error rate,
 latency, absolute SLOs). Inconclusive is never a pass; an earlier failed step is never erased."""
 
-
 from typing import Any
 
 import dagster as dg
@@ -18,7 +17,7 @@ def slo_regression_check(
         name="slo_regression",
         blocking=True,
         partitions_def=partitions_def,
-        description="Canary vs stable per step: two-proportion error test, Mann-Whitney latency, absolute SLOs.",
+        description="Canary vs stable per step: error rate, latency (Mann-Whitney), absolute SLOs.",
     )
     def slo_regression(canary: dict[str, Any]) -> dg.AssetCheckResult:
         outcome = canary.get("outcome")

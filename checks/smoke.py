@@ -1,7 +1,6 @@
 """Gates from the smoke suite: `smoke` on staging (blocking) and `post_deploy_smoke` on
 production after promotion (judged again by the audit's compliance sign-off)."""
 
-
 from typing import Any
 
 import dagster as dg
@@ -17,16 +16,20 @@ def section_rows(report: dict[str, Any], section: str) -> list[dict[str, Any]]:
     return [row for row in report.get("rows", []) if row.get("section") == section]
 
 
-def smoke_check(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+def smoke_check(
+    spec: ProductSpec, partitions_def: dg.PartitionsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=stage_key(spec, "staging_smoke"),
         name="smoke",
         blocking=True,
         partitions_def=partitions_def,
-        description="Health, readiness and the contract of every endpoint through the staging edge.",
+        description="Health, readiness and every endpoint's contract through the staging edge.",
     )
     def smoke(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
-        return rows_result(section_rows(staging_smoke, "smoke"), what="staging smoke", columns=COLUMNS)
+        return rows_result(
+            section_rows(staging_smoke, "smoke"), what="staging smoke", columns=COLUMNS
+        )
 
     return smoke
 

@@ -2,7 +2,6 @@
 exactly N attempts, idempotent processing (the note's "verify background worker retries and DLQ
 handling")."""
 
-
 from typing import Any
 
 import dagster as dg
@@ -21,9 +20,11 @@ def worker_dlq_check(
         name="worker_dlq",
         blocking=True,
         partitions_def=partitions_def,
-        description="Worker retries, dead-letter queue after max attempts, exactly-once write-back.",
+        description="Worker retries, dead-letter queue after max attempts, exactly-once results.",
     )
     def worker_dlq(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
-        return rows_result(section_rows(staging_smoke, "worker_dlq"), what="worker/DLQ", columns=COLUMNS)
+        return rows_result(
+            section_rows(staging_smoke, "worker_dlq"), what="worker/DLQ", columns=COLUMNS
+        )
 
     return worker_dlq

@@ -5,7 +5,6 @@ great_expectations, scipy, sqlfluff or matplotlib (those load inside the steps t
 and starts nothing (Postgres and the platform start when a step needs them).
 """
 
-
 import dagster as dg
 
 from assets import release_assets

@@ -53,7 +53,9 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
     return settings
 
 
-def prepare(product: str, release: str | None, pairs: list[str]) -> tuple[ProductSpec, str, dict[str, str]]:
+def prepare(
+    product: str, release: str | None, pairs: list[str]
+) -> tuple[ProductSpec, str, dict[str, str]]:
     """Validate every input before anything runs; raises BadInput naming what is wrong."""
     from assets.build import parse_setting
     from dagster_project.core import registry
@@ -97,14 +99,17 @@ def deploy(
     platform.up()
     from assets.build import parse_setting
 
-    expected = registry.build_artifact(spec, version, {k: parse_setting(v) for k, v in settings.items()})
+    expected = registry.build_artifact(
+        spec, version, {k: parse_setting(v) for k, v in settings.items()}
+    )
     live = platform.current("production").get("stable") or {}
     if live.get("version") == version and live.get("artifact_sha") == expected.sha256:
         return DeployOutcome(
             EXIT_OK,
             spec.product,
             version,
-            f"{spec.product} {version} is already in production (sha256 {expected.sha256[:12]}): nothing to do",
+            f"{spec.product} {version} is already in production "
+            f"(sha256 {expected.sha256[:12]}): nothing to do",
         )
 
     register_release(instance, spec.product, version)
@@ -208,7 +213,11 @@ def describe(entry: Any) -> str | None:
     event = entry.dagster_event
     if event is None:
         message = entry.user_message or ""
-        return message if message.startswith(("canary", "built", "applied", "deployed", "audit")) else None
+        return (
+            message
+            if message.startswith(("canary", "built", "applied", "deployed", "audit"))
+            else None
+        )
     stage = (event.step_key or "").split("__", 1)[-1]
     kind = event.event_type_value
     if kind == "STEP_START":
@@ -222,12 +231,19 @@ def describe(entry: Any) -> str | None:
     if kind == "ASSET_CHECK_EVALUATION":
         data = event.event_specific_data
         verdict = "pass" if data.passed else "FAIL"
-        return f"  gate {data.check_name}: {verdict}" + (f" — {data.description}" if data.description else "")
+        return f"  gate {data.check_name}: {verdict}" + (
+            f" — {data.description}" if data.description else ""
+        )
     return None
 
 
 def classify(
-    instance: dg.DagsterInstance, spec: ProductSpec, version: str, run_id: str, *, result_success: bool
+    instance: dg.DagsterInstance,
+    spec: ProductSpec,
+    version: str,
+    run_id: str,
+    *,
+    result_success: bool,
 ) -> DeployOutcome:
     """Turn the run's events into the CLI's verdict and exit code."""
     events = instance.all_logs(run_id)
@@ -244,7 +260,13 @@ def classify(
         if kind == "ASSET_CHECK_EVALUATION":
             data = event.event_specific_data
             if not data.passed and data.blocking:
-                blocked.append({"check": data.check_name, "asset": data.asset_key.path[-1], "why": data.description or ""})
+                blocked.append(
+                    {
+                        "check": data.check_name,
+                        "asset": data.asset_key.path[-1],
+                        "why": data.description or "",
+                    }
+                )
         elif kind == "STEP_SUCCESS":
             stages[stage] = "done"
         elif kind == "STEP_SKIPPED":
@@ -252,22 +274,44 @@ def classify(
         elif kind == "STEP_FAILURE":
             error = event.event_specific_data.error
             text = _error_text(error)
-            if error is not None and ("ApprovalRefused" in _error_classes(error) or "approval refused" in text):
+            if error is not None and (
+                "ApprovalRefused" in _error_classes(error) or "approval refused" in text
+            ):
                 refused = text
             elif "DagsterAssetCheckFailedError" not in _error_classes(error):
                 failure = failure or f"{stage}: {text}"
             stages[stage] = "failed"
     if refused:
-        return DeployOutcome(EXIT_REFUSED, spec.product, version, refused, run_id, stages=_rows(stages))
+        return DeployOutcome(
+            EXIT_REFUSED, spec.product, version, refused, run_id, stages=_rows(stages)
+        )
     if blocked:
         names = ", ".join(b["check"] for b in blocked)
         return DeployOutcome(
-            EXIT_BLOCKED, spec.product, version, f"blocked by {names}", run_id, blocked, _rows(stages)
+            EXIT_BLOCKED,
+            spec.product,
+            version,
+            f"blocked by {names}",
+            run_id,
+            blocked,
+            _rows(stages),
         )
     if result_success and stages.get("audit") == "done" and stages.get("promotion") == "done":
-        return DeployOutcome(EXIT_OK, spec.product, version, f"{spec.product} {version} promoted and audited", run_id, stages=_rows(stages))
+        return DeployOutcome(
+            EXIT_OK,
+            spec.product,
+            version,
+            f"{spec.product} {version} promoted and audited",
+            run_id,
+            stages=_rows(stages),
+        )
     return DeployOutcome(
-        EXIT_FAILED, spec.product, version, failure or "the release run failed", run_id, stages=_rows(stages)
+        EXIT_FAILED,
+        spec.product,
+        version,
+        failure or "the release run failed",
+        run_id,
+        stages=_rows(stages),
     )
 
 

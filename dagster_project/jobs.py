@@ -2,7 +2,6 @@
 sensor). Both run in-process: one release is one process, and the production lock and the
 run-queue pool keep releases of a product one at a time."""
 
-
 from typing import Any
 
 import dagster as dg
@@ -22,7 +21,17 @@ def audit_job_name(product_id: str) -> str:
 
 
 def release_jobs(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> list[Any]:
-    group = [stage_key(spec, s) for s in ("build", "schema_migration_check", "staging_smoke", "canary", "promotion", "audit")]
+    group = [
+        stage_key(spec, s)
+        for s in (
+            "build",
+            "schema_migration_check",
+            "staging_smoke",
+            "canary",
+            "promotion",
+            "audit",
+        )
+    ]
     tags = {PRODUCT_TAG: spec.product}
     return [
         dg.define_asset_job(
@@ -31,7 +40,8 @@ def release_jobs(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
             partitions_def=partitions_def,
             executor_def=dg.in_process_executor,
             tags=tags,
-            description=f"Release {spec.product}: build -> migrations -> staging smoke -> canary -> promotion -> audit.",
+            description=f"Release {spec.product}: build, migrations, staging smoke, canary, "
+            "promotion, audit.",
         ),
         dg.define_asset_job(
             audit_job_name(spec.product),

@@ -1,6 +1,5 @@
 """One dynamic partition per release of a product; key = the release version."""
 
-
 import dagster as dg
 
 from dagster_project.core.settings import validate_release_key

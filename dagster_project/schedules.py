@@ -5,7 +5,6 @@ accept dynamic partitions.
 - post-deploy verification: re-runs the smoke suite against production every hour.
 """
 
-
 import dagster as dg
 
 from dagster_project.core.spec import ProductSpec
@@ -32,10 +31,13 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
         if not releases:
             return dg.SkipReason("no release registered")
         newest = releases[-1]
-        live = (platform.for_product(spec.product).current("production").get("stable") or {})
+        live = platform.for_product(spec.product).current("production").get("stable") or {}
         if live.get("version") == newest:
             return dg.SkipReason(f"newest release {newest} is already in production")
-        return dg.RunRequest(partition_key=newest, run_key=f"train-{newest}-{context.scheduled_execution_time:%Y%m%d}")
+        return dg.RunRequest(
+            partition_key=newest,
+            run_key=f"train-{newest}-{context.scheduled_execution_time:%Y%m%d}",
+        )
 
     @dg.op(name=f"verify_production_{slug}")
     def verify_production(context: dg.OpExecutionContext, platform: PlatformResource) -> dict:

@@ -6,7 +6,6 @@
   guardrail token: without it (or with a wrong one) it requests nothing and says why.
 """
 
-
 import dagster as dg
 
 from dagster_project.core import changes, guardrail
@@ -58,7 +57,9 @@ def release_sensors(spec: ProductSpec) -> list[dg.SensorDefinition]:
         page = changes.since(after, limit=AUDIT_PAGE)
         mine = [c for c in page if c.product == spec.product]
         requests = [
-            dg.RunRequest(partition_key=c.release, run_key=c.change_id, tags={"release/change": c.change_id})
+            dg.RunRequest(
+                partition_key=c.release, run_key=c.change_id, tags={"release/change": c.change_id}
+            )
             for c in mine
             if audit_trail.find(c.change_id) is None
         ]

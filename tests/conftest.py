@@ -39,14 +39,17 @@ def _teardown(home: Path) -> None:
     from dagster_project.core import database
 
     if os.environ.get("RELEASE_DATABASE_URL"):
-        with contextlib.suppress(Exception), database.connection("postgres") as conn:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT datname FROM pg_database WHERE datname LIKE %s",
-                    (os.environ["RELEASE_DB_PREFIX"] + "%",),
-                )
-                for (name,) in cur.fetchall():
-                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with (
+            contextlib.suppress(Exception),
+            database.connection("postgres") as conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                (os.environ["RELEASE_DB_PREFIX"] + "%",),
+            )
+            for (name,) in cur.fetchall():
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
         database.stop_embedded()
     shutil.rmtree(home, ignore_errors=True)

@@ -28,5 +28,5 @@ def test_unreachable_server_names_the_endpoint(monkeypatch) -> None:
     monkeypatch.setenv("RELEASE_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/postgres")
     import pytest
 
-    with pytest.raises(database.DatabaseUnavailable, match="127.0.0.1:1"):
+    with pytest.raises(database.DatabaseUnavailable, match=r"127\.0\.0\.1:1"):
         database.connect("staging")

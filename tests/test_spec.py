@@ -35,11 +35,29 @@ def _write_spec(tmp_path: Path, mutate) -> Path:
 @pytest.mark.parametrize(
     ("mutate", "field", "reason"),
     [
-        (lambda r: r["canary"]["steps"][1].update(weight=150), "canary.steps.1.weight", "less than 100"),
-        (lambda r: r["guardrail"].update(token_sha256="tpt-not-a-hash"), "guardrail.token_sha256", "SHA-256"),
-        (lambda r: r["endpoints"][0].update(ttl_class="forever"), "endpoints.0.ttl_class", "dynamic"),
+        (
+            lambda r: r["canary"]["steps"][1].update(weight=150),
+            "canary.steps.1.weight",
+            "less than 100",
+        ),
+        (
+            lambda r: r["guardrail"].update(token_sha256="tpt-not-a-hash"),
+            "guardrail.token_sha256",
+            "SHA-256",
+        ),
+        (
+            lambda r: r["endpoints"][0].update(ttl_class="forever"),
+            "endpoints.0.ttl_class",
+            "dynamic",
+        ),
         (lambda r: r.pop("slos"), "slos", "required"),
-        (lambda r: r["canary"].update(steps=[{"weight": 50, "bake_seconds": 1}, {"weight": 5, "bake_seconds": 1}]), "canary.steps", "increase"),
+        (
+            lambda r: r["canary"].update(
+                steps=[{"weight": 50, "bake_seconds": 1}, {"weight": 5, "bake_seconds": 1}]
+            ),
+            "canary.steps",
+            "increase",
+        ),
         (lambda r: r["tiers"]["api"].update(replicas="x"), "tiers.api.replicas", "not permitted"),
     ],
 )

@@ -42,5 +42,7 @@ def changed_surrogate_keys(spec: ProductSpec, old_url: str, new_url: str) -> lis
             old = contract(old_url, endpoint.path, client)
             new = contract(new_url, endpoint.path, client)
             if old != new:
-                changed.append({"path": endpoint.path, "surrogate_keys": list(endpoint.surrogate_keys)})
+                changed.append(
+                    {"path": endpoint.path, "surrogate_keys": list(endpoint.surrogate_keys)}
+                )
     return changed

@@ -118,15 +118,16 @@ def connect(database: str, *, autocommit: bool = True) -> psycopg2.extensions.co
         conn = psycopg2.connect(srv.dsn(database), connect_timeout=10)
     except psycopg2.OperationalError as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to Postgres database {srv.display_url(database)}: "
-            f"{str(exc).strip()}"
+            f"cannot connect to Postgres database {srv.display_url(database)}: {str(exc).strip()}"
         ) from exc
     conn.autocommit = autocommit
     return conn
 
 
 @contextlib.contextmanager
-def connection(database: str, *, autocommit: bool = True) -> Iterator[psycopg2.extensions.connection]:
+def connection(
+    database: str, *, autocommit: bool = True
+) -> Iterator[psycopg2.extensions.connection]:
     conn = connect(database, autocommit=autocommit)
     try:
         yield conn
@@ -140,10 +141,11 @@ def ensure_database(database: str) -> str:
     with connection("postgres") as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         if cur.fetchone() is None:
-            try:
+            # Another process may win the race; Postgres reports that either way.
+            with contextlib.suppress(
+                psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation
+            ):
                 cur.execute(f'CREATE DATABASE "{name}"')
-            except psycopg2.errors.DuplicateDatabase:
-                pass  # another process won the race
     return name
 
 

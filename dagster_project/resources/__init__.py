@@ -35,9 +35,7 @@ def resources_for_deployment(name: str | None = None) -> dict[str, Any]:
             kind="prometheus", prometheus_url=os.environ.get("RELEASE_PROMETHEUS_URL", "")
         )
     else:
-        raise ValueError(
-            f"RELEASE_DEPLOYMENT={deployment!r} is not one of 'local', 'prometheus'"
-        )
+        raise ValueError(f"RELEASE_DEPLOYMENT={deployment!r} is not one of 'local', 'prometheus'")
     return {
         "platform": PlatformResource(kind="local"),
         "registry": RegistryResource(),

@@ -13,9 +13,7 @@ if TYPE_CHECKING:
 
 
 class RegistryResource(dg.ConfigurableResource):
-    def build_and_push(
-        self, spec: ProductSpec, version: str, settings: dict[str, Any]
-    ) -> Artifact:
+    def build_and_push(self, spec: ProductSpec, version: str, settings: dict[str, Any]) -> Artifact:
         from dagster_project.core import registry
 
         return registry.push(registry.build_artifact(spec, version, settings))

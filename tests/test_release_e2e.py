@@ -1,0 +1,189 @@
+"""Whole releases through the real path: the Dagster instance on the session's Postgres, the
+local platform's processes, real traffic through the edges. Slow by nature (each canary bakes
+with real load), so one module-scoped platform serves the whole sequence, in order."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from conftest import GUARDRAIL_TOKEN, PRODUCT
+
+from dagster_project import deploy as deploy_cli
+from dagster_project.core import audit, changes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def platform() -> Iterator[object]:
+    from dagster_project.core.platform.local import LocalPlatform
+
+    os.environ["GUARDRAIL_TOKEN"] = GUARDRAIL_TOKEN
+    local = LocalPlatform(PRODUCT)
+    local.up()
+    yield local
+    local.down()
+
+
+def _production(local: object) -> dict:
+    return local.current("production")  # type: ignore[attr-defined]
+
+
+def _served_versions(local: object, n: int = 60) -> dict[str, int]:
+    """What production actually serves, measured through its edge (cache bypassed)."""
+    counts: dict[str, int] = {}
+    with httpx.Client(timeout=5) as client:
+        for i in range(n):
+            response = client.get(f"{local.edge_url('production')}/v1/items?probe={i}")  # type: ignore[attr-defined]
+            version = response.headers.get("x-release", "?")
+            counts[version] = counts.get(version, 0) + 1
+    return counts
+
+
+def _deploy(version: str, *pairs: str) -> deploy_cli.DeployOutcome:
+    outcome = deploy_cli.deploy(PRODUCT, version, list(pairs), echo=lambda line: None)
+    print(outcome)
+    return outcome
+
+
+def test_first_release_is_promoted_and_audited(platform: object) -> None:
+    outcome = _deploy("1.0.0")
+    assert outcome.exit_code == deploy_cli.EXIT_OK, outcome.headline
+    assert _production(platform)["stable"]["version"] == "1.0.0"
+    assert "canary" not in _production(platform)
+    assert _served_versions(platform) == {"1.0.0": 60}
+    promoted = [c for c in changes.for_release(PRODUCT, "1.0.0") if c.outcome == "promoted"]
+    assert len(promoted) == 1
+    entry = audit.find(promoted[0].change_id)
+    assert entry is not None
+    for field in ("timestamp", "identity", "artifact_sha256", "environment", "guardrail_token"):
+        assert entry.payload[field]
+    assert entry.payload["environment"] == "production"
+
+
+def test_second_release_replaces_the_first(platform: object) -> None:
+    before = _production(platform)["stable"]
+    outcome = _deploy("1.1.0")
+    assert outcome.exit_code == deploy_cli.EXIT_OK, outcome.headline
+    after = _production(platform)
+    assert after["stable"]["version"] == "1.1.0"
+    assert after["stable"]["artifact_sha"] != before["artifact_sha"]
+    assert "canary" not in after  # the old version is retired, nothing parked
+    assert _served_versions(platform) == {"1.1.0": 60}
+
+
+def test_redeploying_the_current_release_is_a_no_op(platform: object) -> None:
+    runs_before = len(changes.for_release(PRODUCT, "1.1.0"))
+    outcome = _deploy("1.1.0")
+    assert outcome.exit_code == deploy_cli.EXIT_OK
+    assert "already in production" in outcome.headline
+    assert outcome.run_id is None
+    assert len(changes.for_release(PRODUCT, "1.1.0")) == runs_before
+
+
+def test_bad_release_is_blocked_at_the_canary_with_production_untouched(platform: object) -> None:
+    outcome = _deploy("1.2.0", "error_rate=0.2")
+    assert outcome.exit_code == deploy_cli.EXIT_BLOCKED, outcome.headline
+    assert "slo_regression" in [b["check"] for b in outcome.blocked_by]
+    assert _production(platform)["stable"]["version"] == "1.1.0"
+    assert "canary" not in _production(platform)
+    assert _served_versions(platform) == {"1.1.0": 60}
+    aborted = [c for c in changes.for_release(PRODUCT, "1.2.0") if c.outcome == "aborted"]
+    assert len(aborted) == 1
+    assert audit.find(aborted[0].change_id) is not None  # production carried canary traffic
+
+
+def test_promotion_launched_alone_refuses_after_a_failed_gate(platform: object) -> None:
+    import dagster as dg
+
+    from dagster_project.definitions import defs
+    from dagster_project.instance import get_instance
+
+    instance = get_instance()
+    promotion_key = dg.AssetKey([PRODUCT, "promotion"])
+    result = dg.materialize(
+        [defs.get_assets_def(promotion_key)],
+        selection=[promotion_key],
+        partition_key="1.2.0",
+        instance=instance,
+        resources=defs.resources,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.event_specific_data.error.message
+    assert "blocking checks upstream did not pass" in message
+    assert "slo_regression" in message
+    assert _production(platform)["stable"]["version"] == "1.1.0"
+
+
+@pytest.mark.parametrize("token", [None, "tpt-wrong-token"])
+def test_missing_or_wrong_token_is_refused_with_production_untouched(
+    platform: object, token: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if token is None:
+        monkeypatch.delenv("GUARDRAIL_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("GUARDRAIL_TOKEN", token)
+    before = _production(platform)
+    outcome = _deploy("1.3.0")
+    assert outcome.exit_code == deploy_cli.EXIT_REFUSED, outcome.headline
+    assert "GUARDRAIL_TOKEN" in outcome.headline
+    assert GUARDRAIL_TOKEN not in outcome.headline
+    if token:
+        assert token not in outcome.headline
+    assert _production(platform) == before
+    assert _served_versions(platform) == {"1.1.0": 60}
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["no-such-product"], "not found"),
+        ([PRODUCT, "--release", "1,2"], "comma"),
+        ([PRODUCT, "--release", "1.4.0", "--set", "nonsense"], "KEY=VALUE"),
+        ([PRODUCT, "--release", "1.4.0", "--set", "error_rate=7"], "error_rate"),
+    ],
+)
+def test_bad_input_exits_2_through_the_real_entry_point(args: list[str], needle: str) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from dagster_project.cli import deploy_main; raise SystemExit(deploy_main())",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert needle in done.stdout + done.stderr
+
+
+def test_release_status_json_shows_production_without_secrets(platform: object) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from dagster_project.cli import release_main; raise SystemExit(release_main())",
+            "status",
+            PRODUCT,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    production = status["environments"]["production"]
+    assert production["version"] == "1.1.0"
+    assert production["weights"] == {"stable": 100}
+    assert production["edge_url"].startswith("http://127.0.0.1:")
+    assert "postgres" in production["database_url"]
+    assert GUARDRAIL_TOKEN not in done.stdout
