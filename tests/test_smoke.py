@@ -317,3 +317,27 @@ def test_post_deploy_smoke_runs_the_smoke_section_on_production(
     assert report.passed(), report.summary()
     assert report.edge_url == platform.edge_url("production").rstrip("/")
     assert not post_deploy_smoke(spec, platform, "0.0.1-not-deployed").passed()
+
+
+def test_stopped_edge_fails_naming_the_endpoint_never_passes(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    from dagster_project.core.platform import processes
+
+    version = deploy("1.0.0-smoke")
+    url = platform.edge_url("staging")
+    edges = platform.state.processes("staging", role="edge")
+    assert edges, "the fixture's platform has an edge for staging"
+    processes.terminate([(edge.pid, edge.create_time) for edge in edges])
+    try:
+        report = run_smoke(spec, platform, "staging", version, job_slack_seconds=1.0)
+        assert not report.passed()
+        for section in smoke.SECTIONS:
+            assert report.section_rows(section), section
+            assert not report.passed(section), section
+        details = _failure_details(report, "smoke")
+        assert f"GET {url}/healthz" in details
+        assert f"GET {url}/v1/items?smoke=" in details
+    finally:
+        platform.up()  # a dead edge is replaced, so later tests find staging serving
+    assert run_smoke(spec, platform, "staging", version, include_worker=False).passed()

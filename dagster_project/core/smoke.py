@@ -19,6 +19,7 @@ string (`?smoke=<run id>`) so runs never see each other's cache entries.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -127,9 +128,9 @@ class SmokeReport(BaseModel):
     def as_markdown(self, section: str | None = None) -> str:
         """A Markdown table of the rows (one section, or all), for Dagster metadata."""
         rows = self.rows if section is None else self.section_rows(section)
-        header = f"**{section or 'all sections'}**: {self.verdict(section) if section else ''}"
+        verdict = self.verdict(section) if section else ("PASSED" if self.passed() else "FAILED")
         lines = [
-            header.rstrip(": "),
+            f"**{section or 'all sections'}**: {verdict}",
             "",
             "| section | check | result | detail | seconds |",
             "|---|---|---|---|---|",
@@ -633,7 +634,9 @@ class _Job:
     key: str
     queue: Queue
     poison: bool
+    enqueued_at: float = 0.0
     deadline: float = 0.0
+    settled_after: float | None = None  # seconds from enqueue to done/dead
     state: dict[str, Any] | None = None
     enqueue_error: str | None = None
 
@@ -648,7 +651,8 @@ def _worker_section(run: _Run) -> None:
     jobs = [normal, *poison]
     for job in jobs:
         job.enqueue_error = _enqueue(run, job)
-        job.deadline = time.monotonic() + job_deadline_seconds(job.queue, run.job_slack)
+        job.enqueued_at = time.monotonic()
+        job.deadline = job.enqueued_at + job_deadline_seconds(job.queue, run.job_slack)
     _wait_for_final_states(run, jobs)
 
     run.record("worker_dlq", "normal job done after one attempt", lambda: _check_done(run, normal))
@@ -711,7 +715,11 @@ def _wait_for_final_states(run: _Run, jobs: Iterable[_Job]) -> None:
                 job.state = {"status": "(unreadable)", "error": str(exc)}
                 pending.remove(job)  # the edge is failing: stop polling, the row says why
                 continue
-            if job.state.get("status") in _FINAL_STATUSES or time.monotonic() > job.deadline:
+            now = time.monotonic()
+            if job.state.get("status") in _FINAL_STATUSES:
+                job.settled_after = now - job.enqueued_at
+                pending.remove(job)
+            elif now > job.deadline:
                 pending.remove(job)
         if pending:
             time.sleep(JOB_POLL_INTERVAL_SECONDS)
@@ -744,7 +752,10 @@ def _check_done(run: _Run, job: _Job) -> str:
         raise CheckFailed(
             f"job {job.key}: {results} rows in {run.env}.job_results, expected exactly 1"
         )
-    return f"done, 1 attempt, 1 result written back ({_snippet(str(state.get('result')), 60)})"
+    return (
+        f"done in {job.settled_after or 0:.2f}s, 1 attempt, 1 result written back "
+        f"({_snippet(json.dumps(state.get('result'), sort_keys=True), 60)})"
+    )
 
 
 def _check_dead_lettered(run: _Run, job: _Job) -> str:
@@ -770,7 +781,11 @@ def _check_dead_lettered(run: _Run, job: _Job) -> str:
     results = _count_rows(run.env, "job_results", job.key)
     if results:
         raise CheckFailed(f"poison job {job.key}: {results} results written back, expected 0")
-    return f"dead after {attempts} attempts, in {run.spec.queues.dead_letter}, no result"
+    return (
+        f"dead after {attempts} attempts in {job.settled_after or 0:.2f}s "
+        f"(backoff schedule {sum(backoff_delays(job.queue)):.2f}s), "
+        f"in {run.spec.queues.dead_letter}, no result"
+    )
 
 
 def _check_idempotent(run: _Run, job: _Job) -> str:
