@@ -313,3 +313,33 @@ def test_diff_is_pure_and_ordered() -> None:
     assert markdown.count("\n") == 4  # header, rule, three rows
     assert "| missing | index | `public.t_a_idx` |" in markdown
     assert report.as_metadata()["drift_count"] == 3
+
+
+def test_environment_name_in_content_is_not_drift(env: str, tmp_path: Path) -> None:
+    # A table and a default spelled like the environment database must survive the
+    # normalisation that maps the scratch database's name onto the environment's.
+    physical = database.physical_name(env)
+    migrations = tmp_path / "migrations"
+    migrations.mkdir()
+    (migrations / "0001_named.sql").write_text(
+        f"CREATE TABLE {physical} (origin text NOT NULL DEFAULT '{physical}');\n"
+        f"CREATE VIEW {physical}_v AS SELECT '{physical}'::text AS origin;\n"
+    )
+    history.apply_pending(env, migrations, actor="test")
+    report = drift.check_drift(env, migrations)
+    assert report.items == [], report.as_markdown()
+    assert ("table", f"public.{physical}") in drift.snapshot_schema(env).objects
+
+
+def test_scratch_name_is_written_as_the_environment_name(env: str) -> None:
+    with drift.scratch_database(env) as scratch:
+        scratch_physical = database.physical_name(scratch)
+        _execute(scratch, f"CREATE VIEW v AS SELECT '{scratch_physical}'::text AS source")
+        plain = drift.snapshot_schema(scratch)
+        aliased = drift.snapshot_schema(scratch, database_alias=env)
+    assert scratch_physical in plain.objects[("view", "public.v")]["definition"]
+    definition = aliased.objects[("view", "public.v")]["definition"]
+    assert scratch_physical not in definition
+    assert database.physical_name(env) in definition
+    assert aliased.database == database.physical_name(env)
+    assert _scratch_databases() == []

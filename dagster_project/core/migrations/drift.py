@@ -350,13 +350,21 @@ _OID_NAME_RE = re.compile(r"\b(pg_toast_|RI_ConstraintTrigger_[ac]_)\d+\b")
 
 
 class _Normaliser:
-    def __init__(self, physical_db: str) -> None:
-        self._db_re = re.compile(rf"\b{re.escape(physical_db)}\b") if physical_db else None
+    """Rewrites the scratch database's (random) name to the environment's, and OID suffixes.
+
+    Only the scratch side is rewritten: its name is random, so it cannot collide with real
+    content, whereas rewriting the environment's name ("staging") could touch a legitimate
+    default or table called that and invent drift."""
+
+    def __init__(self, physical_db: str, alias: str | None) -> None:
+        self._alias = alias
+        renaming = alias is not None and alias != physical_db and physical_db
+        self._db_re = re.compile(rf"\b{re.escape(physical_db)}\b") if renaming else None
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, str):
             if self._db_re is not None:
-                value = self._db_re.sub("<database>", value)
+                value = self._db_re.sub(str(self._alias), value)
             return _OID_NAME_RE.sub(r"\1<oid>", value)
         if isinstance(value, list):
             return [self(v) for v in value]
@@ -366,28 +374,39 @@ class _Normaliser:
 def snapshot_schema(
     db: str,
     exclude_schemas: Iterable[str] = DEFAULT_EXCLUDED_SCHEMAS,
+    *,
+    database_alias: str | None = None,
 ) -> SchemaSnapshot:
-    """Snapshot every schema object of logical database `db` from pg_catalog."""
+    """Snapshot every schema object of logical database `db` from pg_catalog.
+
+    `database_alias` (a logical name): write that database's name wherever `db`'s own name
+    appears in names or definitions, so a scratch copy compares equal to the original."""
+    alias = database.physical_name(database_alias) if database_alias else None
     with database.connection(db) as conn:
-        return snapshot_connection(conn, exclude_schemas)
+        return snapshot_connection(conn, exclude_schemas, database_alias=alias)
 
 
 def snapshot_connection(
     conn: psycopg2.extensions.connection,
     exclude_schemas: Iterable[str] = DEFAULT_EXCLUDED_SCHEMAS,
+    *,
+    database_alias: str | None = None,
 ) -> SchemaSnapshot:
-    """Snapshot through an open connection (one read-only transaction, so it is consistent)."""
+    """Snapshot through an open connection (one read-only transaction, so it is consistent).
+
+    `database_alias` here is a physical database name (see `snapshot_schema`)."""
     params = {"excluded": tuple(exclude_schemas) or ("",)}
     physical_db = conn.get_dsn_parameters().get("dbname", "")
-    norm = _Normaliser(physical_db)
+    norm = _Normaliser(physical_db, database_alias)
     objects: dict[ObjectKey, dict[str, Any]] = {}
     parents: dict[ObjectKey, ObjectKey] = {}
     relation_keys: dict[tuple[str, str], ObjectKey] = {}
 
     def put(key: ObjectKey, attrs: dict[str, Any], parent: ObjectKey | None = None) -> None:
+        key = (key[0], norm(key[1]))
         objects[key] = {k: norm(v) for k, v in attrs.items()}
         if parent is not None:
-            parents[key] = parent
+            parents[key] = (parent[0], norm(parent[1]))
 
     with conn.cursor() as cur:
         # One snapshot for all queries, so a concurrent DDL cannot half-appear.
@@ -491,7 +510,7 @@ def snapshot_connection(
             },
             relation_keys.get((nsp, rel)),
         )
-    return SchemaSnapshot(database=physical_db, objects=objects, parents=parents)
+    return SchemaSnapshot(database=database_alias or physical_db, objects=objects, parents=parents)
 
 
 def _fetch_all(cur: psycopg2.extensions.cursor, params: dict[str, Any]) -> dict[str, list]:
@@ -667,7 +686,7 @@ def _build_expected(
     files = _migration_files(migrations_dir, applied_migrations(env) or [])
     with scratch_database(env) as scratch:
         apply_sql_files(scratch, files)
-        return snapshot_schema(scratch, excluded), files
+        return snapshot_schema(scratch, excluded, database_alias=env), files
 
 
 def check_drift(
