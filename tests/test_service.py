@@ -609,3 +609,57 @@ def test_bad_configuration_stops_the_processes_naming_the_variable(
     assert worker_run.returncode == 2
     assert "SERVICE_MANIFEST" in worker_run.stderr
     assert "absent.json" in worker_run.stderr
+
+
+# --- pure logic of the service configuration (imported from the product's source) -------------
+
+
+@pytest.fixture(scope="module")
+def service_config(spec: ProductSpec) -> Any:
+    import importlib.util
+
+    source = spec.service_path / "service_config.py"
+    module_spec = importlib.util.spec_from_file_location("service_config_under_test", source)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses look their module up while defining
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_backoff_is_exponential_and_capped(service_config: Any) -> None:
+    policy = service_config.QueuePolicy(
+        name="high", max_attempts=6, backoff_initial_ms=50, backoff_multiplier=2.0,
+        backoff_max_ms=300,
+    )  # fmt: skip
+    assert [policy.backoff_ms(n) for n in range(1, 6)] == [50, 100, 200, 300, 300]
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"error_rate": 2}, "'error_rate'"),
+        ({"extra_latency_ms": -5}, "'extra_latency_ms'"),
+        ({"fail_jobs_matching": "(("}, "'fail_jobs_matching'"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_service_refuses_bad_knobs_naming_them(
+    service_config: Any, settings: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(service_config.ConfigError, match=named) as raised:
+        service_config.parse_knobs(settings, source="/x/manifest.json")
+    assert "/x/manifest.json" in str(raised.value)
+
+
+def test_service_config_reads_the_spec_and_manifest(
+    service_config: Any, deploy_artifact: Callable[..., Deployed], spec: ProductSpec
+) -> None:
+    deployed = deploy_artifact("1.3.0", {"error_rate": 0.2, "fail_jobs_matching": "^x"})
+    config = service_config.load_config(service_env(deployed, "postgresql://u:pw@h/db"))
+    assert (config.version, config.track, config.api_tier) == ("1.3.0", "stable", "api-i")
+    assert config.knobs.error_rate == 0.2
+    assert config.knobs.fail_jobs_matching.pattern == "^x"
+    assert config.endpoints["/static/app.js"].ttl_seconds == spec.ttl_classes["static"]
+    assert config.queues["low"].max_attempts == spec.queues.low.max_attempts
+    assert "pw" not in config.display_database()
