@@ -50,6 +50,29 @@ ALTER TABLE items ENABLE ROW LEVEL SECURITY;
 CREATE POLICY items_visible ON items FOR SELECT USING (price_cents >= 0);
 CREATE MATERIALIZED VIEW job_counts AS SELECT status, count(*) AS n FROM jobs GROUP BY status;
 """,
+    "0005_more_kinds.sql": """
+CREATE SCHEMA reporting;
+CREATE DOMAIN reporting.cents AS bigint NOT NULL DEFAULT 0 CHECK (VALUE >= 0);
+CREATE TYPE reporting.money_pair AS (amount reporting.cents, currency char(3));
+CREATE TYPE reporting.price_range AS RANGE (subtype = bigint);
+CREATE TABLE reporting.events (
+    id bigserial,
+    at timestamptz NOT NULL,
+    label text COLLATE "C",
+    total bigint GENERATED ALWAYS AS (id * 2) STORED,
+    PRIMARY KEY (id, at)
+) PARTITION BY RANGE (at);
+CREATE TABLE reporting.events_2025 PARTITION OF reporting.events
+    FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE UNLOGGED TABLE reporting.cache (k text PRIMARY KEY, v jsonb) WITH (fillfactor = 70);
+CREATE PROCEDURE reporting.purge_cache(older_than interval) LANGUAGE sql AS $$
+    DELETE FROM reporting.cache WHERE v ? 'expired'
+$$;
+CREATE AGGREGATE reporting.total_cents (bigint) (sfunc = int8pl, stype = bigint);
+ALTER TABLE reporting.cache ENABLE ROW LEVEL SECURITY;
+ALTER TABLE reporting.cache FORCE ROW LEVEL SECURITY;
+CREATE POLICY cache_insert ON reporting.cache FOR INSERT TO PUBLIC WITH CHECK (k <> '');
+""",
 }
 
 
@@ -124,7 +147,7 @@ def test_no_false_positives_across_several_releases(env: str, tmp_path: Path) ->
     migrations = _migrated(env, tmp_path, ["0001_items.sql", "0002_jobs.sql"])
     assert drift.check_drift(env, migrations).items == []
     # Pending files on disk are not drift: only applied ones define the expected schema.
-    _write(migrations, ["0003_touch.sql", "0004_rls.sql"])
+    _write(migrations, ["0003_touch.sql", "0004_rls.sql", "0005_more_kinds.sql"])
     pending_report = drift.check_drift(env, migrations)
     assert pending_report.items == []
     assert pending_report.applied_migrations == ["0001_items.sql", "0002_jobs.sql"]
@@ -132,7 +155,7 @@ def test_no_false_positives_across_several_releases(env: str, tmp_path: Path) ->
     history.apply_pending(env, migrations, actor="test")
     report = drift.check_drift(env, migrations)
     assert report.items == [], report.as_markdown()
-    assert len(report.applied_migrations) == 4
+    assert len(report.applied_migrations) == 5
 
 
 HAND_CHANGES = [
@@ -343,3 +366,14 @@ def test_scratch_name_is_written_as_the_environment_name(env: str) -> None:
     assert database.physical_name(env) in definition
     assert aliased.database == database.physical_name(env)
     assert _scratch_databases() == []
+
+
+def test_changed_function_body_shows_the_differing_line(env: str, tmp_path: Path) -> None:
+    migrations = _migrated(env, tmp_path)
+    _execute(env, HAND_CHANGES[-1][1])
+    report = drift.check_drift(env, migrations)
+    markdown = report.as_markdown()
+    assert "definition line 6: NEW.updated_at := now();" in markdown
+    assert "definition line 6: RETURN NEW;" in markdown
+    function = next(i for i in report.items if i.kind == "function")
+    assert function.expected is not None and "NEW.updated_at" in function.expected["definition"]

@@ -117,9 +117,12 @@ class DriftReport:
             "|---|---|---|---|---|",
         ]
         for item in self.items:
+            expected, actual = item.expected, item.actual
+            if expected is not None and actual is not None:
+                expected, actual = _first_differing_lines(expected, actual)
             lines.append(
                 f"| {item.change} | {item.kind} | `{_md_escape(item.object)}` | "
-                f"{_md_cell(item.expected)} | {_md_cell(item.actual)} |"
+                f"{_md_cell(expected)} | {_md_cell(actual)} |"
             )
         return "\n".join(lines)
 
@@ -141,6 +144,28 @@ _CHANGE_ORDER = ("missing", "unexpected", "changed")
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _first_differing_lines(
+    expected: dict[str, Any], actual: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For multi-line values (function bodies, view definitions) show the first line that
+    differs, with its number, instead of two truncated and identical-looking prefixes."""
+    want, have = dict(expected), dict(actual)
+    for key in want.keys() & have.keys():
+        a, b = want[key], have[key]
+        if not (isinstance(a, str) and isinstance(b, str) and "\n" in a + b):
+            continue
+        a_lines, b_lines = a.splitlines(), b.splitlines()
+        for number in range(1, max(len(a_lines), len(b_lines)) + 1):
+            line_a = a_lines[number - 1] if number <= len(a_lines) else "(no line)"
+            line_b = b_lines[number - 1] if number <= len(b_lines) else "(no line)"
+            if line_a != line_b:
+                want[f"{key} line {number}"] = line_a
+                have[f"{key} line {number}"] = line_b
+                del want[key], have[key]
+                break
+    return want, have
 
 
 def _md_cell(attrs: dict[str, Any] | None) -> str:
@@ -298,6 +323,11 @@ _QUERIES: dict[str, str] = {
         JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE {_SCHEMA_FILTER}
           AND {_not_extension_member("p.oid", "'pg_proc'")}
+          -- Constructors Postgres generates for range types belong to the type.
+          AND NOT EXISTS (
+              SELECT 1 FROM pg_depend d
+              WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'i'
+          )
     """,
     "types": f"""
         SELECT n.nspname, t.typname, t.typtype,
