@@ -4,6 +4,7 @@ in the session's Postgres, traffic over HTTP. Tests run in file order on one pla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from dagster_project.core import registry
+from dagster_project.core import database, registry
 from dagster_project.core.migrations.history import apply_pending
 from dagster_project.core.platform import LocalPlatform, PlatformError
 from dagster_project.core.platform.processes import ProcessStartError, is_alive
@@ -83,11 +84,14 @@ def test_environments_without_release_are_healthy_and_answer_503(
 def test_deploy_that_never_gets_ready_names_endpoint_and_log(
     platform: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
-    # Runs before `deployed`: production has no schema yet, so /readyz answers 503.
+    # Runs before `deployed`. With a table of the schema missing, /readyz answers 503.
     assert platform.current("production") == {}
     platform.ready_deadline_seconds = 3.0
     try:
-        with pytest.raises(ProcessStartError) as failure:
+        with (
+            _table_hidden("production", "dead_letter"),
+            pytest.raises(ProcessStartError) as failure,
+        ):
             platform.deploy("production", "stable", artifacts["1.0.0"])
     finally:
         platform.ready_deadline_seconds = 30.0
@@ -289,6 +293,24 @@ def test_down_leaves_no_platform_process(deployed: LocalPlatform) -> None:
     status = deployed.status()
     assert all(not status[env]["healthy"] for env in ENVS)
     deployed.down()  # a second down is harmless
+
+
+@contextlib.contextmanager
+def _table_hidden(env: str, table: str) -> Iterator[None]:
+    """Rename a product table away for the block (other test modules of the session may
+    already have applied the migrations to this database)."""
+    hidden = f"{table}_hidden_by_test"
+    with database.connection(env) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"public.{table}",))
+        row = cur.fetchone()
+        present = bool(row and row[0])
+        if present:
+            cur.execute(f'ALTER TABLE public."{table}" RENAME TO "{hidden}"')
+        try:
+            yield
+        finally:
+            if present:
+                cur.execute(f'ALTER TABLE public."{hidden}" RENAME TO "{table}"')
 
 
 def _running(pid: int) -> bool:
