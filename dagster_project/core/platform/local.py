@@ -49,9 +49,11 @@ class PlatformError(RuntimeError):
 class ArtifactLike(Protocol):
     """What deploy needs of `registry.Artifact`."""
 
-    sha256: str
-    version: str
-    path: Path
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
 
 
 class LocalPlatform:
