@@ -1,7 +1,10 @@
 """Command-line entry points (declared in pyproject.toml):
 
+    deploy PRODUCT [--release VERSION] [--set KEY=VALUE ...]
+    release status PRODUCT [--json]
     release platform up|down|status [--json] [--product ID]
-    deploy <product-id>                          (placeholder; the pipeline run replaces it)
+    release audit verify [--json] | release audit show PRODUCT [--json]
+    release ui                                   (dagster dev on the shared instance)
 
 The CLI stays thin: it parses arguments, calls the core and prints. Expected failures
 (`CliError` and the core's own error types) print one clear line and exit non-zero, without
@@ -119,8 +122,119 @@ def _add_platform(commands: argparse._SubParsersAction) -> None:
         action.set_defaults(handler=handler)
 
 
-# Each adds one subcommand group to `release`; later: status, audit, ...
-_COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_platform]
+# -- release status ---------------------------------------------------------------------------
+
+
+def _release_status(args: argparse.Namespace) -> int:
+    from dagster_project.core.platform import LocalPlatform
+    from dagster_project.core.spec import load_spec
+
+    spec = load_spec(args.product)
+    raw = LocalPlatform(spec.product).status()
+    environments = {}
+    for env, info in raw.items():
+        stable = info["tracks"].get("stable") or {}
+        environments[env] = {
+            "version": stable.get("version"),
+            "artifact_sha256": stable.get("artifact_sha"),
+            "tracks": {
+                track: {"version": t["version"], "artifact_sha256": t["artifact_sha"]}
+                for track, t in info["tracks"].items()
+            },
+            "weights": info.get("weights") or {},
+            "healthy": info["healthy"],
+            "problems": info["problems"],
+            "edge_url": info.get("edge_url"),
+            "database_url": info.get("database"),
+        }
+    if args.json:
+        print(json.dumps({"product": spec.product, "environments": environments}, indent=2))
+        return 0
+    console = Console()
+    table = Table(title=f"{spec.product}", title_justify="left")
+    for column in ("env", "version", "artifact", "weights", "health", "edge", "database"):
+        table.add_column(column)
+    for env, e in environments.items():
+        table.add_row(
+            env,
+            str(e["version"] or "-"),
+            (e["artifact_sha256"] or "")[:12],
+            " / ".join(f"{t} {w}%" for t, w in e["weights"].items()) or "-",
+            "[green]healthy[/]" if e["healthy"] else "[red]unhealthy[/]",
+            e["edge_url"] or "-",
+            e["database_url"] or "-",
+        )
+    console.print(table)
+    return 0
+
+
+def _add_status(commands: argparse._SubParsersAction) -> None:
+    status = commands.add_parser("status", help="per environment: version, SHA, weights, health")
+    status.add_argument("product", help="product id, e.g. 4pnihc40q-yj")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_release_status)
+
+
+# -- release audit ----------------------------------------------------------------------------
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from dagster_project.core import audit
+
+    text, code = audit.verify_output(audit.verify(), args.json)
+    print(text)
+    return code
+
+
+def _audit_show(args: argparse.Namespace) -> int:
+    from dagster_project.core import audit
+
+    text, code = audit.show_output(args.product, args.json)
+    print(text)
+    return code
+
+
+def _add_audit(commands: argparse._SubParsersAction) -> None:
+    audit = commands.add_parser("audit", help="the hash-chained audit trail")
+    actions = audit.add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify = actions.add_parser("verify", help="recompute the chain; exit 0 only when intact")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(handler=_audit_verify)
+    show = actions.add_parser("show", help="list a product's entries, token masked")
+    show.add_argument("product", help="product id")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=_audit_show)
+
+
+# -- release ui -------------------------------------------------------------------------------
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from dagster_project.core.settings import PROJECT_ROOT
+    from dagster_project.instance import prepare_instance_home
+
+    home = prepare_instance_home()
+    print(f"DAGSTER_HOME={home}; opening the code location from workspace.yaml")
+    argv = ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), *args.dagster_args]
+    return subprocess.call(argv, cwd=PROJECT_ROOT, env=os.environ.copy())
+
+
+def _add_ui(commands: argparse._SubParsersAction) -> None:
+    ui = commands.add_parser("ui", help="dagster dev (webserver + daemon) on the shared instance")
+    ui.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed to dagster dev")
+    ui.set_defaults(handler=_ui)
+
+
+# Each adds one subcommand group to `release`.
+_COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_status,
+    _add_platform,
+    _add_audit,
+    _add_ui,
+]
 
 
 def build_release_parser() -> argparse.ArgumentParser:
@@ -154,10 +268,41 @@ def release_main(argv: Sequence[str] | None = None) -> int:
     return _run(args.handler, args)
 
 
+def build_deploy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deploy",
+        description="Release a product to production: build, migrations, staging smoke, "
+        "canary, promotion, audit. Needs GUARDRAIL_TOKEN in the environment.",
+        epilog="exit codes: 0 promoted and audited (or already live), 1 other failure, "
+        "2 bad input, 3 blocked by a gate, 4 approval refused",
+    )
+    parser.add_argument("product", help="product id, e.g. 4pnihc40q-yj")
+    parser.add_argument("--release", help="release version (default: from the source's hash)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="carried in the artifact manifest (error_rate, extra_latency_ms, fail_jobs_matching)",
+    )
+    return parser
+
+
 def deploy_main(argv: Sequence[str] | None = None) -> int:
-    """Placeholder until the release pipeline's CLI lands."""
-    print("deploy: not yet implemented", file=sys.stderr)
-    return 1
+    from dagster_project import deploy
+
+    args = build_deploy_parser().parse_args(argv)
+    try:
+        outcome = deploy.deploy(args.product, args.release, args.settings)
+    except _expected_errors() as exc:
+        print(f"deploy: error: {deploy.guardrail_safe(str(exc))}", file=sys.stderr)
+        return deploy.EXIT_FAILED
+    except KeyboardInterrupt:
+        print("deploy: interrupted", file=sys.stderr)
+        return 130
+    deploy.print_summary(outcome)
+    return outcome.exit_code
 
 
 if __name__ == "__main__":
