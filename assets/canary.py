@@ -9,6 +9,7 @@ back to stable. A canary that passes is parked at 0% (still running) for `promot
 production is never left half-moved between stages. Gates: `slo_regression`, `schema_drift`.
 """
 
+import os
 import time
 from typing import Any
 
@@ -100,18 +101,20 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
 
         local.deploy(ENV, "canary", registry.fetch(artifact["sha256"]))
         context.log.info(f"canary {artifact['version']} started beside stable {_v(stable)}")
-        source = metrics.source(local.api_urls(ENV))
-        snapshot_dir = release_home() / "snapshots" / spec.product / artifact["version"]
+        fetched = registry.fetch(artifact["sha256"])
         result = run_canary(
             local,
             spec,
             env=ENV,
-            metrics_source=source,
-            snapshot_dir=snapshot_dir,
-            baseline_available=stable is not None,
-            on_event=lambda event: context.log.info(f"canary: {event}"),
+            artifact=fetched,
+            metrics=metrics.source(local.api_urls(ENV)),
+            bake_scale=bake_scale(),
+            on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
         )
         result_dict = result.to_dict()
+        result_dict["steps"] = result_dict.pop("rows", [])
+        snapshot_dir = release_home() / "snapshots" / spec.product / artifact["version"]
+        result_dict["snapshots"] = render_snapshots(result, snapshot_dir)
         report.update(result_dict)
         report["passed"] = bool(result.passed)
         if result.passed:
@@ -140,6 +143,29 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
         return report
 
     return canary
+
+
+def bake_scale() -> float:
+    """`RELEASE_BAKE_SCALE` shortens bake times (tests, demos) without editing the spec."""
+    return float(os.environ.get("RELEASE_BAKE_SCALE", "1.0"))
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    kind = event.get("event", "?")
+    step = f"step {event['step']} ({event.get('weight')}%)" if "step" in event else ""
+    if kind == "step_judged":
+        return f"{step} {event.get('verdict')}: {event.get('reason', '')}"
+    if kind == "step_extended":
+        return f"{step} extended (inconclusive): {'; '.join(event.get('reasons', []))[:200]}"
+    if kind == "step_started":
+        return f"{step} started, baking {event.get('bake_seconds', 0):.0f}s"
+    return f"{kind} {step} {event.get('reason', '')}".strip()
+
+
+def render_snapshots(result: Any, directory: Any) -> list[dict[str, str]]:
+    from dagster_project.core.canary.snapshots import render_snapshots as render
+
+    return render(result, directory)
 
 
 def _v(track: dict[str, Any] | None) -> str:

@@ -148,10 +148,11 @@ def _execute(
         "dagster_project.definitions", "defs", working_directory=str(PROJECT_ROOT)
     ).get_reconstructable_job(_job_name(spec, which))
     invocation = uuid.uuid4().hex
-    run_config: dict[str, Any] = {}
+    # The progress thread prints what matters; Dagster's console logger would repeat it all.
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
     if settings:
         op = f"{spec.product.replace('-', '_')}__build"
-        run_config = {"ops": {op: {"config": {"settings": settings}}}}
+        run_config["ops"] = {op: {"config": {"settings": settings}}}
     progress = _Progress(instance, invocation, echo)
     progress.start()
     try:
@@ -179,7 +180,7 @@ class _Progress(threading.Thread):
         super().__init__(daemon=True)
         self.instance, self.invocation, self.echo = instance, invocation, echo
         self._done = threading.Event()
-        self._started = time.monotonic()
+        self._t0 = time.monotonic()
 
     def stop(self) -> None:
         self._done.set()
@@ -200,7 +201,7 @@ class _Progress(threading.Thread):
                 for record in conn.records:
                     line = describe(record.event_log_entry)
                     if line:
-                        self.echo(f"  [{time.monotonic() - self._started:6.1f}s] {line}")
+                        self.echo(f"  [{time.monotonic() - self._t0:6.1f}s] {line}")
                 if conn.has_more:
                     continue
             if finished:

@@ -25,6 +25,8 @@ def prepare_instance_home() -> Path:
     else:
         rendered = text.replace("${DAGSTER_PG_URL}", url)
     target = home / "dagster.yaml"
+    if target.resolve() == TEMPLATE.resolve():
+        raise RuntimeError(f"DAGSTER_HOME must not be the project folder ({PROJECT_ROOT})")
     if not target.exists() or target.read_text() != rendered:
         target.write_text(rendered)
     return home

@@ -19,13 +19,13 @@ RELEASE_KEY_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
 
 def release_home() -> Path:
     """The state directory (default `.release/` in the project), created on demand."""
-    home = Path(os.environ.get("RELEASE_HOME", PROJECT_ROOT / ".release")).resolve()
+    home = Path(os.environ.get("RELEASE_HOME") or PROJECT_ROOT / ".release").resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
 
 
 def dagster_home() -> Path:
-    home = Path(os.environ.get("DAGSTER_HOME", release_home() / "dagster")).resolve()
+    home = Path(os.environ.get("DAGSTER_HOME") or release_home() / "dagster").resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
 
