@@ -1,0 +1,314 @@
+"""Metric sources for the canary judge: cumulative snapshots per track, windows as differences.
+
+A source returns a `TrackSnapshot` (cumulative counters and histogram buckets, summed over
+paths) for a track; the window of a step is `later.since(earlier)`, which is what the judge
+sees. Two sources implement `MetricsSource`:
+
+- `LocalScrapeSource(api_urls)`: scrapes each track's API process `/metrics` with httpx.
+- `PrometheusSource(base_url)`: the same numbers through PromQL over Prometheus's HTTP API,
+  for real deployments; `window(track, seconds)` also offers Prometheus-native `increase()`.
+
+Latency samples are reconstructed from histogram bucket deltas: every request counted in the
+bucket (lo, hi] becomes one sample at the bucket's midpoint (lo + hi) / 2; the first bucket
+uses (0, hi]; the +Inf bucket uses its finite lower bound. The error is at most half a bucket
+width per sample, which the dense buckets of the service keep small; tests of shift (ranks)
+and of "slower than X" (X on a bucket bound) are unaffected beyond that.
+
+Errors (connection refused, timeouts, bad payloads, counters going backwards) are retried with
+tenacity, then raised as `MetricsUnavailable` naming the endpoint; the caller counts
+consecutive failures and fails closed. Nothing is ever silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from dagster_project.core.canary.judge import SideWindow
+
+REQUESTS_METRIC = "http_requests_total"
+DURATION_METRIC = "http_request_duration_seconds"
+# Probes and scrapes are not user traffic; they would dilute error rates and latencies.
+DEFAULT_EXCLUDED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
+class MetricsUnavailable(RuntimeError):
+    """The metric source could not deliver a usable snapshot; the message names where."""
+
+
+@dataclass(frozen=True)
+class TrackSnapshot:
+    """Cumulative totals of one track at one moment (summed over paths)."""
+
+    track: str
+    taken_at: float  # time.monotonic() of the scrape
+    requests: float
+    errors: float
+    # upper bound in seconds (math.inf for +Inf) -> cumulative count
+    buckets: Mapping[float, float] = field(default_factory=dict)
+    versions: tuple[str, ...] = ()
+
+    def since(self, earlier: TrackSnapshot) -> TrackWindow:
+        """The window between `earlier` and this snapshot."""
+        if earlier.track != self.track:
+            raise ValueError(f"cannot subtract track {earlier.track!r} from {self.track!r}")
+        requests = self.requests - earlier.requests
+        errors = self.errors - earlier.errors
+        bounds = sorted(set(self.buckets) | set(earlier.buckets))
+        cumulative = [self.buckets.get(b, 0.0) - earlier.buckets.get(b, 0.0) for b in bounds]
+        if requests < 0 or errors < 0 or any(c < 0 for c in cumulative):
+            raise MetricsUnavailable(
+                f"track {self.track!r}: counters went backwards between snapshots "
+                "(the API process restarted?); the window cannot be computed"
+            )
+        return TrackWindow(
+            track=self.track,
+            seconds=self.taken_at - earlier.taken_at,
+            requests=requests,
+            errors=errors,
+            bucket_bounds=tuple(bounds),
+            bucket_cumulative=tuple(cumulative),
+            versions=self.versions,
+        )
+
+
+@dataclass(frozen=True)
+class TrackWindow:
+    """What one track served between two snapshots."""
+
+    track: str
+    seconds: float
+    requests: float
+    errors: float
+    bucket_bounds: tuple[float, ...]  # seconds, ascending, may end with inf
+    bucket_cumulative: tuple[float, ...]
+    versions: tuple[str, ...] = ()
+
+    @property
+    def latency_samples_ms(self) -> list[float]:
+        return samples_from_buckets(self.bucket_bounds, self.bucket_cumulative)
+
+    def side(self) -> SideWindow:
+        return SideWindow(self.requests, self.errors, self.latency_samples_ms)
+
+    def quantile_ms(self, q: float) -> float | None:
+        samples = self.latency_samples_ms
+        if not samples:
+            return None
+        import numpy as np
+
+        return float(np.quantile(samples, q))
+
+
+def samples_from_buckets(bounds_s: Sequence[float], cumulative: Sequence[float]) -> list[float]:
+    """One latency sample (ms) per request at its bucket's midpoint; see the module docstring."""
+    samples: list[float] = []
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in zip(bounds_s, cumulative, strict=True):
+        in_bucket = round(count - previous_count)
+        if in_bucket > 0:
+            value = previous_bound if math.isinf(bound) else (previous_bound + bound) / 2
+            samples.extend([value * 1000.0] * in_bucket)
+        previous_bound = previous_bound if math.isinf(bound) else bound
+        previous_count = max(previous_count, count)
+    return samples
+
+
+class MetricsSource(Protocol):
+    """Anything that can give cumulative per-track totals."""
+
+    def snapshot(self, track: str) -> TrackSnapshot: ...
+
+
+def _retrying(attempts: int) -> Retrying:
+    return Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.05, max=0.5),
+        retry=retry_if_exception_type((httpx.HTTPError, MetricsUnavailable, ValueError)),
+        reraise=True,
+    )
+
+
+# --------------------------------------------------------------------- local scraping
+
+
+class LocalScrapeSource:
+    """Scrapes `<api_url>/metrics` of each track's API process (Prometheus text format)."""
+
+    def __init__(
+        self,
+        api_urls: Mapping[str, str],
+        *,
+        timeout_s: float = 2.0,
+        attempts: int = 2,
+        excluded_paths: frozenset[str] = DEFAULT_EXCLUDED_PATHS,
+    ) -> None:
+        self.api_urls = dict(api_urls)
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.excluded_paths = excluded_paths
+
+    def snapshot(self, track: str) -> TrackSnapshot:
+        if track not in self.api_urls:
+            raise MetricsUnavailable(
+                f"no API URL for track {track!r} (known: {sorted(self.api_urls)})"
+            )
+        url = self.api_urls[track].rstrip("/") + "/metrics"
+        try:
+            for attempt in _retrying(self.attempts):
+                with attempt:
+                    response = httpx.get(url, timeout=self.timeout_s)
+                    response.raise_for_status()
+                    return parse_exposition(response.text, track, self.excluded_paths)
+        except (httpx.HTTPError, ValueError, MetricsUnavailable) as exc:
+            raise MetricsUnavailable(
+                f"GET {url} failed after {self.attempts} attempts: {type(exc).__name__}: {exc}"
+            ) from exc
+        raise AssertionError("unreachable")  # Retrying either returns or raises
+
+
+def parse_exposition(
+    text: str, track: str, excluded_paths: frozenset[str] = DEFAULT_EXCLUDED_PATHS
+) -> TrackSnapshot:
+    """Sum the request counter and duration histogram of `track` over its paths."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    requests = errors = 0.0
+    buckets: dict[float, float] = {}
+    versions: set[str] = set()
+    found_counter = False
+    for family in text_string_to_metric_families(text):
+        # The parser names a counter family without `_total`; an unused labelled counter
+        # has a family but no samples yet, which is zero traffic, not a missing metric.
+        found_counter = found_counter or family.name in (REQUESTS_METRIC, "http_requests")
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("track", track) != track or labels.get("path") in excluded_paths:
+                continue
+            if sample.name == REQUESTS_METRIC:
+                requests += sample.value
+                if str(labels.get("status", "")).startswith("5"):
+                    errors += sample.value
+                if "version" in labels:
+                    versions.add(labels["version"])
+            elif sample.name == DURATION_METRIC + "_bucket":
+                bound = float(labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    if not found_counter:
+        raise MetricsUnavailable(
+            f"track {track!r}: the exposition has no {REQUESTS_METRIC} metric"
+        )
+    return TrackSnapshot(
+        track, time.monotonic(), requests, errors, buckets, tuple(sorted(versions))
+    )
+
+
+# ------------------------------------------------------------------------ Prometheus
+
+
+class PrometheusSource:
+    """The same totals via PromQL over Prometheus's HTTP API (`/api/v1/query`)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        selector: str = "",
+        timeout_s: float = 5.0,
+        attempts: int = 3,
+        excluded_paths: frozenset[str] = DEFAULT_EXCLUDED_PATHS,
+    ) -> None:
+        """`selector`: extra label matchers, e.g. `job="api-i",env="production"`."""
+        self.base_url = base_url.rstrip("/")
+        self.selector = selector
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.excluded_paths = excluded_paths
+
+    def _matchers(self, track: str, extra: str = "") -> str:
+        parts = [f'track="{track}"']
+        if self.excluded_paths:
+            parts.append('path!~"' + "|".join(sorted(self.excluded_paths)) + '"')
+        if self.selector:
+            parts.append(self.selector)
+        if extra:
+            parts.append(extra)
+        return "{" + ",".join(parts) + "}"
+
+    def _queries(self, track: str, wrap: str) -> dict[str, str]:
+        def metric(name: str, extra: str = "") -> str:
+            return wrap.format(name + self._matchers(track, extra))
+
+        return {
+            "requests": f"sum({metric(REQUESTS_METRIC)})",
+            "errors": f'sum({metric(REQUESTS_METRIC, "status=~" + chr(34) + "5.." + chr(34))})',
+            "buckets": f"sum by (le) ({metric(DURATION_METRIC + '_bucket')})",
+            "versions": f"count by (version) ({metric(REQUESTS_METRIC)})",
+        }
+
+    def snapshot(self, track: str) -> TrackSnapshot:
+        """Cumulative totals now (plain sums of the counters)."""
+        values = self._collect(self._queries(track, "{}"))
+        return TrackSnapshot(track, time.monotonic(), **values)
+
+    def window(self, track: str, seconds: float) -> TrackWindow:
+        """The last `seconds` via `increase()` (Prometheus handles counter resets)."""
+        rng = f"[{max(1, round(seconds))}s]"
+        values = self._collect(self._queries(track, "increase({}" + rng + ")"))
+        bounds = tuple(sorted(values["buckets"]))
+        return TrackWindow(
+            track=track, seconds=float(seconds), requests=values["requests"],
+            errors=values["errors"], bucket_bounds=bounds,
+            bucket_cumulative=tuple(values["buckets"][b] for b in bounds),
+            versions=values["versions"],
+        )
+
+    def _collect(self, queries: dict[str, str]) -> dict[str, Any]:
+        requests = self._scalar(self._query(queries["requests"]))
+        errors = self._scalar(self._query(queries["errors"]))
+        buckets = {float(r["metric"]["le"]): _value(r) for r in self._query(queries["buckets"])}
+        versions = tuple(sorted(r["metric"].get("version", "") for r in
+                                self._query(queries["versions"])))
+        return {"requests": requests, "errors": errors, "buckets": buckets, "versions": versions}
+
+    @staticmethod
+    def _scalar(result: list[dict[str, Any]]) -> float:
+        # An empty vector means no matching series: nothing was served (the judge then says
+        # inconclusive for lack of sample, never pass).
+        return sum(_value(r) for r in result)
+
+    def _query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"{self.base_url}/api/v1/query"
+        try:
+            for attempt in _retrying(self.attempts):
+                with attempt:
+                    response = httpx.get(url, params={"query": promql}, timeout=self.timeout_s)
+                    body = response.json()
+                    if body.get("status") != "success":
+                        raise MetricsUnavailable(
+                            f"{body.get('errorType', 'error')}: {body.get('error', body)}"
+                        )
+                    response.raise_for_status()
+                    data = body["data"]
+                    if data.get("resultType") != "vector":
+                        raise MetricsUnavailable(f"expected a vector, got {data.get('resultType')}")
+                    return list(data["result"])
+        except (httpx.HTTPError, ValueError, KeyError, MetricsUnavailable) as exc:
+            raise MetricsUnavailable(
+                f"Prometheus query {promql!r} at {url} failed after {self.attempts} attempts: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        raise AssertionError("unreachable")
+
+
+def _value(result: dict[str, Any]) -> float:
+    value = float(result["value"][1])
+    if math.isnan(value):
+        raise MetricsUnavailable(f"NaN value for series {result.get('metric')}")
+    return value
