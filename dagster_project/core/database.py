@@ -15,10 +15,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg2
 import psycopg2.extensions
-from sqlalchemy.engine import URL, make_url
+
+if TYPE_CHECKING:  # SQLAlchemy is imported lazily: it costs ~0.5 s at definitions load
+    from sqlalchemy.engine import URL
 
 from dagster_project.core.settings import release_home
 
@@ -70,6 +73,8 @@ _servers: dict[tuple[str, str], Server] = {}
 
 def server() -> Server:
     """The server to use, starting the embedded one if needed (idempotent, cheap when up)."""
+    from sqlalchemy.engine import make_url
+
     external = os.environ.get(ENV_URL, "")
     key = (external, str(embedded_data_dir()))
     if key not in _servers:

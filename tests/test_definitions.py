@@ -1,0 +1,105 @@
+"""The code location: its graph, partitions and gates, and that it stays light to load."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from conftest import PRODUCT
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("great_expectations", "scipy", "sqlfluff", "matplotlib", "pandas")
+
+
+def test_release_graph_is_the_designed_chain() -> None:
+    from dagster_project.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    stages = ["build", "schema_migration_check", "staging_smoke", "canary", "promotion", "audit"]
+    for upstream, downstream in zip(stages, stages[1:], strict=False):
+        parents = graph.get(dg.AssetKey([PRODUCT, downstream])).parent_keys
+        assert dg.AssetKey([PRODUCT, upstream]) in parents, (upstream, downstream)
+    for stage in stages:
+        node = graph.get(dg.AssetKey([PRODUCT, stage]))
+        assert isinstance(node.partitions_def, dg.DynamicPartitionsDefinition)
+
+
+def test_gates_are_blocking_partitioned_checks() -> None:
+    from dagster_project.definitions import defs
+
+    specs = {
+        (spec.asset_key.path[-1], spec.name): spec
+        for checks in defs.asset_checks or []
+        for spec in checks.check_specs
+    }
+    for asset, name in [
+        ("build", "artifact_integrity"),
+        ("schema_migration_check", "migration_lint"),
+        ("schema_migration_check", "migration_safety"),
+        ("schema_migration_check", "schema_drift"),
+        ("staging_smoke", "smoke"),
+        ("staging_smoke", "edge_cache"),
+        ("staging_smoke", "worker_dlq"),
+        ("staging_smoke", "data_quality"),
+        ("canary", "slo_regression"),
+        ("canary", "schema_drift"),
+        ("audit", "compliance"),
+    ]:
+        spec = specs[(asset, name)]
+        assert spec.blocking, name
+        assert isinstance(spec.partitions_def, dg.DynamicPartitionsDefinition), name
+
+
+def test_loading_the_code_location_imports_no_heavy_library() -> None:
+    code = (
+        "import sys; import dagster_project.definitions as d; "
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0] if node.level == 0 else "")
+    return names
+
+
+def test_core_never_imports_dagster_or_upper_layers() -> None:
+    core = sorted((ROOT / "dagster_project" / "core").rglob("*.py"))
+    assert core
+    for path in core:
+        bad = _imports(path) & {"dagster", "assets", "checks", "dagster_webserver"}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+        text = path.read_text()
+        for upper in ("dagster_project.resources", "dagster_project.definitions"):
+            assert upper not in text, f"{path.relative_to(ROOT)} imports {upper}"
+
+
+def test_stages_and_gates_never_import_the_wiring() -> None:
+    wiring = ("definitions", "sensors", "schedules", "cli", "deploy", "jobs", "instance")
+    for path in sorted([*(ROOT / "assets").glob("*.py"), *(ROOT / "checks").glob("*.py")]):
+        text = path.read_text()
+        for module in wiring:
+            assert f"dagster_project.{module}" not in text, f"{path.name} imports {module}"
+
+
+def test_release_keys_with_bad_characters_are_refused_when_registered() -> None:
+    import pytest
+
+    from dagster_project.partitions import register_release
+
+    instance = dg.DagsterInstance.ephemeral()
+    for key in ("1,2", "1|2", "1 2", "1..2"):
+        with pytest.raises(ValueError, match="refused"):
+            register_release(instance, PRODUCT, key)
+    assert register_release(instance, PRODUCT, "9.9.9") is True
+    assert register_release(instance, PRODUCT, "9.9.9") is False
