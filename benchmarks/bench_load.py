@@ -83,7 +83,8 @@ def bench_release() -> None:
         print(f"configured canary bake time: {waits:.1f} s per release")
         for version, wall, stages in rows:
             print(
-                f"release {version}: wall {wall:.1f} s = waits {waits:.1f} s + overhead {wall - waits:.1f} s"
+                f"release {version}: wall {wall:.1f} s = waits {waits:.1f} s"
+                f" + overhead {wall - waits:.1f} s"
             )
             for stage, seconds in stages.items():
                 print(f"    {stage:<28}{seconds:>8.1f} s")

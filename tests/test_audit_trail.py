@@ -16,8 +16,8 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import pytest
-from conftest import GUARDRAIL_TOKEN, PRODUCT
 
+from conftest import GUARDRAIL_TOKEN, PRODUCT
 from dagster_project.core import audit, database, identity
 from dagster_project.core.guardrail import mask
 

@@ -1,6 +1,7 @@
 """The code location: its graph, partitions and gates, and that it stays light to load."""
 
 import ast
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ def test_release_graph_is_the_designed_chain() -> None:
 
     graph = defs.resolve_asset_graph()
     stages = ["build", "schema_migration_check", "staging_smoke", "canary", "promotion", "audit"]
-    for upstream, downstream in zip(stages, stages[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(stages):
         parents = graph.get(dg.AssetKey([PRODUCT, downstream])).parent_keys
         assert dg.AssetKey([PRODUCT, upstream]) in parents, (upstream, downstream)
     for stage in stages:

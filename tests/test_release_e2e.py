@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import GUARDRAIL_TOKEN, PRODUCT
 
+from conftest import GUARDRAIL_TOKEN, PRODUCT
 from dagster_project import deploy as deploy_cli
 from dagster_project.core import audit, changes
 

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import PRODUCT
 
+from conftest import PRODUCT
 from dagster_project.core import smoke
 from dagster_project.core.smoke import (
     CheckFailed,
