@@ -377,3 +377,23 @@ def test_changed_function_body_shows_the_differing_line(env: str, tmp_path: Path
     assert "definition line 6: RETURN NEW;" in markdown
     function = next(i for i in report.items if i.kind == "function")
     assert function.expected is not None and "NEW.updated_at" in function.expected["definition"]
+
+
+def test_no_transaction_migration_rebuilds_in_scratch_without_drift(tmp_path) -> None:
+    """A CONCURRENTLY index file (marked no-transaction) applies in scratch as it did live."""
+    from dagster_project.core import database
+    from dagster_project.core.migrations import drift, history
+
+    env = "drift_notx"
+    database.ensure_database(env)
+    migrations = tmp_path / "migrations"
+    migrations.mkdir()
+    (migrations / "0001_table.sql").write_text("CREATE TABLE t (id BIGINT PRIMARY KEY, v TEXT);\n")
+    (migrations / "0002_index.sql").write_text(
+        "-- migration: no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS t_v_idx ON t (v);\n"
+    )
+    history.apply_pending(env, migrations, "test")
+    report = drift.check_drift(env, migrations)
+    assert report.items == [], report.as_markdown()
+    assert report.expected_count == report.actual_count > 0
+    database.drop_database(env)

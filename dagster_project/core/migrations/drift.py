@@ -664,11 +664,24 @@ def scratch_database(env: str) -> Iterator[str]:
 
 
 def apply_sql_files(db: str, files: Sequence[Path]) -> None:
-    """Apply each file in its own transaction, in order; the first failure names the file."""
+    """Apply each file in its own transaction, in order; the first failure names the file.
+
+    A file marked `-- migration: no-transaction` (CREATE INDEX CONCURRENTLY) runs statement by
+    statement in autocommit, exactly as `history.apply_pending` ran it on the environment.
+    """
     with database.connection(db, autocommit=False) as conn:
         for path in files:
             sql = path.read_text(encoding="utf-8")
             try:
+                if history.is_no_transaction(sql):
+                    conn.autocommit = True
+                    try:
+                        with conn.cursor() as cur:
+                            for statement in history.split_statements(sql):
+                                cur.execute(statement.text)
+                    finally:
+                        conn.autocommit = False
+                    continue
                 with conn.cursor() as cur:
                     cur.execute(sql)
                 conn.commit()
