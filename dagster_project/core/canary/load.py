@@ -1,0 +1,228 @@
+"""A bounded load generator: real requests through the production edge during the canary.
+
+- Rate: `rps` requests per second (the spec's `canary.load_rps`), paced by the clock.
+- Paths: the spec's endpoints, picked at random in proportion to `load_weight`. Dynamic
+  endpoints get a unique query string (`?lg=<n>`) so the requests reach the origins through
+  the edge cache, as the long tail of real, uncached URLs does; static ones are served from
+  the cache, as in production.
+- Bounds: loopback URLs only; at most `max_seconds` and `max_requests`; at most `concurrency`
+  requests in flight (a request that cannot start because all are busy is counted as
+  `skipped`, never queued without limit).
+- Records per request: time, path, status, latency, X-Track and X-Cache of the response.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+
+if TYPE_CHECKING:
+    from dagster_project.core.spec import ProductSpec
+
+
+class LoadRefused(ValueError):
+    """The load generator refuses a target or a setting; the message names it."""
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    weight: int
+    unique_query: bool  # dynamic endpoints: bypass the edge cache with ?lg=<n>
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    t: float  # seconds since the generator started
+    path: str
+    status: int  # 0 when the request failed without a response
+    latency_ms: float
+    track: str | None
+    cache: str | None
+    error: str | None = None
+
+
+def require_loopback(url: str) -> str:
+    """Return `url` if it points at the loopback interface; raise `LoadRefused` otherwise."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host:
+        raise LoadRefused(f"load target {url!r}: not an http(s) URL")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise LoadRefused(
+                f"load target {url!r}: host {host!r} is not loopback; the load generator "
+                "only sends traffic to 127.0.0.1/::1/localhost"
+            )
+    return url.rstrip("/")
+
+
+class LoadGenerator:
+    """Sends `rps` requests/s to `base_url` in a background thread until stopped or bounded."""
+
+    def __init__(
+        self,
+        base_url: str,
+        targets: Sequence[Target],
+        *,
+        rps: float,
+        max_seconds: float = 600.0,
+        max_requests: int | None = None,
+        concurrency: int = 16,
+        timeout_s: float = 5.0,
+        seed: int | None = None,
+    ) -> None:
+        self.base_url = require_loopback(base_url)
+        if not targets or not any(t.weight > 0 for t in targets):
+            raise LoadRefused("load targets: no endpoint has a positive load_weight")
+        if not 0 < rps <= 1000:
+            raise LoadRefused(f"load rate: rps must be in (0, 1000], got {rps}")
+        if max_seconds <= 0:
+            raise LoadRefused(f"load duration: max_seconds must be > 0, got {max_seconds}")
+        self.targets = [t for t in targets if t.weight > 0]
+        self.rps = rps
+        self.max_seconds = max_seconds
+        self.max_requests = max_requests if max_requests is not None else int(rps * max_seconds)
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self._random = random.Random(seed)
+        self._records: list[RequestRecord] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sent = 0
+        self._skipped = 0
+        self._started_at = 0.0
+        self._stopped_at: float | None = None
+
+    @classmethod
+    def for_spec(cls, spec: ProductSpec, base_url: str, **kwargs: Any) -> LoadGenerator:
+        targets = [
+            Target(e.path, e.load_weight, unique_query=e.ttl_class == "dynamic")
+            for e in spec.endpoints
+        ]
+        return cls(base_url, targets, rps=kwargs.pop("rps", spec.canary.load_rps), **kwargs)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> LoadGenerator:
+        if self._thread is not None:
+            raise RuntimeError("load generator already started")
+        self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="canary-load", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s if timeout_s is not None else self.timeout_s + 2)
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+
+    def __enter__(self) -> LoadGenerator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = 1.0 / self.rps
+        in_flight = threading.BoundedSemaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency,
+                              max_keepalive_connections=self.concurrency)
+        deadline = self._started_at + self.max_seconds
+        with httpx.Client(timeout=self.timeout_s, limits=limits) as client, \
+                ThreadPoolExecutor(self.concurrency, thread_name_prefix="canary-load") as pool:
+            next_at = time.monotonic()
+            while not self._stop.is_set() and self._sent + self._skipped < self.max_requests:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now < next_at:
+                    self._stop.wait(next_at - now)
+                    continue
+                next_at += interval
+                if next_at < now - 1.0:
+                    next_at = now  # fell behind by more than a second: do not burst to catch up
+                if not in_flight.acquire(blocking=False):
+                    self._skipped += 1
+                    continue
+                self._sent += 1
+                path = self._next_path(self._sent)
+                pool.submit(self._send, client, path, in_flight)
+        self._stopped_at = time.monotonic()
+
+    def _next_path(self, n: int) -> str:
+        target = self._random.choices(self.targets, weights=[t.weight for t in self.targets])[0]
+        return f"{target.path}?lg={n}" if target.unique_query else target.path
+
+    def _send(self, client: httpx.Client, path: str, in_flight: threading.BoundedSemaphore) -> None:
+        began = time.monotonic()
+        try:
+            response = client.get(self.base_url + path)
+            record = RequestRecord(
+                t=began - self._started_at, path=path.split("?")[0],
+                status=response.status_code, latency_ms=(time.monotonic() - began) * 1000,
+                track=response.headers.get("x-track"), cache=response.headers.get("x-cache"),
+            )
+        except httpx.HTTPError as exc:
+            record = RequestRecord(
+                t=began - self._started_at, path=path.split("?")[0], status=0,
+                latency_ms=(time.monotonic() - began) * 1000, track=None, cache=None,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        finally:
+            in_flight.release()
+        with self._lock:
+            self._records.append(record)
+
+    # -- results -------------------------------------------------------------------------
+
+    def records(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def records_since(self, t: float) -> list[RequestRecord]:
+        return [r for r in self.records() if r.t >= t]
+
+    def elapsed(self) -> float:
+        end = self._stopped_at if self._stopped_at is not None else time.monotonic()
+        return max(0.0, end - self._started_at) if self._started_at else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        records = self.records()
+        elapsed = self.elapsed()
+        return {
+            "target": self.base_url,
+            "rps_target": self.rps,
+            "rps_achieved": round(len(records) / elapsed, 1) if elapsed else 0.0,
+            "seconds": round(elapsed, 2),
+            "sent": self._sent,
+            "completed": len(records),
+            "skipped_busy": self._skipped,
+            "by_track": dict(Counter(r.track or "(none)" for r in records)),
+            "by_status": {str(k): v for k, v in Counter(r.status for r in records).items()},
+            "by_cache": dict(Counter(r.cache or "(none)" for r in records)),
+            "transport_errors": sum(1 for r in records if r.error),
+        }

@@ -1,0 +1,226 @@
+"""The canary judge on its own (pure statistics), the step decision and the ledger."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dagster_project.core.canary.analysis import StepAction, config_for_step, step_decision
+from dagster_project.core.canary.judge import (
+    METRICS,
+    METRICS_SOURCE,
+    JudgeConfig,
+    SideWindow,
+    Verdict,
+    VerdictLedger,
+    judge,
+    metrics_unavailable,
+    overall_verdict,
+)
+from dagster_project.core.canary.metrics import samples_from_buckets
+from dagster_project.core.spec import load_spec
+
+PRODUCT = "4pnihc40q-yj"
+
+
+@pytest.fixture(scope="module")
+def config() -> JudgeConfig:
+    return JudgeConfig.from_spec(load_spec(PRODUCT))
+
+
+def latencies(rng: np.random.Generator, n: int, median_ms: float = 40.0,
+              extra_ms: float = 0.0) -> list[float]:
+    return (rng.lognormal(math.log(median_ms), 0.45, n) + extra_ms).tolist()
+
+
+def side(rng: np.random.Generator, n: int, error_rate: float, **kw: float) -> SideWindow:
+    return SideWindow(n, int(rng.binomial(n, error_rate)), latencies(rng, n, **kw))
+
+
+def by_metric(judgement: object) -> dict[str, object]:
+    return {m.metric: m for m in judgement.metrics}  # type: ignore[attr-defined]
+
+
+def test_config_comes_from_the_spec(config: JudgeConfig) -> None:
+    assert config.max_error_rate_increase == 0.01
+    assert config.max_latency_shift_ratio == 1.2
+    assert config.success_rate_min == 0.99
+    assert config.p99_latency_ms_max == 500
+    assert config.min_requests_per_side == 100
+    assert config.min_latency_samples == 50
+
+
+def test_identical_distributions_pass(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(1)
+    verdicts = [
+        judge(side(rng, 2000, 0.005), side(rng, 400, 0.005), config).verdict for _ in range(50)
+    ]
+    assert verdicts.count(Verdict.PASS) >= 48, verdicts
+    assert Verdict.FAIL not in verdicts
+
+
+def test_every_metric_is_reported_with_values_threshold_and_p_value(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(2)
+    judgement = judge(side(rng, 2000, 0.005), side(rng, 400, 0.005), config)
+    rows = [m.as_row() for m in judgement.metrics]
+    assert [r["metric"] for r in rows] == list(METRICS)
+    for row in rows:
+        assert row["canary"] is not None and row["threshold"] and row["p_value"] is not None
+        assert row["verdict"] in {"pass", "fail", "inconclusive"} and row["reason"]
+    assert by_metric(judgement)["error_rate"].baseline is not None
+
+
+def test_five_points_more_errors_fail(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(3)
+    judgement = judge(side(rng, 2000, 0.005), side(rng, 400, 0.055), config)
+    assert judgement.verdict == Verdict.FAIL
+    rows = by_metric(judgement)
+    assert rows["error_rate"].verdict == Verdict.FAIL
+    assert rows["error_rate"].p_value < config.alpha_fail
+    assert rows["success_rate"].verdict == Verdict.FAIL
+    assert rows["latency_shift"].verdict == Verdict.PASS
+
+
+def test_150ms_extra_latency_fails(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(4)
+    judgement = judge(side(rng, 2000, 0.0), side(rng, 200, 0.0, extra_ms=150), config)
+    rows = by_metric(judgement)
+    assert rows["latency_shift"].verdict == Verdict.FAIL
+    assert rows["latency_shift"].canary > 150
+    assert rows["error_rate"].verdict == Verdict.PASS
+    assert judgement.verdict == Verdict.FAIL
+
+
+def test_a_shift_within_the_allowance_passes(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(5)
+    base = latencies(rng, 3000)
+    slower = (np.array(latencies(rng, 1000)) * 1.1).tolist()  # 10% slower, allowance 20%
+    judgement = judge(SideWindow(3000, 0, base), SideWindow(1000, 0, slower), config)
+    assert by_metric(judgement)["latency_shift"].verdict == Verdict.PASS
+
+
+def test_p99_above_the_slo_fails_even_when_baseline_is_as_slow(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(6)
+    slow = latencies(rng, 1000, median_ms=400)  # p99 ~ 1.1 s on both sides
+    judgement = judge(SideWindow(1000, 0, slow), SideWindow(1000, 0, slow), config)
+    rows = by_metric(judgement)
+    assert rows["latency_shift"].verdict == Verdict.PASS
+    assert rows["p99_latency"].verdict == Verdict.FAIL
+    assert rows["p99_latency"].canary > 500
+
+
+def test_below_minimum_sample_is_inconclusive(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(7)
+    # 99 requests and 49 latency points: even a clean canary is not a pass.
+    canary = SideWindow(99, 0, latencies(rng, 49))
+    judgement = judge(side(rng, 2000, 0.0), canary, config)
+    assert judgement.verdict == Verdict.INCONCLUSIVE
+    rows = by_metric(judgement)
+    for metric in METRICS:
+        assert rows[metric].verdict == Verdict.INCONCLUSIVE
+        assert "below minimum sample" in rows[metric].reason
+    assert "canary 99 < 100 requests" in rows["error_rate"].reason
+    assert "canary 49 < 50 latency samples" in rows["latency_shift"].reason
+
+
+def test_baseline_below_minimum_is_inconclusive_too(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(8)
+    judgement = judge(side(rng, 60, 0.0), side(rng, 500, 0.0), config)
+    assert judgement.verdict == Verdict.INCONCLUSIVE
+    assert "baseline 60 < 100" in by_metric(judgement)["error_rate"].reason
+
+
+def test_a_clear_regression_fails_even_when_another_metric_lacks_samples(
+    config: JudgeConfig,
+) -> None:
+    # Fail fast: 60 requests are too few to judge errors but plenty to see +150 ms.
+    rng = np.random.default_rng(9)
+    judgement = judge(side(rng, 2000, 0.0), side(rng, 60, 0.0, extra_ms=150), config)
+    assert by_metric(judgement)["error_rate"].verdict == Verdict.INCONCLUSIVE
+    assert judgement.verdict == Verdict.FAIL
+
+
+@pytest.mark.parametrize(
+    "canary",
+    [
+        SideWindow(0, 0, []),
+        SideWindow(None, None, None),
+        SideWindow(float("nan"), 0.0, [1.0] * 200),
+        SideWindow(500, 2, [float("nan")] * 200),
+        SideWindow(500, 600, [1.0] * 500),  # more errors than requests: broken counters
+    ],
+    ids=["no-data", "missing", "nan-requests", "nan-latency", "inconsistent"],
+)
+def test_no_data_missing_or_nan_is_inconclusive_never_dropped(
+    config: JudgeConfig, canary: SideWindow
+) -> None:
+    rng = np.random.default_rng(10)
+    judgement = judge(side(rng, 2000, 0.0), canary, config)
+    assert judgement.verdict == Verdict.INCONCLUSIVE
+    assert [m.metric for m in judgement.metrics] == list(METRICS)  # nothing dropped
+    assert any(m.verdict == Verdict.INCONCLUSIVE for m in judgement.metrics)
+    assert all(m.reason for m in judgement.metrics)
+
+
+def test_no_metrics_at_all_is_inconclusive() -> None:
+    assert overall_verdict([]) == Verdict.INCONCLUSIVE
+    assert VerdictLedger().verdict == Verdict.INCONCLUSIVE
+
+
+def test_failures_accumulate_across_steps(config: JudgeConfig) -> None:
+    rng = np.random.default_rng(11)
+    ledger = VerdictLedger()
+    ledger.record(1, judge(side(rng, 2000, 0.0), side(rng, 400, 0.0), config))
+    assert ledger.verdict == Verdict.PASS
+    ledger.record(2, judge(side(rng, 2000, 0.0), side(rng, 400, 0.08), config))
+    assert ledger.verdict == Verdict.FAIL
+    ledger.record(3, judge(side(rng, 2000, 0.0), side(rng, 400, 0.0), config))
+    assert ledger.entries[-1][1].verdict == Verdict.PASS
+    assert ledger.verdict == Verdict.FAIL  # the later pass did not erase step 2
+    first = ledger.first_failure()
+    assert first is not None and first[0] == 2
+
+
+def test_metric_source_errors_fail_closed_after_k() -> None:
+    judgement = metrics_unavailable(["refused", "refused", "GET x/metrics: refused"], 3)
+    assert judgement.verdict == Verdict.FAIL
+    rows = by_metric(judgement)
+    assert rows[METRICS_SOURCE].verdict == Verdict.FAIL
+    assert "3 consecutive times (limit 3)" in rows[METRICS_SOURCE].reason
+    assert "x/metrics" in rows[METRICS_SOURCE].reason
+    for metric in METRICS:  # still listed, never dropped
+        assert rows[metric].verdict == Verdict.INCONCLUSIVE
+
+
+def test_step_decision() -> None:
+    assert step_decision(Verdict.FAIL, 0.5, 8, 20) == StepAction.FAIL  # fail fast
+    assert step_decision(Verdict.PASS, 3, 8, 20) == StepAction.CONTINUE  # bake first
+    assert step_decision(Verdict.PASS, 8, 8, 20) == StepAction.PASS
+    assert step_decision(Verdict.INCONCLUSIVE, 8, 8, 20) == StepAction.EXTEND
+    assert step_decision(Verdict.INCONCLUSIVE, 27.9, 8, 20) == StepAction.EXTEND
+    assert step_decision(Verdict.INCONCLUSIVE, 28, 8, 20) == StepAction.FAIL  # deadline
+
+
+def test_only_the_last_step_extends_on_suspicion(config: JudgeConfig) -> None:
+    assert config_for_step(config, 1, 3).alpha_suspect == config.alpha_fail
+    assert config_for_step(config, 3, 3) == config
+
+
+def test_judge_on_bucketed_samples_like_the_metrics_source(config: JudgeConfig) -> None:
+    bounds = (0.001, 0.002, 0.003, 0.005, 0.007, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
+              0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.5, math.inf)
+    rng = np.random.default_rng(12)
+
+    def bucketed(n: int, extra_ms: float) -> list[float]:
+        values = np.array(latencies(rng, n, extra_ms=extra_ms)) / 1000
+        counts = np.bincount(np.searchsorted(bounds, values), minlength=len(bounds))
+        return samples_from_buckets(bounds, np.cumsum(counts).tolist())
+
+    same = judge(SideWindow(2000, 0, bucketed(2000, 0)), SideWindow(300, 0, bucketed(300, 0)),
+                 config)
+    slow = judge(SideWindow(2000, 0, bucketed(2000, 0)), SideWindow(300, 0, bucketed(300, 150)),
+                 config)
+    assert same.verdict == Verdict.PASS
+    assert by_metric(slow)["latency_shift"].verdict == Verdict.FAIL
