@@ -114,7 +114,7 @@ def samples_from_buckets(bounds_s: Sequence[float], cumulative: Sequence[float])
         in_bucket = round(count - previous_count)
         if in_bucket > 0:
             value = previous_bound if math.isinf(bound) else (previous_bound + bound) / 2
-            samples.extend([value * 1000.0] * in_bucket)
+            samples.extend([round(value * 1000.0, 6)] * in_bucket)  # no float dust
         previous_bound = previous_bound if math.isinf(bound) else bound
         previous_count = max(previous_count, count)
     return samples
