@@ -129,6 +129,7 @@ class CanaryReport:
     reason: str = ""
     rolled_back: bool = False
     rollback_seconds: float | None = None
+    rollback_result: dict[str, Any] = field(default_factory=dict)
     load_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -152,6 +153,7 @@ class CanaryReport:
             "reason": self.reason,
             "rolled_back": self.rolled_back,
             "rollback_seconds": self.rollback_seconds,
+            "rollback": self.rollback_result,
             "steps": [
                 {"step": s.index, "weight": s.weight, "verdict": s.verdict.value,
                  "reason": s.reason, "looks": s.looks, "extended": s.extended,
@@ -208,8 +210,17 @@ def run_canary(
     try:
         if generator is not None:
             generator.start()
-        looker = _Looker(source, _first_snapshots(source, max_errors, sample_interval_s),
-                         config, max_errors)
+        start_snapshots = _first_snapshots(source, max_errors, sample_interval_s)
+        if isinstance(start_snapshots, list):
+            # No starting point, no window: fail closed before any traffic shifts.
+            first = StepReport(1, spec.canary.steps[0].weight, 0.0, 0.0, looks=max_errors)
+            first.judgement = metrics_unavailable(start_snapshots, max_errors)
+            first.verdict = Verdict.FAIL
+            first.reason = _fail_reason(first.judgement)
+            report.steps.append(first)
+            _abort(platform, env, report, first, emit)
+            return report
+        looker = _Looker(source, start_snapshots, config, max_errors)
         for index, step in enumerate(spec.canary.steps, start=1):
             bake_s = step.bake_seconds * bake_scale
             step_report = StepReport(index, step.weight, bake_s, time.monotonic() - start)
@@ -271,7 +282,8 @@ def run_canary(
 
 def _first_snapshots(
     source: MetricsSource, max_errors: int, interval_s: float
-) -> dict[str, TrackSnapshot]:
+) -> dict[str, TrackSnapshot] | list[str]:
+    """The starting point of every window, or the consecutive errors that prevented it."""
     problems: list[str] = []
     while len(problems) < max_errors:
         taken = _snapshots(source)
@@ -279,9 +291,7 @@ def _first_snapshots(
             return taken
         problems.append(taken)
         time.sleep(interval_s)
-    raise MetricsUnavailable(
-        f"no starting snapshot after {len(problems)} consecutive errors: {problems[-1]}"
-    )
+    return problems
 
 
 def _snapshots(source: MetricsSource) -> dict[str, TrackSnapshot] | str:
@@ -336,7 +346,8 @@ def _fail_reason(judgement: Judgement) -> str:
 
 def _rollback(platform: Platform, env: str, report: CanaryReport) -> None:
     began = time.monotonic()
-    platform.rollback(env)
+    result = platform.rollback(env)
+    report.rollback_result = dict(result) if isinstance(result, dict) else {}
     report.rolled_back = True
     report.rollback_seconds = round(time.monotonic() - began, 3)
 
