@@ -1,7 +1,8 @@
 """Monitoring snapshots: PNG charts of a canary analysis, stored with the release.
 
 Two charts, canary against baseline over time with the step boundaries marked: latency
-quantiles (p50 and p99 per look) and error rate (per look). Returns each file's path and
+quantiles (p50 and p99 per look) and error rate (per look, and since the canary started,
+which is the window the judge decides on). Returns each file's path and
 SHA-256 for the gate's metadata and the audit sign-off.
 """
 
@@ -30,7 +31,7 @@ def render_snapshots(report: CanaryReport, directory: str | Path) -> list[dict[s
     title = f"{report.product} {report.version or ''} canary in {report.env}: {report.verdict}"
     written: list[dict[str, str]] = []
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for track in ("stable", "canary"):
         points = [p for p in report.series if p.track == track and p.p50_ms is not None]
         times = [p.t for p in points]
@@ -43,12 +44,20 @@ def render_snapshots(report: CanaryReport, directory: str | Path) -> list[dict[s
     written.append(_save(fig, out / "latency.png", "latency quantiles"))
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for track in ("stable", "canary"):
         points = [p for p in report.series if p.track == track and p.requests > 0]
         ax.plot([p.t for p in points], [100 * p.errors / p.requests for p in points],
-                color=COLORS[track], marker=".", label=LABELS[track])
-    ax.set_ylabel("error rate per look (%)")
+                color=COLORS[track], marker=".", linewidth=0.8, label=f"{LABELS[track]} per look")
+        # The running rate since the canary started: the window the judge decides on.
+        requests = errors = 0.0
+        running = []
+        for p in points:
+            requests, errors = requests + p.requests, errors + p.errors
+            running.append(100 * errors / requests)
+        ax.plot([p.t for p in points], running, color=COLORS[track], linestyle="--",
+                linewidth=1.6, label=f"{LABELS[track]} since start (judged)")
+    ax.set_ylabel("error rate (%)")
     _finish(ax, report, title)
     written.append(_save(fig, out / "error_rate.png", "error rate"))
     plt.close(fig)
@@ -62,11 +71,11 @@ def _finish(ax: Any, report: CanaryReport, title: str) -> None:
                     xy=(step.started_at, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(2, -12), textcoords="offset points", fontsize=7, color="grey")
     if report.rolled_back and report.steps:
-        ax.axvline(report.steps[-1].ended_at, color="black", linewidth=1.2)
+        ax.axvline(report.steps[-1].ended_at, color="black", linewidth=1.2, label="rollback")
     ax.set_xlabel("seconds since the canary started")
     ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
     ax.grid(alpha=0.3)
 
 
