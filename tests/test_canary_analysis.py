@@ -107,6 +107,11 @@ def test_healthy_release_passes_every_step_and_is_promoted(
         assert set(rows) == set(METRICS)
         assert all(m.verdict == Verdict.PASS for m in rows.values())
         assert step.judgement.canary_requests >= spec.canary.min_requests_per_side
+    for step in report.steps:  # the edge split traffic as the weights say (cross-check)
+        share, n, w = step.traffic["canary_share"], step.traffic["origin_requests"], step.weight
+        assert n >= 100 and share is not None, step.traffic
+        # The edge picks tracks at random: allow 4.5 binomial standard deviations.
+        assert abs(share - w / 100) < 4.5 * ((w / 100) * (1 - w / 100) / n) ** 0.5, step.traffic
     kinds = Counter(e["event"] for e in events)
     assert kinds["step_started"] == kinds["step_judged"] == len(spec.canary.steps)
     # The load went through the edge to both tracks, and counted what it saw.

@@ -112,6 +112,7 @@ class StepReport:
     verdict: Verdict = Verdict.INCONCLUSIVE
     reason: str = ""
     judgement: Judgement | None = None
+    traffic: dict[str, Any] = field(default_factory=dict)  # what the load generator saw
 
     def rows(self) -> list[dict[str, Any]]:
         metrics = self.judgement.metrics if self.judgement else ()
@@ -157,7 +158,8 @@ class CanaryReport:
             "steps": [
                 {"step": s.index, "weight": s.weight, "verdict": s.verdict.value,
                  "reason": s.reason, "looks": s.looks, "extended": s.extended,
-                 "started_at": round(s.started_at, 3), "ended_at": round(s.ended_at, 3)}
+                 "started_at": round(s.started_at, 3), "ended_at": round(s.ended_at, 3),
+                 "traffic": s.traffic}
                 for s in self.steps
             ],
             "rows": self.rows(),
@@ -247,6 +249,8 @@ def run_canary(
                           "deadline_seconds": bake_s + extension_s})
             assert step_report.judgement is not None
             step_report.ended_at = time.monotonic() - start
+            if generator is not None:
+                step_report.traffic = generator.track_share(step_started, time.monotonic())
             step_report.verdict = Verdict.PASS if action == StepAction.PASS else Verdict.FAIL
             ledger.record(index, step_report.judgement)
             if step_report.verdict == Verdict.FAIL:

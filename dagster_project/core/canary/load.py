@@ -141,6 +141,21 @@ class LoadGenerator:
         self.stop()
 
     @property
+    def started_at(self) -> float:
+        """time.monotonic() when the generator started (record times are relative to it)."""
+        return self._started_at
+
+    def track_share(self, since: float, until: float) -> dict[str, Any]:
+        """Requests that reached an origin (cache MISS) between two monotonic times, by
+        X-Track: a cross-check of the weights that does not rely on the metric source."""
+        lo, hi = since - self._started_at, until - self._started_at
+        tracks = Counter(r.track for r in self.records()
+                         if lo <= r.t < hi and r.cache == "MISS" and r.track)
+        total = sum(tracks.values())
+        return {"origin_requests": total, "by_track": dict(tracks),
+                "canary_share": round(tracks.get("canary", 0) / total, 4) if total else None}
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
