@@ -11,7 +11,7 @@ metrics source does; `judge()` and `step_decision()` are the ones `run_canary` u
 Traffic model (stated, not tuned to the result):
 - requests reaching the API per second: the spec's `load_rps` times the share of load weight
   on dynamic endpoints (static ones are served by the edge cache), Poisson per second;
-- errors: binomial, healthy error rate 0.5% on both tracks;
+- errors: binomial, healthy error rate 0.5% on both tracks (`--healthy-error-rate`);
 - latency: lognormal body (median 40 ms, sigma 0.45) with a heavy tail (2% of requests from a
   lognormal with median 150 ms, sigma 0.6); healthy p99 is about 230 ms.
 
@@ -61,11 +61,12 @@ class Scenario:
     regression: bool
 
 
-SCENARIOS = (
-    Scenario("healthy", HEALTHY_ERROR_RATE, 1.0, regression=False),
-    Scenario("+2 pt error rate", HEALTHY_ERROR_RATE + 0.02, 1.0, regression=True),
-    Scenario("1.5x latency", HEALTHY_ERROR_RATE, 1.5, regression=True),
-)
+def scenarios(healthy_error_rate: float) -> tuple[Scenario, ...]:
+    return (
+        Scenario("healthy", healthy_error_rate, 1.0, regression=False),
+        Scenario("+2 pt error rate", healthy_error_rate + 0.02, 1.0, regression=True),
+        Scenario("1.5x latency", healthy_error_rate, 1.5, regression=True),
+    )
 
 
 class Track:
@@ -103,7 +104,8 @@ class Outcome:
 
 
 def simulate(spec: ProductSpec, config: JudgeConfig, scenario: Scenario,
-             rng: np.random.Generator, origin_rps: float, bounds_s: np.ndarray) -> Outcome:
+             rng: np.random.Generator, origin_rps: float, bounds_s: np.ndarray,
+             baseline_error_rate: float) -> Outcome:
     stable, canary = Track("stable", bounds_s), Track("canary", bounds_s)
     start = {"stable": stable.snapshot(0.0), "canary": canary.snapshot(0.0)}
     t = 0.0
@@ -116,7 +118,7 @@ def simulate(spec: ProductSpec, config: JudgeConfig, scenario: Scenario,
             t += TICK_S
             elapsed += TICK_S
             stable.serve(rng, int(rng.poisson(origin_rps * (1 - share) * TICK_S)),
-                         HEALTHY_ERROR_RATE, 1.0)
+                         baseline_error_rate, 1.0)
             canary.serve(rng, int(rng.poisson(origin_rps * share * TICK_S)),
                          scenario.error_rate, scenario.latency_factor)
             windows = {"stable": stable.snapshot(t).since(start["stable"]),
@@ -134,9 +136,13 @@ def simulate(spec: ProductSpec, config: JudgeConfig, scenario: Scenario,
 
 
 def main() -> None:
+    from scipy.stats import binomtest
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2000, help="simulated canaries per scenario")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--healthy-error-rate", type=float, default=HEALTHY_ERROR_RATE,
+                        help="error rate of the baseline and of a healthy canary")
     parser.add_argument("--alpha-fail", type=float, help="override the judge's default")
     parser.add_argument("--alpha-suspect", type=float, help="override the judge's default")
     args = parser.parse_args()
@@ -153,15 +159,16 @@ def main() -> None:
     print(f"spec {PRODUCT}: steps {steps}; extension <= {extension:g}s;"
           f" min {config.min_requests_per_side} requests / {config.min_latency_samples} latency"
           f" samples per side; {origin_rps:g} req/s at the API ({spec.canary.load_rps:g} at the"
-          f" edge); alpha_fail={config.alpha_fail:g}, alpha_suspect={config.alpha_suspect:g};"
+          f" edge); healthy error rate {args.healthy_error_rate:.2%};"
+          f" alpha_fail={config.alpha_fail:g}, alpha_suspect={config.alpha_suspect:g};"
           f" {args.runs} runs per scenario")
 
     rng = np.random.default_rng(args.seed)
     rows = []
-    for scenario in SCENARIOS:
+    for scenario in scenarios(args.healthy_error_rate):
         began = time.perf_counter()
-        outcomes = [simulate(spec, config, scenario, rng, origin_rps, bounds_s)
-                    for _ in range(args.runs)]
+        outcomes = [simulate(spec, config, scenario, rng, origin_rps, bounds_s,
+                             args.healthy_error_rate) for _ in range(args.runs)]
         blocked = [o for o in outcomes if o.blocked]
         rate = len(blocked) / len(outcomes)
         causes: dict[str, int] = {}
@@ -171,7 +178,7 @@ def main() -> None:
         rows.append((scenario, rate, blocked, causes, time.perf_counter() - began))
 
     print()
-    print(f"{'scenario':<18} {'measure':<16} {'measured':>9} {'target':>8}  "
+    print(f"{'scenario':<18} {'measure':<13} {'measured':>9} {'95% CI':>15} {'target':>7}  "
           f"{'median samples':>14} {'median s':>9}  blocking metrics (count)")
     ok = True
     for scenario, rate, blocked, causes, _elapsed in rows:
@@ -182,9 +189,13 @@ def main() -> None:
         samples = statistics.median(o.canary_samples for o in blocked) if blocked else math.nan
         seconds = statistics.median(o.seconds for o in blocked) if blocked else math.nan
         top = ", ".join(f"{k} {v}" for k, v in sorted(causes.items(), key=lambda kv: -kv[1]))
-        print(f"{scenario.name:<18} {measure:<16} {rate:>8.2%} {target:>8}  "
+        ci = binomtest(len(blocked), len(outcomes)).proportion_ci(method="wilson")
+        interval = f"{ci.low:.2%}-{ci.high:.2%}"
+        print(f"{scenario.name:<18} {measure:<13} {rate:>8.2%} {interval:>15} {target:>7}  "
               f"{samples:>14.0f} {seconds:>9.0f}  {top or '-'}"
               f"{'' if met else '   <- MISSED'}")
+    print("median samples / s: canary requests in the judged window / seconds since the canary"
+          " started, when it was blocked; 'metric?' = still inconclusive at a step deadline")
     print()
     print("targets met" if ok else "TARGETS MISSED (see above)")
     print(f"simulation time: {sum(r[4] for r in rows):.0f} s")
