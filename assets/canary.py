@@ -99,18 +99,22 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
             )
             return report
 
-        local.deploy(ENV, "canary", registry.fetch(artifact["sha256"]))
-        context.log.info(f"canary {artifact['version']} started beside stable {_v(stable)}")
         fetched = registry.fetch(artifact["sha256"])
-        result = run_canary(
-            local,
-            spec,
-            env=ENV,
-            artifact=fetched,
-            metrics=metrics.source(local.api_urls(ENV)),
-            bake_scale=bake_scale(),
-            on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
-        )
+        local.deploy(ENV, "canary", fetched)
+        context.log.info(f"canary {artifact['version']} started beside stable {_v(stable)}")
+        try:
+            result = run_canary(
+                local,
+                spec,
+                env=ENV,
+                artifact=fetched,
+                metrics=metrics.source(local.api_urls(ENV)),
+                bake_scale=bake_scale(),
+                on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
+            )
+        except BaseException:
+            local.rollback(ENV)  # whatever failed, production goes back to 100% stable
+            raise
         result_dict = result.to_dict()
         result_dict["steps"] = result_dict.pop("rows", [])
         snapshot_dir = release_home() / "snapshots" / spec.product / artifact["version"]

@@ -50,6 +50,27 @@ def _deploy(version: str, *pairs: str) -> deploy_cli.DeployOutcome:
     return outcome
 
 
+CAPTURED: list[str] = []  # stdout/stderr of real CLI runs, scanned for the token at the end
+
+
+def _deploy_cli(version: str, *args: str, token: str | None = GUARDRAIL_TOKEN) -> int:
+    """The real `deploy` entry point in a child process, output captured."""
+    env = {k: v for k, v in os.environ.items() if k != "GUARDRAIL_TOKEN"}
+    if token is not None:
+        env["GUARDRAIL_TOKEN"] = token
+    code = "from dagster_project.cli import deploy_main; raise SystemExit(deploy_main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, PRODUCT, "--release", version, *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    CAPTURED.extend([done.stdout, done.stderr])
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    return done.returncode
+
+
 def test_first_release_is_promoted_and_audited(platform: object) -> None:
     outcome = _deploy("1.0.0")
     assert outcome.exit_code == deploy_cli.EXIT_OK, outcome.headline
@@ -67,8 +88,8 @@ def test_first_release_is_promoted_and_audited(platform: object) -> None:
 
 def test_second_release_replaces_the_first(platform: object) -> None:
     before = _production(platform)["stable"]
-    outcome = _deploy("1.1.0")
-    assert outcome.exit_code == deploy_cli.EXIT_OK, outcome.headline
+    assert _deploy_cli("1.1.0") == deploy_cli.EXIT_OK
+    assert "promoted and audited" in CAPTURED[-2]
     after = _production(platform)
     assert after["stable"]["version"] == "1.1.0"
     assert after["stable"]["artifact_sha"] != before["artifact_sha"]
@@ -136,6 +157,9 @@ def test_missing_or_wrong_token_is_refused_with_production_untouched(
     assert GUARDRAIL_TOKEN not in outcome.headline
     if token:
         assert token not in outcome.headline
+        assert _deploy_cli("1.3.1", token=token) == deploy_cli.EXIT_REFUSED
+        assert "GUARDRAIL_TOKEN" in CAPTURED[-2] + CAPTURED[-1]
+        assert token not in CAPTURED[-2] + CAPTURED[-1]
     assert _production(platform) == before
     assert _served_versions(platform) == {"1.1.0": 60}
 
@@ -187,3 +211,56 @@ def test_release_status_json_shows_production_without_secrets(platform: object) 
     assert production["edge_url"].startswith("http://127.0.0.1:")
     assert "postgres" in production["database_url"]
     assert GUARDRAIL_TOKEN not in done.stdout
+
+
+def test_the_token_is_recorded_in_the_audit_trail_and_nowhere_else(
+    platform: object, release_home
+) -> None:
+    """After full releases, a blocked one and refused ones: scan every place a secret leaks."""
+    from dagster_project.core import database
+
+    token = GUARDRAIL_TOKEN
+    assert any(token == e.payload["guardrail_token"] for e in audit.entries(PRODUCT))
+    # Captured stdout/stderr of the real CLI runs.
+    assert CAPTURED and all(token not in text for text in CAPTURED)
+    # Every row of every table Dagster stores (runs, run config, tags, event logs with
+    # metadata, logs and exception texts, asset and check records).
+    leaks = _tables_containing(database.DAGSTER_DB, token, skip_schemas=())
+    # The control database: platform state, production changes, registry; the audit schema
+    # is the one place the token belongs.
+    leaks += _tables_containing(database.CONTROL_DB, token, skip_schemas=("audit",))
+    for env in ("staging", "production"):
+        leaks += _tables_containing(env, token, skip_schemas=())
+    assert leaks == []
+    # Every file in the state directory but the database's own data files: Dagster compute
+    # logs, platform process logs, artifacts, snapshots, caches.
+    needle = token.encode()
+    files = [
+        path
+        for path in release_home.rglob("*")
+        if path.is_file() and "pg" not in path.relative_to(release_home).parts[:1]
+    ]
+    assert files
+    assert [str(p) for p in files if needle in p.read_bytes()] == []
+
+
+def _tables_containing(db: str, needle: str, skip_schemas: tuple[str, ...]) -> list[str]:
+    from dagster_project.core import database
+
+    found = []
+    with database.connection(db) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_type = 'BASE TABLE' "
+            "AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+        )
+        for schema, table in cur.fetchall():
+            if schema in skip_schemas:
+                continue
+            cur.execute(
+                f'SELECT count(*) FROM "{schema}"."{table}" AS t WHERE t::text LIKE %s',
+                (f"%{needle}%",),
+            )
+            if cur.fetchone()[0]:
+                found.append(f"{db}.{schema}.{table}")
+    return found
