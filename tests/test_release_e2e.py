@@ -118,6 +118,40 @@ def test_bad_release_is_blocked_at_the_canary_with_production_untouched(platform
     assert audit.find(aborted[0].change_id) is not None  # production carried canary traffic
 
 
+def test_hand_made_schema_change_on_staging_blocks_on_schema_drift(platform: object) -> None:
+    from dagster_project.core import database
+
+    before = _production(platform)
+    with database.connection("staging") as conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE items ADD COLUMN hand_made text")
+    try:
+        assert _deploy_cli("1.2.1") == deploy_cli.EXIT_BLOCKED
+        summary = CAPTURED[-2]
+        assert "schema_drift" in summary
+        assert "hand_made" in summary  # the difference is shown
+    finally:
+        with database.connection("staging") as conn, conn.cursor() as cur:
+            cur.execute("ALTER TABLE items DROP COLUMN hand_made")
+    assert _production(platform) == before
+
+
+def test_bad_data_in_staging_blocks_on_data_quality(platform: object) -> None:
+    from dagster_project.core import database
+
+    before = _production(platform)
+    with database.connection("staging") as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO items (name, price_cents) VALUES ('broken', -5) RETURNING id")
+        bad_id = cur.fetchone()[0]
+    try:
+        outcome = _deploy("1.2.2")
+        assert outcome.exit_code == deploy_cli.EXIT_BLOCKED, outcome.headline
+        assert "data_quality" in [b["check"] for b in outcome.blocked_by]
+    finally:
+        with database.connection("staging") as conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM items WHERE id = %s", (bad_id,))
+    assert _production(platform) == before
+
+
 def test_promotion_launched_alone_refuses_after_a_failed_gate(platform: object) -> None:
     import dagster as dg
 
