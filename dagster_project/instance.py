@@ -18,12 +18,12 @@ def prepare_instance_home() -> Path:
     database.ensure_database(database.DAGSTER_DB)
     url = database.server().sqlalchemy_url(database.DAGSTER_DB)
     os.environ["DAGSTER_PG_URL"] = url
-    text = TEMPLATE.read_text()
     if database.server().url.password:
         # Keep secrets out of files: child processes read the URL from the environment.
-        rendered = text.replace('"${DAGSTER_PG_URL}"', "\n      env: DAGSTER_PG_URL")
+        storage = "storage:\n  postgres:\n    postgres_url:\n      env: DAGSTER_PG_URL\n"
     else:
-        rendered = text.replace("${DAGSTER_PG_URL}", url)
+        storage = f'storage:\n  postgres:\n    postgres_url: "{url}"\n'
+    rendered = TEMPLATE.read_text() + "\n" + storage
     target = home / "dagster.yaml"
     if target.resolve() == TEMPLATE.resolve():
         raise RuntimeError(f"DAGSTER_HOME must not be the project folder ({PROJECT_ROOT})")
