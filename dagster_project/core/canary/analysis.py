@@ -70,11 +70,12 @@ def step_decision(
 
 def config_for_step(config: JudgeConfig, step: int, steps: int) -> JudgeConfig:
     """Early steps stop only on strong evidence; the last step, which decides promotion, also
-    extends on suspicion (see judge.py). A group-sequential design: with cumulative windows
+    extends on suspicion, and until an error-rate increase beyond the allowance is ruled out
+    (see judge.py). A group-sequential design: with cumulative windows
     an ambiguous early step is settled by the larger samples of the steps after it, instead
     of failing at an early deadline on a small sample."""
     if step < steps:
-        return replace(config, alpha_suspect=config.alpha_fail)
+        return replace(config, alpha_suspect=config.alpha_fail, error_rate_noninferiority=False)
     return config
 
 

@@ -66,6 +66,9 @@ class JudgeConfig:
     # Significance levels; see the module docstring and the accuracy benchmark.
     alpha_fail: float = 0.001
     alpha_suspect: float = 0.1
+    # Pass the error rate only once an increase beyond the allowance is ruled out (upper
+    # confidence bound at 1 - alpha_suspect), significant or not. The last step uses it.
+    error_rate_noninferiority: bool = True
 
     @classmethod
     def from_spec(cls, spec: ProductSpec, **overrides: Any) -> JudgeConfig:
@@ -221,9 +224,9 @@ def _error_rate(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -
     fisher = _fisher_p_value(eb, nb, ec, nc) if increase > allowance else 1.0
     if fisher < config.alpha_fail:
         verdict, p_value = Verdict.FAIL, fisher  # report the p-value that decided
-    elif p_value < config.alpha_suspect and _increase_upper_bound(
-        eb, nb, ec, nc, config.alpha_suspect
-    ) > allowance:
+    elif (p_value < config.alpha_suspect or config.error_rate_noninferiority) and (
+        _increase_upper_bound(eb, nb, ec, nc, config.alpha_suspect) > allowance
+    ):
         # Significantly worse and an increase beyond the allowance not ruled out: keep
         # sampling. (The observed increase alone is too noisy to clear a real regression.)
         verdict = Verdict.INCONCLUSIVE
