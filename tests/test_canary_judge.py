@@ -204,8 +204,9 @@ def test_step_decision() -> None:
 
 
 def test_only_the_last_step_extends_on_suspicion(config: JudgeConfig) -> None:
-    assert config_for_step(config, 1, 3).alpha_suspect == config.alpha_fail
-    assert config_for_step(config, 3, 3) == config
+    early, last = config_for_step(config, 1, 3), config_for_step(config, 3, 3)
+    assert early.alpha_suspect == config.alpha_fail and not early.error_rate_noninferiority
+    assert last.alpha_suspect == config.alpha_suspect and last.error_rate_noninferiority
 
 
 def test_judge_on_bucketed_samples_like_the_metrics_source(config: JudgeConfig) -> None:

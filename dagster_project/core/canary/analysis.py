@@ -76,7 +76,7 @@ def config_for_step(config: JudgeConfig, step: int, steps: int) -> JudgeConfig:
     of failing at an early deadline on a small sample."""
     if step < steps:
         return replace(config, alpha_suspect=config.alpha_fail, error_rate_noninferiority=False)
-    return config
+    return replace(config, error_rate_noninferiority=True)
 
 
 class Platform(Protocol):
@@ -223,9 +223,10 @@ def run_canary(
             report.steps.append(first)
             _abort(platform, env, report, first, emit)
             return report
-        looker = _Looker(source, start_snapshots, config, max_errors)
+        looker = _Looker(source, start_snapshots, max_errors)
         for index, step in enumerate(spec.canary.steps, start=1):
             bake_s = step.bake_seconds * bake_scale
+            step_config = config_for_step(config, index, len(spec.canary.steps))
             step_report = StepReport(index, step.weight, bake_s, time.monotonic() - start)
             report.steps.append(step_report)
             platform.set_weights(env, {"stable": 100 - step.weight, "canary": step.weight})
@@ -236,7 +237,7 @@ def run_canary(
             while action in (StepAction.CONTINUE, StepAction.EXTEND):
                 time.sleep(sample_interval_s)
                 elapsed = time.monotonic() - step_started
-                judgement = looker.look(report, index, time.monotonic() - start)
+                judgement = looker.look(report, index, time.monotonic() - start, step_config)
                 step_report.looks += 1
                 if judgement is None:  # a metric error below the limit: look again
                     continue
@@ -313,12 +314,13 @@ class _Looker:
 
     source: MetricsSource
     start: dict[str, TrackSnapshot]
-    config: JudgeConfig
     max_errors: int
     previous: dict[str, TrackSnapshot] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-    def look(self, report: CanaryReport, step: int, t: float) -> Judgement | None:
+    def look(
+        self, report: CanaryReport, step: int, t: float, config: JudgeConfig
+    ) -> Judgement | None:
         """A judgement, or None after a metric error below the limit (look again later)."""
         taken = _snapshots(self.source)
         windows = None
@@ -341,7 +343,7 @@ class _Looker:
                 t=t, step=step, track=track, requests=window.requests, errors=window.errors,
                 p50_ms=window.quantile_ms(0.5), p99_ms=window.quantile_ms(0.99),
             ))
-        return judge(windows["stable"].side(), windows["canary"].side(), self.config)
+        return judge(windows["stable"].side(), windows["canary"].side(), config)
 
 
 def _fail_reason(judgement: Judgement) -> str:

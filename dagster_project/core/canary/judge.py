@@ -68,7 +68,7 @@ class JudgeConfig:
     alpha_suspect: float = 0.1
     # Pass the error rate only once an increase beyond the allowance is ruled out (upper
     # confidence bound at 1 - alpha_suspect), significant or not. The last step uses it.
-    error_rate_noninferiority: bool = True
+    error_rate_noninferiority: bool = False
 
     @classmethod
     def from_spec(cls, spec: ProductSpec, **overrides: Any) -> JudgeConfig:
