@@ -212,19 +212,30 @@ def _add_audit(commands: argparse._SubParsersAction) -> None:
 def _ui(args: argparse.Namespace) -> int:
     import os
     import subprocess
+    from pathlib import Path
 
     from dagster_project.core.settings import PROJECT_ROOT
     from dagster_project.instance import prepare_instance_home
 
     home = prepare_instance_home()
     print(f"DAGSTER_HOME={home}; opening the code location from workspace.yaml")
-    argv = ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), *args.dagster_args]
+    dagster = Path(sys.executable).parent / "dagster"  # the venv's, whatever PATH says
+    argv = [
+        str(dagster),
+        "dev",
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(args.port),
+    ]
     return subprocess.call(argv, cwd=PROJECT_ROOT, env=os.environ.copy())
 
 
 def _add_ui(commands: argparse._SubParsersAction) -> None:
     ui = commands.add_parser("ui", help="dagster dev (webserver + daemon) on the shared instance")
-    ui.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed to dagster dev")
+    ui.add_argument("--port", type=int, default=3000, help="webserver port on 127.0.0.1")
     ui.set_defaults(handler=_ui)
 
 
