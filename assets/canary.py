@@ -110,6 +110,7 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
                 artifact=fetched,
                 metrics=metrics.source(local.api_urls(ENV)),
                 bake_scale=bake_scale(),
+                baseline=stable is not None,
                 on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
             )
         except BaseException:
@@ -122,7 +123,8 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
         report.update(result_dict)
         report["passed"] = bool(result.passed)
         if result.passed:
-            # Parked at 0%: promotion moves traffic only once the gates are confirmed.
+            # Parked at 0%: promotion moves traffic only once the gates are confirmed. A first
+            # release has nothing to park behind: it keeps the traffic it was judged on.
             if stable is not None:
                 local.set_weights(ENV, {"stable": 100, "canary": 0})
             report["outcome"] = "passed"

@@ -225,3 +225,19 @@ def test_judge_on_bucketed_samples_like_the_metrics_source(config: JudgeConfig) 
                  config)
     assert same.verdict == Verdict.PASS
     assert by_metric(slow)["latency_shift"].verdict == Verdict.FAIL
+
+
+def test_first_release_is_judged_on_absolute_slos_and_never_passes_without_data(
+    config: JudgeConfig,
+) -> None:
+    from dagster_project.core.canary.judge import judge_absolute
+
+    rng = np.random.default_rng(7)
+    healthy = judge_absolute(side(rng, 600, 0.001), config)
+    assert {m.metric for m in healthy.metrics} == {"success_rate", "p99_latency"}
+    assert healthy.verdict == Verdict.PASS
+    assert judge_absolute(side(rng, 600, 0.08), config).verdict == Verdict.FAIL
+    slow = judge_absolute(side(rng, 600, 0.0, median_ms=400.0), config)
+    assert by_metric(slow)["p99_latency"].verdict == Verdict.FAIL  # type: ignore[attr-defined]
+    assert judge_absolute(side(rng, 10, 0.0), config).verdict == Verdict.INCONCLUSIVE
+    assert judge_absolute(SideWindow(None, None, None), config).verdict == Verdict.INCONCLUSIVE

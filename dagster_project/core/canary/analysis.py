@@ -15,6 +15,10 @@ the accuracy benchmark):
 On a fail `platform.rollback(env)` sends 100% of traffic back to stable and stops the canary,
 immediately. All steps passing means the report passes; promotion is the caller's job.
 
+The first release of a product (`baseline=False`: production serves nothing yet) has no
+stable track to compare with: it runs one step at 100% for the spec's total bake time and is
+judged on the absolute SLOs only, with the same minimum sample and deadline.
+
 Windows are cumulative from the start of the canary (same window for both sides): the canary
 runs the same build at every step, so later steps judge with all the evidence gathered so far
 and a small regression missed at 5% is caught at 25% or 50%. Each step is still judged (and
@@ -35,6 +39,7 @@ from dagster_project.core.canary.judge import (
     Verdict,
     VerdictLedger,
     judge,
+    judge_absolute,
     metrics_unavailable,
 )
 from dagster_project.core.canary.metrics import MetricsSource, MetricsUnavailable, TrackSnapshot
@@ -184,6 +189,7 @@ def run_canary(
     sample_interval_s: float = 1.0,
     judge_config: JudgeConfig | None = None,
     on_event: EventCallback | None = None,
+    baseline: bool = True,
 ) -> CanaryReport:
     """Run the spec's canary steps against `env`; roll back on any fail. See the module doc.
 
@@ -206,6 +212,10 @@ def run_canary(
     max_errors = spec.canary.max_consecutive_metric_errors
     extension_s = spec.canary.max_step_extension_seconds * bake_scale
 
+    tracks = TRACKS if baseline else ("canary",)
+    steps = [_Step(s.weight, s.bake_seconds) for s in spec.canary.steps]
+    if not baseline:
+        steps = [_Step(100, sum(s.bake_seconds for s in spec.canary.steps))]
     generator = load
     if generator is None and load_enabled:
         generator = LoadGenerator.for_spec(spec, platform.edge_url(env))
@@ -213,20 +223,20 @@ def run_canary(
     try:
         if generator is not None:
             generator.start()
-        start_snapshots = _first_snapshots(source, max_errors, sample_interval_s)
+        start_snapshots = _first_snapshots(source, max_errors, sample_interval_s, tracks)
         if isinstance(start_snapshots, list):
             # No starting point, no window: fail closed before any traffic shifts.
-            first = StepReport(1, spec.canary.steps[0].weight, 0.0, 0.0, looks=max_errors)
+            first = StepReport(1, steps[0].weight, 0.0, 0.0, looks=max_errors)
             first.judgement = metrics_unavailable(start_snapshots, max_errors)
             first.verdict = Verdict.FAIL
             first.reason = _fail_reason(first.judgement)
             report.steps.append(first)
             _abort(platform, env, report, first, emit)
             return report
-        looker = _Looker(source, start_snapshots, max_errors)
-        for index, step in enumerate(spec.canary.steps, start=1):
+        looker = _Looker(source, start_snapshots, max_errors, tracks)
+        for index, step in enumerate(steps, start=1):
             bake_s = step.bake_seconds * bake_scale
-            step_config = config_for_step(config, index, len(spec.canary.steps))
+            step_config = config_for_step(config, index, len(steps))
             step_report = StepReport(index, step.weight, bake_s, time.monotonic() - start)
             report.steps.append(step_report)
             platform.set_weights(env, {"stable": 100 - step.weight, "canary": step.weight})
@@ -270,7 +280,9 @@ def run_canary(
                 break
         else:
             report.verdict = Verdict.PASS if not ledger.failed else Verdict.FAIL
-            report.reason = f"all {len(spec.canary.steps)} steps passed"
+            report.reason = f"all {len(steps)} steps passed" + (
+                "" if baseline else " (first release: absolute SLOs, no baseline)"
+            )
     except BaseException as exc:
         # Anything unexpected (including Ctrl-C) must not leave the canary taking traffic.
         if not report.rolled_back:
@@ -286,13 +298,19 @@ def run_canary(
     return report
 
 
+@dataclass(frozen=True)
+class _Step:
+    weight: int
+    bake_seconds: float
+
+
 def _first_snapshots(
-    source: MetricsSource, max_errors: int, interval_s: float
+    source: MetricsSource, max_errors: int, interval_s: float, tracks: tuple[str, ...]
 ) -> dict[str, TrackSnapshot] | list[str]:
     """The starting point of every window, or the consecutive errors that prevented it."""
     problems: list[str] = []
     while len(problems) < max_errors:
-        taken = _snapshots(source)
+        taken = _snapshots(source, tracks)
         if not isinstance(taken, str):
             return taken
         problems.append(taken)
@@ -300,9 +318,9 @@ def _first_snapshots(
     return problems
 
 
-def _snapshots(source: MetricsSource) -> dict[str, TrackSnapshot] | str:
+def _snapshots(source: MetricsSource, tracks: tuple[str, ...]) -> dict[str, TrackSnapshot] | str:
     try:
-        return {track: source.snapshot(track) for track in TRACKS}
+        return {track: source.snapshot(track) for track in tracks}
     except MetricsUnavailable as exc:
         return str(exc)
 
@@ -315,6 +333,7 @@ class _Looker:
     source: MetricsSource
     start: dict[str, TrackSnapshot]
     max_errors: int
+    tracks: tuple[str, ...] = TRACKS
     previous: dict[str, TrackSnapshot] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -322,13 +341,13 @@ class _Looker:
         self, report: CanaryReport, step: int, t: float, config: JudgeConfig
     ) -> Judgement | None:
         """A judgement, or None after a metric error below the limit (look again later)."""
-        taken = _snapshots(self.source)
+        taken = _snapshots(self.source, self.tracks)
         windows = None
         if not isinstance(taken, str):
             try:
-                windows = {track: taken[track].since(self.start[track]) for track in TRACKS}
+                windows = {track: taken[track].since(self.start[track]) for track in self.tracks}
                 recent = {track: taken[track].since((self.previous or self.start)[track])
-                          for track in TRACKS}
+                          for track in self.tracks}
             except MetricsUnavailable as exc:
                 taken = str(exc)
         if windows is None or isinstance(taken, str):
@@ -343,6 +362,8 @@ class _Looker:
                 t=t, step=step, track=track, requests=window.requests, errors=window.errors,
                 p50_ms=window.quantile_ms(0.5), p99_ms=window.quantile_ms(0.99),
             ))
+        if "stable" not in windows:  # first release: nothing to compare with
+            return judge_absolute(windows["canary"].side(), config)
         return judge(windows["stable"].side(), windows["canary"].side(), config)
 
 

@@ -151,6 +151,16 @@ def judge(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -> Judg
     )
 
 
+def judge_absolute(canary: SideWindow, config: JudgeConfig) -> Judgement:
+    """The first release of a product has no stable baseline to compare with: only the
+    absolute SLOs are judged (with the same minimum sample, so no data is still no pass)."""
+    return Judgement(
+        metrics=(_success_rate(canary, config), _p99_latency(canary, config)),
+        baseline_requests=None,
+        canary_requests=canary.requests,
+    )
+
+
 def metrics_unavailable(errors: Sequence[str], limit: int) -> Judgement:
     """Fail closed after `limit` consecutive metric-source errors; every metric stays listed."""
     last = errors[-1] if errors else "unknown error"
