@@ -141,7 +141,7 @@ def _release_status(args: argparse.Namespace) -> int:
                 track: {"version": t["version"], "artifact_sha256": t["artifact_sha"]}
                 for track, t in info["tracks"].items()
             },
-            "weights": info.get("weights") or {},
+            "weights": {t: w for t, w in (info.get("weights") or {}).items() if w},
             "healthy": info["healthy"],
             "problems": info["problems"],
             "edge_url": info.get("edge_url"),
@@ -150,7 +150,7 @@ def _release_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"product": spec.product, "environments": environments}, indent=2))
         return 0
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     table = Table(title=f"{spec.product}", title_justify="left")
     for column in ("env", "version", "artifact", "weights", "health", "edge", "database"):
         table.add_column(column)
