@@ -110,6 +110,10 @@ def promotion_asset(
                         "snapshots": canary.get("snapshots", []),
                         "staging_checks": gate_rows,
                         "purged": changed,
+                        # Safety rules waived for the migrations this release applied.
+                        "waivers": canary.get("migrations", {})
+                        .get("safety", {})
+                        .get("waivers", []),
                     },
                 )
                 report["change_id"] = change.change_id
