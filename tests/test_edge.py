@@ -129,6 +129,35 @@ def test_purge_by_surrogate_key_and_by_url(platform: LocalPlatform) -> None:
     assert platform.purge("staging", surrogate_key="no-such-key") == 0
 
 
+def test_many_unique_urls_are_cached_and_purged_through_the_edge(
+    platform: LocalPlatform,
+) -> None:
+    """The canary load's long tail (unique ?lg=<n> URLs) through the real edge: each URL
+    its own entry, found again by key, purged by URL and by surrogate key."""
+    edge = platform.edge_url("staging")
+    urls = [f"{edge}/v1/items?bulk={n}" for n in range(300)]
+    with httpx.Client(timeout=5.0, trust_env=False) as client:
+
+        def cache_entries() -> int:
+            return int(client.get(f"{edge}/_edge/health").json()["cache_entries"])
+
+        # Left: only long-lived static entries, so no expiry can move the counts below.
+        for surrogate_key in ("items", "summary"):
+            platform.purge("staging", surrogate_key=surrogate_key)
+        before = cache_entries()
+        assert {client.get(u).headers["x-cache"] for u in urls} == {"MISS"}
+        assert cache_entries() == before + len(urls)
+        assert {client.get(u).headers["x-cache"] for u in urls[::10]} == {"HIT"}
+
+        assert platform.purge("staging", url="/v1/items?bulk=7") == 1
+        assert client.get(urls[7]).headers["x-cache"] == "MISS"
+        assert client.get(urls[8]).headers["x-cache"] == "HIT"
+
+        assert platform.purge("staging", surrogate_key="items") == len(urls)
+        assert cache_entries() == before
+        assert {client.get(u).headers["x-cache"] for u in urls[::10]} == {"MISS"}
+
+
 def test_purge_and_route_updates_are_refused_without_the_key(platform: LocalPlatform) -> None:
     edge = platform.edge_url("staging")
     _get(f"{edge}/v1/items")
@@ -265,6 +294,127 @@ def test_memory_storage_purges_by_url_across_tracks_and_by_key() -> None:
 
 async def _one(body: bytes) -> Any:
     yield body
+
+
+class _FakeClock:
+    """A clock the test moves by hand, so expiry is checked without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _store(
+    storage: MemoryStorage, key: str, url: str, surrogate: str, body: bytes, ttl: float | None
+) -> None:
+    response = hishel.Response(200, hishel.Headers({"surrogate-key": surrogate}), stream=_one(body))
+    await storage.create_entry(hishel.Request("GET", url), response, key, ttl=ttl)
+
+
+async def _bodies(storage: MemoryStorage, key: str) -> list[bytes]:
+    bodies = []
+    for entry in await storage.get_entries(key):
+        bodies.append(b"".join([chunk async for chunk in entry.response.stream]))  # type: ignore[union-attr]
+    return bodies
+
+
+def _assert_indexes_consistent(storage: MemoryStorage) -> None:
+    # White-box: every index points only at live entries, and no empty bucket or dead
+    # deadline piles up (that would be the memory leak of a long-running edge).
+    live = set(storage._entries)
+    for index in (storage._by_key, storage._by_path_query, storage._by_surrogate_key):
+        assert all(ids and set(ids) <= live for ids in index.values())
+    assert sum(len(ids) for ids in storage._by_key.values()) == len(live)
+    assert len(storage._deadlines) <= 2 * len(live) + 64
+
+
+def test_memory_storage_stays_correct_with_20000_keys() -> None:
+    """20,000 distinct keys (unique URLs, as the canary load makes): lookups, purges and
+    expiry all find exactly the right entries."""
+    clock = _FakeClock()
+    storage = MemoryStorage(max_entries=50_000, clock=clock)
+    count = 20_000
+
+    def url(n: int) -> str:
+        return f"http://127.0.0.1:9/v1/items?lg={n}"
+
+    async def scenario() -> None:
+        for n in range(count):
+            # Even n: a dynamic URL kept 70 s; odd n: kept 300 s. Every 100th URL is also
+            # cached for the canary track, under its own key.
+            ttl = 70.0 if n % 2 == 0 else 300.0
+            await _store(storage, f"stable|1|a|{url(n)}", url(n), f"items lg-{n}", b"s%d" % n, ttl)
+            if n % 100 == 0:
+                await _store(storage, f"canary|2|b|{url(n)}", url(n), "items", b"c%d" % n, ttl)
+        assert len(storage) == count + count // 100
+
+        sample = random.Random(3).sample(range(count), 500)
+        for n in sample:
+            assert await _bodies(storage, f"stable|1|a|{url(n)}") == [b"s%d" % n]
+            canary = await _bodies(storage, f"canary|2|b|{url(n)}")
+            assert canary == ([b"c%d" % n] if n % 100 == 0 else [])
+        assert await storage.get_entries(f"stable|1|a|{url(count)}") == []
+
+        # By URL: path and query, every track; by surrogate key: only entries carrying it.
+        assert storage.purge(url="/v1/items?lg=200") == 2
+        assert await storage.get_entries(f"canary|2|b|{url(200)}") == []
+        assert storage.purge(url="/v1/items?lg=200") == 0
+        assert storage.purge(url="/v1/items") == 0  # another URL (no query) is not a prefix
+        assert storage.purge(surrogate_key="lg-201") == 1
+        assert await _bodies(storage, f"stable|1|a|{url(202)}") == [b"s202"]
+        left = count - 2 + count // 100 - 1
+        assert len(storage) == left
+
+        # 71 s later the 70 s entries are gone, the 300 s ones still served.
+        clock.now += 71
+        assert await storage.get_entries(f"stable|1|a|{url(4)}") == []
+        assert await _bodies(storage, f"stable|1|a|{url(5)}") == [b"s5"]
+        odd_left = count // 2 - 1  # lg-201 was purged
+        assert len(storage) == odd_left
+        _assert_indexes_consistent(storage)
+
+        # A surrogate key shared by all: one purge removes every entry that carries it.
+        assert storage.purge(surrogate_key="items") == odd_left
+        assert len(storage) == 0
+        _assert_indexes_consistent(storage)
+        assert storage._by_path_query == {} and storage._by_surrogate_key == {}
+
+    asyncio.run(scenario())
+
+
+def test_memory_storage_evicts_the_oldest_and_forgets_removed_entries() -> None:
+    clock = _FakeClock()
+    storage = MemoryStorage(max_entries=1_000, clock=clock)
+
+    async def scenario() -> None:
+        for n in range(1_500):
+            # Long-lived entries: eviction, not expiry, must bound memory and the heap.
+            url = f"http://e/static/{n}.js"
+            await _store(storage, f"stable|1|a|{url}", url, f"static f-{n}", b"%d" % n, 86400.0)
+        assert len(storage) == 1_000
+        assert await storage.get_entries("stable|1|a|http://e/static/499.js") == []
+        assert await _bodies(storage, "stable|1|a|http://e/static/500.js") == [b"500"]
+        assert storage.purge(url="/static/10.js") == 0
+        assert storage.purge(surrogate_key="f-10") == 0
+        assert storage.purge(surrogate_key="static") == 1_000
+        _assert_indexes_consistent(storage)
+
+        # remove_entry (hishel's invalidation) unindexes too; update_headers keeps the body.
+        await _store(storage, "k", "http://e/v1/summary", "summary", b"x", None)
+        [entry] = await storage.get_entries("k")
+        await storage.update_headers(entry.id, hishel.Headers({"etag": '"v2"'}))
+        [updated] = await storage.get_entries("k")
+        assert updated.response.headers.get("etag") == '"v2"'
+        await storage.remove_entry(entry.id)
+        await storage.remove_entry(entry.id)  # already gone: nothing happens
+        assert await storage.get_entries("k") == []
+        assert storage.purge(url="/v1/summary") == 0 and len(storage) == 0
+        clock.now += 10**6  # no ttl: such an entry would never expire, nothing left to expire
+        _assert_indexes_consistent(storage)
+
+    asyncio.run(scenario())
 
 
 def _in_process(edge: Edge, client_host: str) -> httpx.AsyncClient:

@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
 import hmac
+import itertools
 import logging
 import random
 import time
@@ -97,12 +99,29 @@ class MemoryStorage(hishel.AsyncBaseStorage):
     """An in-memory hishel storage that can also purge by URL or surrogate key.
 
     Memory is what an edge node has: a restarted edge starts cold, like a CDN node. Bounded
-    by `max_entries` (oldest evicted first)."""
+    by `max_entries` (oldest evicted first).
 
-    def __init__(self, *, max_entries: int = 10_000) -> None:
+    Every operation costs O(1) or amortised O(log n) in the number of stored entries: entries
+    are indexed by cache key, by path and query and by surrogate key, and expire through a
+    heap of deadlines. (Scanning all entries per request made the edge slow down as unique
+    URLs piled up under load.)"""
+
+    def __init__(
+        self, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
         self.max_entries = max_entries
+        # Monotonic by default: expiry must not jump with the wall clock. Tests pass their own.
+        self._clock = clock
+        # Insertion order, so the oldest entry is the first to evict.
         self._entries: OrderedDict[uuid.UUID, _Stored] = OrderedDict()
+        # Index values are dicts used as ordered sets: lookups keep insertion order.
+        self._by_key: dict[str, dict[uuid.UUID, None]] = {}
+        self._by_path_query: dict[str, dict[uuid.UUID, None]] = {}
+        self._by_surrogate_key: dict[str, dict[uuid.UUID, None]] = {}
+        # (deadline, tie-breaker, id); ids already removed are skipped when popped.
+        self._deadlines: list[tuple[float, int, uuid.UUID]] = []
+        self._sequence = itertools.count()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -118,7 +137,8 @@ class MemoryStorage(hishel.AsyncBaseStorage):
     ) -> hishel.Entry:
         chunks = [chunk async for chunk in _aiter(response.stream)]
         body = b"".join(chunks)
-        now = time.time()
+        now = self._clock()
+        self._expire(now)
         ttl_deadline, _ = self._limits(ttl, None, now)
         parts = urlsplit(request.url)
         stored = _Stored(
@@ -128,47 +148,71 @@ class MemoryStorage(hishel.AsyncBaseStorage):
             headers=response.headers,
             body=body,
             expires_at=ttl_deadline,
-            path_query=parts.path + (f"?{parts.query}" if parts.query else ""),
+            path_query=_path_query(parts.path, parts.query),
             surrogate_keys=frozenset((response.headers.get("surrogate-key") or "").split()),
         )
         entry_id = uuid.uuid4()
-        self._entries[entry_id] = stored
+        self._add(entry_id, stored)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._remove(next(iter(self._entries)))
+        self._compact_deadlines()
         return self._entry(entry_id, stored)
 
     async def get_entries(self, key: str) -> list[hishel.Entry]:
-        now = time.time()
-        expired = [
-            i for i, s in self._entries.items() if s.expires_at is not None and s.expires_at <= now
-        ]
-        for entry_id in expired:
-            del self._entries[entry_id]
-        return [self._entry(i, s) for i, s in self._entries.items() if s.key == key]
+        self._expire(self._clock())
+        ids = self._by_key.get(key, {})
+        return [self._entry(i, self._entries[i]) for i in ids]
 
     async def update_headers(self, id: uuid.UUID, headers: hishel.Headers) -> None:
         if id in self._entries:
             self._entries[id].headers = headers
 
     async def remove_entry(self, id: uuid.UUID) -> None:
-        self._entries.pop(id, None)
+        self._remove(id)
+        self._compact_deadlines()
 
     def purge(self, *, url: str | None = None, surrogate_key: str | None = None) -> int:
         """Remove every entry (all tracks, versions, methods) for a URL's path and query, or
         carrying a surrogate key. Returns how many were removed."""
-        target = None
+        doomed: dict[uuid.UUID, None] = {}
         if url is not None:
             parts = urlsplit(url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        doomed = [
-            i
-            for i, s in self._entries.items()
-            if (target is not None and s.path_query == target)
-            or (surrogate_key is not None and surrogate_key in s.surrogate_keys)
-        ]
+            doomed.update(self._by_path_query.get(_path_query(parts.path or "/", parts.query), {}))
+        if surrogate_key is not None:
+            doomed.update(self._by_surrogate_key.get(surrogate_key, {}))
         for entry_id in doomed:
-            del self._entries[entry_id]
+            self._remove(entry_id)
+        self._compact_deadlines()
         return len(doomed)
+
+    def _add(self, entry_id: uuid.UUID, stored: _Stored) -> None:
+        self._entries[entry_id] = stored
+        self._by_key.setdefault(stored.key, {})[entry_id] = None
+        self._by_path_query.setdefault(stored.path_query, {})[entry_id] = None
+        for surrogate_key in stored.surrogate_keys:
+            self._by_surrogate_key.setdefault(surrogate_key, {})[entry_id] = None
+        if stored.expires_at is not None:
+            heapq.heappush(self._deadlines, (stored.expires_at, next(self._sequence), entry_id))
+
+    def _compact_deadlines(self) -> None:
+        # Purged, removed and evicted entries leave their deadlines behind; rebuild the heap
+        # from the live entries once those are outnumbered (amortised O(1) per removal).
+        if len(self._deadlines) > 2 * len(self._entries) + 64:
+            self._deadlines = [d for d in self._deadlines if d[2] in self._entries]
+            heapq.heapify(self._deadlines)
+
+    def _remove(self, entry_id: uuid.UUID) -> None:
+        stored = self._entries.pop(entry_id, None)
+        if stored is None:
+            return
+        _unindex(self._by_key, stored.key, entry_id)
+        _unindex(self._by_path_query, stored.path_query, entry_id)
+        for surrogate_key in stored.surrogate_keys:
+            _unindex(self._by_surrogate_key, surrogate_key, entry_id)
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            self._remove(heapq.heappop(self._deadlines)[2])
 
     @staticmethod
     def _entry(entry_id: uuid.UUID, stored: _Stored) -> hishel.Entry:
@@ -178,6 +222,18 @@ class MemoryStorage(hishel.AsyncBaseStorage):
             stream=_body_stream(stored.body),
         )
         return hishel.Entry(id=entry_id, request=stored.request, response=response)
+
+
+def _path_query(path: str, query: str) -> str:
+    return path + (f"?{query}" if query else "")
+
+
+def _unindex(index: dict[str, dict[uuid.UUID, None]], name: str, entry_id: uuid.UUID) -> None:
+    ids = index.get(name)
+    if ids is not None:
+        ids.pop(entry_id, None)
+        if not ids:  # drop empty buckets, or unique URLs would leak one each
+            del index[name]
 
 
 async def _aiter(stream: Any) -> AsyncIterator[bytes]:
