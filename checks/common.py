@@ -9,7 +9,11 @@ from assets.common import md_table
 
 
 def rows_result(
-    rows: Sequence[dict[str, Any]], *, what: str, columns: Sequence[str] | None = None
+    rows: Sequence[dict[str, Any]],
+    *,
+    what: str,
+    columns: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dg.AssetCheckResult:
     """Pass only when there is at least one row and every row passed."""
     failed = [r for r in rows if not r.get("passed")]
@@ -17,7 +21,7 @@ def rows_result(
         return dg.AssetCheckResult(
             passed=False,
             description=f"{what}: inconclusive, no results recorded (no data is never a pass)",
-            metadata={"verdict": "inconclusive"},
+            metadata={"verdict": "inconclusive", **(extra or {})},
         )
     passed = not failed
     names = ", ".join(str(r.get("name", "?")) for r in failed[:5])
@@ -25,5 +29,9 @@ def rows_result(
         passed=passed,
         description=f"{what}: {len(rows) - len(failed)}/{len(rows)} passed"
         + ("" if passed else f"; failed: {names}"),
-        metadata={"verdict": "pass" if passed else "fail", "results": md_table(rows, columns)},
+        metadata={
+            "verdict": "pass" if passed else "fail",
+            "results": md_table(rows, columns),
+            **(extra or {}),
+        },
     )

@@ -28,7 +28,10 @@ def smoke_check(
     )
     def smoke(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
         return rows_result(
-            section_rows(staging_smoke, "smoke"), what="staging smoke", columns=COLUMNS
+            section_rows(staging_smoke, "smoke"),
+            what="staging smoke",
+            columns=COLUMNS,
+            extra={"retried_after_5xx": dg.MetadataValue.json(staging_smoke.get("retries", []))},
         )
 
     return smoke

@@ -288,6 +288,19 @@ def test_release_answering_errors_fails_smoke_naming_the_endpoint(
     assert report.section_rows("smoke")[0].passed
 
 
+def test_occasional_errors_are_retried_once_and_listed_not_hidden(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    # One data request in five answers 500: a smoke suite checks function; the error rate is
+    # the canary's statistical job. Every retry is listed in the report.
+    version = deploy("1.0.3-flaky", {"error_rate": 0.2})
+    report = run_smoke(spec, platform, "staging", version, include_worker=False)
+    assert report.passed("smoke"), report.summary()
+    assert report.passed("edge_cache"), report.summary()
+    assert report.retries, "the 500s must be listed"
+    assert all("500, retried: 200" in line for line in report.retries)
+
+
 def test_release_failing_jobs_fails_the_worker_section(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
