@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import stage_key
+from assets.common import STAGES, stage_key
 from dagster_project.core.spec import ProductSpec
 
 PRODUCT_TAG = "release/product"
@@ -21,17 +21,7 @@ def audit_job_name(product_id: str) -> str:
 
 
 def release_jobs(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> list[Any]:
-    group = [
-        stage_key(spec, s)
-        for s in (
-            "build",
-            "schema_migration_check",
-            "staging_smoke",
-            "canary",
-            "promotion",
-            "audit",
-        )
-    ]
+    group = [stage_key(spec, stage) for stage in STAGES]
     tags = {PRODUCT_TAG: spec.product}
     return [
         dg.define_asset_job(
