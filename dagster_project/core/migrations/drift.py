@@ -689,28 +689,12 @@ def apply_sql_files(db: str, files: Sequence[Path]) -> None:
                 conn.rollback()
                 line = history.line_of_position(sql, exc.diag.statement_position)
                 if line is None:
-                    line = _failing_statement_line(conn, sql)
+                    line = history.locate_failing_statement(conn, sql)
                 where = f" line {line}" if line else ""
                 raise DriftCheckError(
                     f"migration {path}{where} failed in the scratch database "
                     f"{database.physical_name(db)!r}: {str(exc).strip()}"
                 ) from exc
-
-
-def _failing_statement_line(conn: psycopg2.extensions.connection, sql: str) -> int | None:
-    """Errors without a position (`relation ... does not exist` in ALTER TABLE): re-run the
-    file statement by statement, always rolled back, to find the failing one's line. The
-    scratch database is thrown away anyway, so this cannot harm anything."""
-    try:
-        with conn.cursor() as cur:
-            for statement in history.split_statements(sql):
-                try:
-                    cur.execute(statement.text)
-                except psycopg2.Error:
-                    return statement.line
-        return None
-    finally:
-        conn.rollback()
 
 
 def expected_schema(

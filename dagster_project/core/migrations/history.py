@@ -284,7 +284,7 @@ def _apply_one(
         conn.rollback()
         line = line_of_position(sql, exc.diag.statement_position)
         if line is None:
-            line = _locate_failing_statement(conn, sql)
+            line = locate_failing_statement(conn, sql)
         message = _describe_failure(migration, line, exc)
         _record(conn, migration, actor, "failed", duration_ms, message)
         conn.commit()
@@ -367,7 +367,7 @@ def _record(
     return row[0]
 
 
-def _locate_failing_statement(conn: psycopg2.extensions.connection, sql: str) -> int | None:
+def locate_failing_statement(conn: psycopg2.extensions.connection, sql: str) -> int | None:
     """For errors Postgres reports without a position (a failing cast, a duplicate key while
     building a unique index), re-run the file statement by statement in a transaction that is
     always rolled back, and return the first line of the statement that fails."""
