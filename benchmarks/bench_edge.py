@@ -78,7 +78,7 @@ def bench_platform(seconds: float, rps: float) -> None:
                 cache_sizes.append(admin.get(f"{edge}/_edge/health").json()["cache_entries"])
             while load.running:
                 time.sleep(0.2)
-        _print_windows(load.records(), cache_sizes, seconds, rps, load.summary())
+        _print_windows(load.records(), cache_sizes, seconds, rps, load.summary(), load.concurrency)
     finally:
         platform.down()
         database.stop_embedded()
@@ -86,7 +86,12 @@ def bench_platform(seconds: float, rps: float) -> None:
 
 
 def _print_windows(
-    records: list[Any], cache_sizes: list[int], seconds: float, rps: float, summary: dict[str, Any]
+    records: list[Any],
+    cache_sizes: list[int],
+    seconds: float,
+    rps: float,
+    summary: dict[str, Any],
+    concurrency: int,
 ) -> None:
     print(f"\nProduction edge, {rps:g} req/s for {seconds:g} s (dynamic URLs unique)")
     print(f"{'window s':<10}{'requests':>9}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}"
@@ -108,7 +113,7 @@ def _print_windows(
         )
     print(
         f"achieved {summary['rps_achieved']} req/s of {rps:g} target; completed "
-        f"{summary['completed']}, skipped (all {16} in flight) {summary['skipped_busy']}, "
+        f"{summary['completed']}, skipped (all {concurrency} in flight) {summary['skipped_busy']}, "
         f"transport errors {summary['transport_errors']}, by cache {summary['by_cache']}"
     )
     if len(p50s) >= 2:
