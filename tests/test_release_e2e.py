@@ -140,15 +140,18 @@ def test_bad_data_in_staging_blocks_on_data_quality(platform: object) -> None:
 
     before = _production(platform)
     with database.connection("staging") as conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO items (name, price_cents) VALUES ('broken', -5) RETURNING id")
-        bad_id = cur.fetchone()[0]
+        # A dead letter claiming zero attempts: no constraint forbids it, the suite does.
+        cur.execute(
+            "INSERT INTO dead_letter (job_key, queue, payload, attempts, last_error) "
+            "VALUES ('e2e-bad-dlq', 'high', '{}'::jsonb, 0, 'made by hand')"
+        )
     try:
         outcome = _deploy("1.2.2")
         assert outcome.exit_code == deploy_cli.EXIT_BLOCKED, outcome.headline
         assert "data_quality" in [b["check"] for b in outcome.blocked_by]
     finally:
         with database.connection("staging") as conn, conn.cursor() as cur:
-            cur.execute("DELETE FROM items WHERE id = %s", (bad_id,))
+            cur.execute("DELETE FROM dead_letter WHERE job_key = 'e2e-bad-dlq'")
     assert _production(platform) == before
 
 
