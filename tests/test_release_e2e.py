@@ -163,12 +163,12 @@ def test_promotion_launched_alone_refuses_after_a_failed_gate(platform: object) 
 
     instance = get_instance()
     promotion_key = dg.AssetKey([PRODUCT, "promotion"])
-    result = dg.materialize(
-        [defs.get_assets_def(promotion_key)],
-        selection=[promotion_key],
+    # What a UI launch of `promotion` alone for this partition executes.
+    job = defs.resolve_job_def("release_" + PRODUCT.replace("-", "_"))
+    result = job.execute_in_process(
+        asset_selection=[promotion_key],
         partition_key="1.2.0",
         instance=instance,
-        resources=defs.resources,
         raise_on_error=False,
     )
     assert not result.success
