@@ -350,7 +350,7 @@ def print_summary(outcome: DeployOutcome, echo: Callable[[str], None] = print) -
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=sys.stdout, highlight=False)
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)  # no hard line breaks
     table = Table(title=f"{outcome.product} {outcome.release}", show_header=True)
     table.add_column("stage")
     table.add_column("status")
