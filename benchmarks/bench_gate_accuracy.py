@@ -91,8 +91,13 @@ class Track:
     def snapshot(self, t: float) -> TrackSnapshot:
         cumulative = np.cumsum(self.bucket_counts)
         bounds = [*self.bounds_s.tolist(), math.inf]
-        return TrackSnapshot(self.name, t, float(self.requests), float(self.errors),
-                             dict(zip(bounds, cumulative.tolist(), strict=True)))
+        return TrackSnapshot(
+            self.name,
+            t,
+            float(self.requests),
+            float(self.errors),
+            dict(zip(bounds, cumulative.tolist(), strict=True)),
+        )
 
 
 @dataclass
@@ -103,9 +108,15 @@ class Outcome:
     failed_metrics: tuple[str, ...]
 
 
-def simulate(spec: ProductSpec, config: JudgeConfig, scenario: Scenario,
-             rng: np.random.Generator, origin_rps: float, bounds_s: np.ndarray,
-             baseline_error_rate: float) -> Outcome:
+def simulate(
+    spec: ProductSpec,
+    config: JudgeConfig,
+    scenario: Scenario,
+    rng: np.random.Generator,
+    origin_rps: float,
+    bounds_s: np.ndarray,
+    baseline_error_rate: float,
+) -> Outcome:
     stable, canary = Track("stable", bounds_s), Track("canary", bounds_s)
     start = {"stable": stable.snapshot(0.0), "canary": canary.snapshot(0.0)}
     t = 0.0
@@ -117,20 +128,32 @@ def simulate(spec: ProductSpec, config: JudgeConfig, scenario: Scenario,
         while action in (StepAction.CONTINUE, StepAction.EXTEND):
             t += TICK_S
             elapsed += TICK_S
-            stable.serve(rng, int(rng.poisson(origin_rps * (1 - share) * TICK_S)),
-                         baseline_error_rate, 1.0)
-            canary.serve(rng, int(rng.poisson(origin_rps * share * TICK_S)),
-                         scenario.error_rate, scenario.latency_factor)
-            windows = {"stable": stable.snapshot(t).since(start["stable"]),
-                       "canary": canary.snapshot(t).since(start["canary"])}
+            stable.serve(
+                rng, int(rng.poisson(origin_rps * (1 - share) * TICK_S)), baseline_error_rate, 1.0
+            )
+            canary.serve(
+                rng,
+                int(rng.poisson(origin_rps * share * TICK_S)),
+                scenario.error_rate,
+                scenario.latency_factor,
+            )
+            windows = {
+                "stable": stable.snapshot(t).since(start["stable"]),
+                "canary": canary.snapshot(t).since(start["canary"]),
+            }
             judgement = judge(windows["stable"].side(), windows["canary"].side(), step_config)
-            action = step_decision(judgement.verdict, elapsed, step.bake_seconds,
-                                   spec.canary.max_step_extension_seconds)
+            action = step_decision(
+                judgement.verdict,
+                elapsed,
+                step.bake_seconds,
+                spec.canary.max_step_extension_seconds,
+            )
         if action == StepAction.FAIL:
             assert judgement is not None
             # The metrics that blocked: the failing ones, or the undecided ones at a deadline.
-            failed = tuple(m.metric for m in judgement.metrics if m.verdict == Verdict.FAIL) or \
-                tuple(f"{m.metric}?" for m in judgement.metrics if m.verdict != Verdict.PASS)
+            failed = tuple(
+                m.metric for m in judgement.metrics if m.verdict == Verdict.FAIL
+            ) or tuple(f"{m.metric}?" for m in judgement.metrics if m.verdict != Verdict.PASS)
             return Outcome(True, float(canary.requests), t, failed)
     return Outcome(False, float(canary.requests), t, ())
 
@@ -141,34 +164,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2000, help="simulated canaries per scenario")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--healthy-error-rate", type=float, default=HEALTHY_ERROR_RATE,
-                        help="error rate of the baseline and of a healthy canary")
+    parser.add_argument(
+        "--healthy-error-rate",
+        type=float,
+        default=HEALTHY_ERROR_RATE,
+        help="error rate of the baseline and of a healthy canary",
+    )
     parser.add_argument("--alpha-fail", type=float, help="override the judge's default")
     parser.add_argument("--alpha-suspect", type=float, help="override the judge's default")
     args = parser.parse_args()
 
     spec = load_spec(PRODUCT)
-    overrides = {k: v for k, v in (("alpha_fail", args.alpha_fail),
-                                    ("alpha_suspect", args.alpha_suspect)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("alpha_fail", args.alpha_fail), ("alpha_suspect", args.alpha_suspect))
+        if v is not None
+    }
     config = JudgeConfig.from_spec(spec, **overrides)
     bounds_s = np.array(service_buckets_ms(spec)) / 1000
     dynamic = sum(e.load_weight for e in spec.endpoints if e.ttl_class == "dynamic")
     origin_rps = spec.canary.load_rps * dynamic / sum(e.load_weight for e in spec.endpoints)
     steps = ", ".join(f"{s.weight}%/{s.bake_seconds:g}s" for s in spec.canary.steps)
     extension = spec.canary.max_step_extension_seconds
-    print(f"spec {PRODUCT}: steps {steps}; extension <= {extension:g}s;"
-          f" min {config.min_requests_per_side} requests / {config.min_latency_samples} latency"
-          f" samples per side; {origin_rps:g} req/s at the API ({spec.canary.load_rps:g} at the"
-          f" edge); healthy error rate {args.healthy_error_rate:.2%};"
-          f" alpha_fail={config.alpha_fail:g}, alpha_suspect={config.alpha_suspect:g};"
-          f" {args.runs} runs per scenario")
+    print(
+        f"spec {PRODUCT}: steps {steps}; extension <= {extension:g}s;"
+        f" min {config.min_requests_per_side} requests / {config.min_latency_samples} latency"
+        f" samples per side; {origin_rps:g} req/s at the API ({spec.canary.load_rps:g} at the"
+        f" edge); healthy error rate {args.healthy_error_rate:.2%};"
+        f" alpha_fail={config.alpha_fail:g}, alpha_suspect={config.alpha_suspect:g};"
+        f" {args.runs} runs per scenario"
+    )
 
     rng = np.random.default_rng(args.seed)
     rows = []
     for scenario in scenarios(args.healthy_error_rate):
         began = time.perf_counter()
-        outcomes = [simulate(spec, config, scenario, rng, origin_rps, bounds_s,
-                             args.healthy_error_rate) for _ in range(args.runs)]
+        outcomes = [
+            simulate(spec, config, scenario, rng, origin_rps, bounds_s, args.healthy_error_rate)
+            for _ in range(args.runs)
+        ]
         blocked = [o for o in outcomes if o.blocked]
         rate = len(blocked) / len(outcomes)
         causes: dict[str, int] = {}
@@ -178,8 +212,10 @@ def main() -> None:
         rows.append((scenario, rate, blocked, causes, time.perf_counter() - began))
 
     print()
-    print(f"{'scenario':<18} {'measure':<13} {'measured':>9} {'95% CI':>15} {'target':>7}  "
-          f"{'median samples':>14} {'median s':>9}  blocking metrics (count)")
+    print(
+        f"{'scenario':<18} {'measure':<13} {'measured':>9} {'95% CI':>15} {'target':>7}  "
+        f"{'median samples':>14} {'median s':>9}  blocking metrics (count)"
+    )
     ok = True
     for scenario, rate, blocked, causes, _elapsed in rows:
         measure = "detection" if scenario.regression else "false blocks"
@@ -191,11 +227,15 @@ def main() -> None:
         top = ", ".join(f"{k} {v}" for k, v in sorted(causes.items(), key=lambda kv: -kv[1]))
         ci = binomtest(len(blocked), len(outcomes)).proportion_ci(method="wilson")
         interval = f"{ci.low:.2%}-{ci.high:.2%}"
-        print(f"{scenario.name:<18} {measure:<13} {rate:>8.2%} {interval:>15} {target:>7}  "
-              f"{samples:>14.0f} {seconds:>9.0f}  {top or '-'}"
-              f"{'' if met else '   <- MISSED'}")
-    print("median samples / s: canary requests in the judged window / seconds since the canary"
-          " started, when it was blocked; 'metric?' = still inconclusive at a step deadline")
+        print(
+            f"{scenario.name:<18} {measure:<13} {rate:>8.2%} {interval:>15} {target:>7}  "
+            f"{samples:>14.0f} {seconds:>9.0f}  {top or '-'}"
+            f"{'' if met else '   <- MISSED'}"
+        )
+    print(
+        "median samples / s: canary requests in the judged window / seconds since the canary"
+        " started, when it was blocked; 'metric?' = still inconclusive at a step deadline"
+    )
     print()
     print("targets met" if ok else "TARGETS MISSED (see above)")
     print(f"simulation time: {sum(r[4] for r in rows):.0f} s")

@@ -60,9 +60,11 @@ def main() -> None:
         print(f"{'run':<6} {'seconds':>9} {'files cached':>13} {'findings':>9}")
         print(f"{'cold':<6} {cold.seconds:>9.3f} {cold.cached:>13} {len(cold.findings):>9}")
         print(f"{'warm':<6} {warm.seconds:>9.3f} {warm.cached:>13} {len(warm.findings):>9}")
-        print(f"warm is {cold.seconds / warm.seconds:,.0f}x faster than cold "
-              f"({cold.seconds / len(paths) * 1000:.1f} ms/file cold, "
-              f"{warm.seconds / len(paths) * 1000:.2f} ms/file warm)")
+        print(
+            f"warm is {cold.seconds / warm.seconds:,.0f}x faster than cold "
+            f"({cold.seconds / len(paths) * 1000:.1f} ms/file cold, "
+            f"{warm.seconds / len(paths) * 1000:.2f} ms/file warm)"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def platform(spec: ProductSpec) -> Iterator[LocalPlatform]:
         local.down()
 
 
-def deploy_canary(platform: LocalPlatform, spec: ProductSpec, version: str,
-                  **settings: float) -> registry.Artifact:
+def deploy_canary(
+    platform: LocalPlatform, spec: ProductSpec, version: str, **settings: float
+) -> registry.Artifact:
     artifact = registry.push(registry.build_artifact(spec, version, settings or None))
     platform.deploy(ENV, "canary", artifact)
     return artifact
@@ -139,9 +140,9 @@ def test_error_rate_regression_is_blocked(platform: LocalPlatform, spec: Product
     # Start at the 25% step: at 5% the canary needs ~19 s of traffic to reach the minimum
     # sample, which a loaded CI machine may not deliver before the deadline (that would fail
     # too, but as "inconclusive", not as the error-rate regression this test is about).
-    from_25 = spec.model_copy(update={
-        "canary": spec.canary.model_copy(update={"steps": spec.canary.steps[1:]})
-    })
+    from_25 = spec.model_copy(
+        update={"canary": spec.canary.model_copy(update={"steps": spec.canary.steps[1:]})}
+    )
     report = run_canary(platform, from_25, env=ENV, artifact=artifact, bake_scale=FAST)
     assert_blocked(report, reason="error_rate: fail")
     assert report.steps[0].weight == 25
@@ -170,8 +171,15 @@ def test_canary_without_traffic_is_inconclusive_then_blocked(
     previous = platform.current(ENV)["stable"]["version"]
     artifact = deploy_canary(platform, spec, "1.2.0-idle")
     events: list[dict[str, Any]] = []
-    report = run_canary(platform, spec, env=ENV, artifact=artifact, bake_scale=FAST,
-                        load_enabled=False, on_event=events.append)
+    report = run_canary(
+        platform,
+        spec,
+        env=ENV,
+        artifact=artifact,
+        bake_scale=FAST,
+        load_enabled=False,
+        on_event=events.append,
+    )
     assert_blocked(report, reason="deadline reached while inconclusive")
     assert [e["event"] for e in events if e["event"] == "step_extended"] == ["step_extended"]
     step = report.steps[0]
@@ -195,8 +203,9 @@ def test_metrics_endpoint_that_stops_answering_blocks_after_k_errors(
             os.kill(canary_api_pid, signal.SIGKILL)  # a process this test's platform started
 
     k = spec.canary.max_consecutive_metric_errors
-    report = run_canary(platform, spec, env=ENV, artifact=artifact, bake_scale=FAST,
-                        on_event=kill_canary_api)
+    report = run_canary(
+        platform, spec, env=ENV, artifact=artifact, bake_scale=FAST, on_event=kill_canary_api
+    )
     assert_blocked(report, reason=f"metrics source failed {k} consecutive times")
     rows = {r["metric"]: r for r in report.rows()}
     assert rows[METRICS_SOURCE]["verdict"] == "fail"
@@ -240,8 +249,9 @@ def test_load_generator_is_bounded_in_count_and_time() -> None:
     from dagster_project.core.platform.processes import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
-    load = LoadGenerator(url, [Target("/v1/items", 1, True)], rps=200, max_requests=40,
-                         max_seconds=5.0)
+    load = LoadGenerator(
+        url, [Target("/v1/items", 1, True)], rps=200, max_requests=40, max_seconds=5.0
+    )
     began = time.monotonic()
     load.start()
     while load.running and time.monotonic() - began < 6:

@@ -30,8 +30,9 @@ def config() -> JudgeConfig:
     return JudgeConfig.from_spec(load_spec(PRODUCT))
 
 
-def latencies(rng: np.random.Generator, n: int, median_ms: float = 40.0,
-              extra_ms: float = 0.0) -> list[float]:
+def latencies(
+    rng: np.random.Generator, n: int, median_ms: float = 40.0, extra_ms: float = 0.0
+) -> list[float]:
     return (rng.lognormal(math.log(median_ms), 0.45, n) + extra_ms).tolist()
 
 
@@ -210,8 +211,33 @@ def test_only_the_last_step_extends_on_suspicion(config: JudgeConfig) -> None:
 
 
 def test_judge_on_bucketed_samples_like_the_metrics_source(config: JudgeConfig) -> None:
-    bounds = (0.001, 0.002, 0.003, 0.005, 0.007, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
-              0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.5, math.inf)
+    bounds = (
+        0.001,
+        0.002,
+        0.003,
+        0.005,
+        0.007,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.04,
+        0.05,
+        0.075,
+        0.1,
+        0.125,
+        0.15,
+        0.2,
+        0.25,
+        0.3,
+        0.4,
+        0.5,
+        0.75,
+        1.0,
+        1.5,
+        2.5,
+        math.inf,
+    )
     rng = np.random.default_rng(12)
 
     def bucketed(n: int, extra_ms: float) -> list[float]:
@@ -219,10 +245,12 @@ def test_judge_on_bucketed_samples_like_the_metrics_source(config: JudgeConfig) 
         counts = np.bincount(np.searchsorted(bounds, values), minlength=len(bounds))
         return samples_from_buckets(bounds, np.cumsum(counts).tolist())
 
-    same = judge(SideWindow(2000, 0, bucketed(2000, 0)), SideWindow(300, 0, bucketed(300, 0)),
-                 config)
-    slow = judge(SideWindow(2000, 0, bucketed(2000, 0)), SideWindow(300, 0, bucketed(300, 150)),
-                 config)
+    same = judge(
+        SideWindow(2000, 0, bucketed(2000, 0)), SideWindow(300, 0, bucketed(300, 0)), config
+    )
+    slow = judge(
+        SideWindow(2000, 0, bucketed(2000, 0)), SideWindow(300, 0, bucketed(300, 150)), config
+    )
     assert same.verdict == Verdict.PASS
     assert by_metric(slow)["latency_shift"].verdict == Verdict.FAIL
 

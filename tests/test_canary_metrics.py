@@ -74,11 +74,19 @@ class ExpositionServer:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("http_requests", "requests", ("version", "track", "path",
-                                                              "status"), registry=self.registry)
-        self.latency = Histogram("http_request_duration_seconds", "latency",
-                                 ("version", "track", "path"), buckets=BUCKETS_S,
-                                 registry=self.registry)
+        self.requests = Counter(
+            "http_requests",
+            "requests",
+            ("version", "track", "path", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "latency",
+            ("version", "track", "path"),
+            buckets=BUCKETS_S,
+            registry=self.registry,
+        )
         self.port = free_port()
         self.server, self.thread = start_http_server(self.port, "127.0.0.1", self.registry)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -157,8 +165,13 @@ class FakePrometheus:
                 if owner.fail_with:
                     self._send(*owner.fail_with)
                     return
-                self._send(200, {"status": "success",
-                                 "data": {"resultType": "vector", "result": owner.answer(query)}})
+                self._send(
+                    200,
+                    {
+                        "status": "success",
+                        "data": {"resultType": "vector", "result": owner.answer(query)},
+                    },
+                )
 
             def _send(self, status: int, body: dict[str, Any]) -> None:
                 raw = json.dumps(body).encode()
@@ -209,11 +222,15 @@ def prometheus() -> Iterator[FakePrometheus]:
 
 def test_prometheus_snapshot_and_window(prometheus: FakePrometheus) -> None:
     prometheus.totals["canary"] = {
-        "requests": 1200, "errors": 12, "version": "1.4.0",
+        "requests": 1200,
+        "errors": 12,
+        "version": "1.4.0",
         "buckets": {"0.01": 900, "0.05": 1150, "+Inf": 1200},
     }
     prometheus.increases["canary"] = {
-        "requests": 120, "errors": 6, "version": "1.4.0",
+        "requests": 120,
+        "errors": 6,
+        "version": "1.4.0",
         "buckets": {"0.01": 100, "0.05": 118, "+Inf": 120},
     }
     source = PrometheusSource(prometheus.url, selector='env="production"')
@@ -230,8 +247,10 @@ def test_prometheus_snapshot_and_window(prometheus: FakePrometheus) -> None:
     assert 'sum(increase(http_requests_total{track="canary"' in increase_queries[0]
     assert all("[30s]" in q and 'env="production"' in q for q in increase_queries)
     assert any('status=~"5.."' in q for q in increase_queries)
-    assert any(q.startswith("sum by (le) (increase(http_request_duration_seconds_bucket")
-               for q in increase_queries)
+    assert any(
+        q.startswith("sum by (le) (increase(http_request_duration_seconds_bucket")
+        for q in increase_queries
+    )
 
 
 def test_prometheus_no_series_means_no_traffic_which_is_never_a_pass(
@@ -240,21 +259,28 @@ def test_prometheus_no_series_means_no_traffic_which_is_never_a_pass(
     from dagster_project.core.canary.judge import JudgeConfig, judge
     from dagster_project.core.spec import load_spec
 
-    prometheus.totals["stable"] = {"requests": 5000, "errors": 0, "version": "1.3.0",
-                                   "buckets": {"0.01": 5000, "+Inf": 5000}}
+    prometheus.totals["stable"] = {
+        "requests": 5000,
+        "errors": 0,
+        "version": "1.3.0",
+        "buckets": {"0.01": 5000, "+Inf": 5000},
+    }
     source = PrometheusSource(prometheus.url)
     canary = source.snapshot("canary")
     assert canary.requests == 0 and canary.buckets == {}
     empty = TrackSnapshot("canary", 0.0, 0, 0, {})
     stable = source.snapshot("stable").since(TrackSnapshot("stable", 0.0, 0, 0, {}))
-    judgement = judge(stable.side(), canary.since(empty).side(),
-                      JudgeConfig.from_spec(load_spec("4pnihc40q-yj")))
+    judgement = judge(
+        stable.side(), canary.since(empty).side(), JudgeConfig.from_spec(load_spec("4pnihc40q-yj"))
+    )
     assert judgement.verdict == Verdict.INCONCLUSIVE
 
 
 def test_prometheus_errors_are_retried_then_named(prometheus: FakePrometheus) -> None:
-    prometheus.fail_with = (422, {"status": "error", "errorType": "bad_data",
-                                  "error": "parse error at char 7"})
+    prometheus.fail_with = (
+        422,
+        {"status": "error", "errorType": "bad_data", "error": "parse error at char 7"},
+    )
     source = PrometheusSource(prometheus.url, attempts=3)
     with pytest.raises(MetricsUnavailable) as caught:
         source.snapshot("canary")

@@ -70,8 +70,10 @@ def test_apply_records_checksum_actor_outcome_and_is_idempotent(env: str, migrat
     assert rows[0]["sha256"] == history.file_sha256(migrations / "0001_create_orders.sql")
     assert rows[0]["applied_at"]
     with database.connection(env) as conn, conn.cursor() as cur:
-        cur.execute("SELECT column_name FROM information_schema.columns "
-                    "WHERE table_name = 'orders' ORDER BY ordinal_position")
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_name = 'orders' ORDER BY ordinal_position"
+        )
         assert [r[0] for r in cur.fetchall()] == ["id", "note"]
 
     assert history.apply_pending(env, migrations, actor="ci@example") == []

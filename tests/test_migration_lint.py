@@ -22,8 +22,8 @@ def write(directory: Path, name: str, sql: str) -> Path:
 def pyproject_with(tmp_path: Path, policy: str) -> Path:
     path = tmp_path / "pyproject.toml"
     path.write_text(
-        "[tool.sqlfluff.core]\ndialect = \"postgres\"\n\n"
-        f"[tool.sqlfluff.rules.capitalisation.keywords]\ncapitalisation_policy = \"{policy}\"\n",
+        '[tool.sqlfluff.core]\ndialect = "postgres"\n\n'
+        f'[tool.sqlfluff.rules.capitalisation.keywords]\ncapitalisation_policy = "{policy}"\n',
         encoding="utf-8",
     )
     return path

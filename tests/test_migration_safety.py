@@ -20,7 +20,8 @@ RULE_CASES: list[tuple[str, str, str]] = [
     (
         "require-concurrent-index-creation",
         TIMEOUTS + "CREATE INDEX orders_note ON orders (note);\n",
-        NO_TX + TIMEOUTS
+        NO_TX
+        + TIMEOUTS
         + "CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_note ON orders (note);\n",
     ),
     (
@@ -180,9 +181,7 @@ def test_waiver_with_reason_is_accepted_and_listed(tmp_path: Path) -> None:
         "ALTER TABLE orders DROP COLUMN customer_id;\n",
     )
     report = safety.check_safety([path])
-    assert [(w.rule, w.file, w.line) for w in report.waivers] == [
-        ("ban-drop-column", str(path), 4)
-    ]
+    assert [(w.rule, w.file, w.line) for w in report.waivers] == [("ban-drop-column", str(path), 4)]
     assert report.waivers[0].reason == "1.3 stopped reading note (expand in 0004)"
     # The waiver covers its own statement only: the next drop still blocks.
     assert [(f.rule, f.line) for f in report.findings] == [("ban-drop-column", 5)]
@@ -292,17 +291,28 @@ def test_adding_a_nullable_column_passes(tmp_path: Path) -> None:
     ("sql", "rule", "subject"),
     [
         ("DROP TABLE customers;\n", "drops-table-in-use", "customers"),
-        ("ALTER TABLE orders RENAME COLUMN note TO remark;\n", "renames-column-in-use",
-         "orders.note"),
+        (
+            "ALTER TABLE orders RENAME COLUMN note TO remark;\n",
+            "renames-column-in-use",
+            "orders.note",
+        ),
         ("ALTER TABLE customers RENAME TO clients;\n", "renames-table-in-use", "customers"),
-        ("ALTER TABLE orders ALTER COLUMN customer_id TYPE text;\n", "changes-column-type",
-         "orders.customer_id"),
-        ("ALTER TABLE orders ADD COLUMN status text NOT NULL;\n", "adds-required-column",
-         "orders.status"),
-        ("ALTER TABLE orders ALTER COLUMN note SET NOT NULL;\n", "sets-not-null",
-         "orders.note"),
-        ("ALTER TABLE public.orders DROP COLUMN IF EXISTS customer_id CASCADE;\n",
-         "drops-column-in-use", "orders.customer_id"),
+        (
+            "ALTER TABLE orders ALTER COLUMN customer_id TYPE text;\n",
+            "changes-column-type",
+            "orders.customer_id",
+        ),
+        (
+            "ALTER TABLE orders ADD COLUMN status text NOT NULL;\n",
+            "adds-required-column",
+            "orders.status",
+        ),
+        ("ALTER TABLE orders ALTER COLUMN note SET NOT NULL;\n", "sets-not-null", "orders.note"),
+        (
+            "ALTER TABLE public.orders DROP COLUMN IF EXISTS customer_id CASCADE;\n",
+            "drops-column-in-use",
+            "orders.customer_id",
+        ),
     ],
 )
 def test_breaking_changes_block(tmp_path: Path, sql: str, rule: str, subject: str) -> None:
@@ -345,6 +355,8 @@ def test_scratch_database_is_dropped(tmp_path: Path) -> None:
 
     compat_findings(tmp_path, "ALTER TABLE orders ADD COLUMN status text;\n")
     with database.connection("postgres") as conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s",
-                    (database.physical_name("scratch_compat_") + "%",))
+        cur.execute(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+            (database.physical_name("scratch_compat_") + "%",),
+        )
         assert cur.fetchone() == (0,)

@@ -162,10 +162,17 @@ class CanaryReport:
             "rollback_seconds": self.rollback_seconds,
             "rollback": self.rollback_result,
             "steps": [
-                {"step": s.index, "weight": s.weight, "verdict": s.verdict.value,
-                 "reason": s.reason, "looks": s.looks, "extended": s.extended,
-                 "started_at": round(s.started_at, 3), "ended_at": round(s.ended_at, 3),
-                 "traffic": s.traffic}
+                {
+                    "step": s.index,
+                    "weight": s.weight,
+                    "verdict": s.verdict.value,
+                    "reason": s.reason,
+                    "looks": s.looks,
+                    "extended": s.extended,
+                    "started_at": round(s.started_at, 3),
+                    "ended_at": round(s.ended_at, 3),
+                    "traffic": s.traffic,
+                }
                 for s in self.steps
             ],
             "rows": self.rows(),
@@ -240,8 +247,14 @@ def run_canary(
             step_report = StepReport(index, step.weight, bake_s, time.monotonic() - start)
             report.steps.append(step_report)
             platform.set_weights(env, {"stable": 100 - step.weight, "canary": step.weight})
-            emit({"event": "step_started", "step": index, "weight": step.weight,
-                  "bake_seconds": bake_s})
+            emit(
+                {
+                    "event": "step_started",
+                    "step": index,
+                    "weight": step.weight,
+                    "bake_seconds": bake_s,
+                }
+            )
             step_started = time.monotonic()
             action = StepAction.CONTINUE
             while action in (StepAction.CONTINUE, StepAction.EXTEND):
@@ -256,9 +269,15 @@ def run_canary(
                 action = step_decision(judgement.verdict, elapsed, bake_s, extension_s)
                 if action == StepAction.EXTEND and previous != StepAction.EXTEND:
                     step_report.extended = True
-                    emit({"event": "step_extended", "step": index, "weight": step.weight,
-                          "reasons": judgement.reasons,
-                          "deadline_seconds": bake_s + extension_s})
+                    emit(
+                        {
+                            "event": "step_extended",
+                            "step": index,
+                            "weight": step.weight,
+                            "reasons": judgement.reasons,
+                            "deadline_seconds": bake_s + extension_s,
+                        }
+                    )
             assert step_report.judgement is not None
             step_report.ended_at = time.monotonic() - start
             if generator is not None:
@@ -268,13 +287,21 @@ def run_canary(
             if step_report.verdict == Verdict.FAIL:
                 step_report.reason = _fail_reason(step_report.judgement)
                 if step_report.judgement.verdict == Verdict.INCONCLUSIVE:
-                    step_report.reason = "deadline reached while inconclusive: " + \
-                        step_report.reason
+                    step_report.reason = (
+                        "deadline reached while inconclusive: " + step_report.reason
+                    )
             else:
                 step_report.reason = "all metrics pass"
-            emit({"event": "step_judged", "step": index, "weight": step.weight,
-                  "verdict": step_report.verdict.value, "reason": step_report.reason,
-                  "rows": step_report.rows()})
+            emit(
+                {
+                    "event": "step_judged",
+                    "step": index,
+                    "weight": step.weight,
+                    "verdict": step_report.verdict.value,
+                    "reason": step_report.reason,
+                    "rows": step_report.rows(),
+                }
+            )
             if step_report.verdict == Verdict.FAIL:
                 _abort(platform, env, report, step_report, emit)
                 break
@@ -346,8 +373,10 @@ class _Looker:
         if not isinstance(taken, str):
             try:
                 windows = {track: taken[track].since(self.start[track]) for track in self.tracks}
-                recent = {track: taken[track].since((self.previous or self.start)[track])
-                          for track in self.tracks}
+                recent = {
+                    track: taken[track].since((self.previous or self.start)[track])
+                    for track in self.tracks
+                }
             except MetricsUnavailable as exc:
                 taken = str(exc)
         if windows is None or isinstance(taken, str):
@@ -358,10 +387,17 @@ class _Looker:
         self.errors.clear()  # only *consecutive* errors count
         self.previous = taken
         for track, window in recent.items():
-            report.series.append(SeriesPoint(
-                t=t, step=step, track=track, requests=window.requests, errors=window.errors,
-                p50_ms=window.quantile_ms(0.5), p99_ms=window.quantile_ms(0.99),
-            ))
+            report.series.append(
+                SeriesPoint(
+                    t=t,
+                    step=step,
+                    track=track,
+                    requests=window.requests,
+                    errors=window.errors,
+                    p50_ms=window.quantile_ms(0.5),
+                    p99_ms=window.quantile_ms(0.99),
+                )
+            )
         if "stable" not in windows:  # first release: nothing to compare with
             return judge_absolute(windows["canary"].side(), config)
         return judge(windows["stable"].side(), windows["canary"].side(), config)
@@ -386,5 +422,11 @@ def _abort(
     _rollback(platform, env, report)
     report.verdict = Verdict.FAIL
     report.reason = f"step {step.index} ({step.weight}%) failed: {step.reason}"
-    emit({"event": "aborted", "step": step.index, "reason": report.reason,
-          "rollback_seconds": report.rollback_seconds})
+    emit(
+        {
+            "event": "aborted",
+            "step": step.index,
+            "reason": report.reason,
+            "rollback_seconds": report.rollback_seconds,
+        }
+    )

@@ -165,13 +165,24 @@ def metrics_unavailable(errors: Sequence[str], limit: int) -> Judgement:
     """Fail closed after `limit` consecutive metric-source errors; every metric stays listed."""
     last = errors[-1] if errors else "unknown error"
     rows = [
-        MetricResult(m, None, None, "-", None, Verdict.INCONCLUSIVE,
-                     "no data: the metrics source did not answer")
+        MetricResult(
+            m,
+            None,
+            None,
+            "-",
+            None,
+            Verdict.INCONCLUSIVE,
+            "no data: the metrics source did not answer",
+        )
         for m in METRICS
     ]
     rows.append(
         MetricResult(
-            METRICS_SOURCE, None, float(len(errors)), f"< {limit} consecutive errors", None,
+            METRICS_SOURCE,
+            None,
+            float(len(errors)),
+            f"< {limit} consecutive errors",
+            None,
             Verdict.FAIL,
             f"metrics source failed {len(errors)} consecutive times (limit {limit}); "
             f"failing closed. Last error: {last}",
@@ -216,16 +227,18 @@ def _error_rate(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -
     threshold = f"<= baseline + {allowance:g}"
     b, c = _counts(baseline), _counts(canary)
     if isinstance(b, str) or isinstance(c, str):
-        why = "; ".join(f"{name}: {r}" for name, r in (("baseline", b), ("canary", c))
-                        if isinstance(r, str))
+        why = "; ".join(
+            f"{name}: {r}" for name, r in (("baseline", b), ("canary", c)) if isinstance(r, str)
+        )
         return MetricResult("error_rate", None, None, threshold, None, Verdict.INCONCLUSIVE, why)
     (nb, eb), (nc, ec) = b, c
     rate_b = eb / nb if nb else None
     rate_c = ec / nc if nc else None
     short = _below_minimum(nb, nc, config.min_requests_per_side, "requests")
     if short:
-        return MetricResult("error_rate", rate_b, rate_c, threshold, None,
-                            Verdict.INCONCLUSIVE, short)
+        return MetricResult(
+            "error_rate", rate_b, rate_c, threshold, None, Verdict.INCONCLUSIVE, short
+        )
     assert rate_b is not None and rate_c is not None
     # Failing outright needs Fisher's exact test (strong evidence even from a handful of
     # errors); suspicion, which only extends the sampling, uses the more sensitive z-test.
@@ -282,14 +295,21 @@ def _success_rate(canary: SideWindow, config: JudgeConfig) -> MetricResult:
     threshold = f">= {config.success_rate_min:g}"
     c = _counts(canary)
     if isinstance(c, str):
-        return MetricResult("success_rate", None, None, threshold, None,
-                            Verdict.INCONCLUSIVE, f"canary: {c}")
+        return MetricResult(
+            "success_rate", None, None, threshold, None, Verdict.INCONCLUSIVE, f"canary: {c}"
+        )
     nc, ec = c
     rate = 1 - ec / nc if nc else None
     if nc < config.min_requests_per_side:
-        return MetricResult("success_rate", None, rate, threshold, None, Verdict.INCONCLUSIVE,
-                            f"below minimum sample: canary {nc} < {config.min_requests_per_side} "
-                            "requests")
+        return MetricResult(
+            "success_rate",
+            None,
+            rate,
+            threshold,
+            None,
+            Verdict.INCONCLUSIVE,
+            f"below minimum sample: canary {nc} < {config.min_requests_per_side} requests",
+        )
     assert rate is not None
     allowed_error = 1 - config.success_rate_min
     p_value = float(binomtest(ec, nc, allowed_error, alternative="greater").pvalue)
@@ -310,16 +330,17 @@ def _latency_shift(baseline: SideWindow, canary: SideWindow, config: JudgeConfig
     threshold = f"<= {ratio:g} x baseline"
     b, c = _latencies(baseline), _latencies(canary)
     if isinstance(b, str) or isinstance(c, str):
-        why = "; ".join(f"{name}: {r}" for name, r in (("baseline", b), ("canary", c))
-                        if isinstance(r, str))
-        return MetricResult("latency_shift", None, None, threshold, None,
-                            Verdict.INCONCLUSIVE, why)
+        why = "; ".join(
+            f"{name}: {r}" for name, r in (("baseline", b), ("canary", c)) if isinstance(r, str)
+        )
+        return MetricResult("latency_shift", None, None, threshold, None, Verdict.INCONCLUSIVE, why)
     median_b = float(np.median(b)) if b.size else None
     median_c = float(np.median(c)) if c.size else None
     short = _below_minimum(b.size, c.size, config.min_latency_samples, "latency samples")
     if short:
-        return MetricResult("latency_shift", median_b, median_c, threshold, None,
-                            Verdict.INCONCLUSIVE, short)
+        return MetricResult(
+            "latency_shift", median_b, median_c, threshold, None, Verdict.INCONCLUSIVE, short
+        )
     assert median_b is not None and median_c is not None
     # Effect-size allowance: the canary must be stochastically greater than the baseline
     # *scaled by the allowance*, so a shift within the allowance can never fail.
@@ -329,7 +350,7 @@ def _latency_shift(baseline: SideWindow, canary: SideWindow, config: JudgeConfig
     reason = {
         Verdict.FAIL: f"canary slower than {ratio:g}x baseline (median x{shift:.2f}), significant",
         Verdict.INCONCLUSIVE: f"canary may be slower than {ratio:g}x baseline "
-                              f"(median x{shift:.2f}): need more data",
+        f"(median x{shift:.2f}): need more data",
         Verdict.PASS: f"no significant shift beyond {ratio:g}x (median x{shift:.2f})",
     }[verdict]
     return MetricResult("latency_shift", median_b, median_c, threshold, p_value, verdict, reason)
@@ -343,13 +364,20 @@ def _p99_latency(canary: SideWindow, config: JudgeConfig) -> MetricResult:
     threshold = f"<= {limit:g} ms"
     c = _latencies(canary)
     if isinstance(c, str):
-        return MetricResult("p99_latency", None, None, threshold, None,
-                            Verdict.INCONCLUSIVE, f"canary: {c}")
+        return MetricResult(
+            "p99_latency", None, None, threshold, None, Verdict.INCONCLUSIVE, f"canary: {c}"
+        )
     p99 = float(np.quantile(c, 0.99)) if c.size else None
     if c.size < config.min_latency_samples:
-        return MetricResult("p99_latency", None, p99, threshold, None, Verdict.INCONCLUSIVE,
-                            f"below minimum sample: canary {c.size} < "
-                            f"{config.min_latency_samples} latency samples")
+        return MetricResult(
+            "p99_latency",
+            None,
+            p99,
+            threshold,
+            None,
+            Verdict.INCONCLUSIVE,
+            f"below minimum sample: canary {c.size} < {config.min_latency_samples} latency samples",
+        )
     assert p99 is not None
     # p99 <= limit  <=>  at most 1% of requests are slower than the limit.
     slower = int((c > limit).sum())
@@ -364,8 +392,11 @@ def _p99_latency(canary: SideWindow, config: JudgeConfig) -> MetricResult:
 
 
 def _below_minimum(n_baseline: int, n_canary: int, minimum: int, what: str) -> str:
-    short = [f"{side} {n} < {minimum} {what}"
-             for side, n in (("baseline", n_baseline), ("canary", n_canary)) if n < minimum]
+    short = [
+        f"{side} {n} < {minimum} {what}"
+        for side, n in (("baseline", n_baseline), ("canary", n_canary))
+        if n < minimum
+    ]
     return "below minimum sample: " + ", ".join(short) if short else ""
 
 

@@ -149,11 +149,15 @@ class LoadGenerator:
         """Requests that reached an origin (cache MISS) between two monotonic times, by
         X-Track: a cross-check of the weights that does not rely on the metric source."""
         lo, hi = since - self._started_at, until - self._started_at
-        tracks = Counter(r.track for r in self.records()
-                         if lo <= r.t < hi and r.cache == "MISS" and r.track)
+        tracks = Counter(
+            r.track for r in self.records() if lo <= r.t < hi and r.cache == "MISS" and r.track
+        )
         total = sum(tracks.values())
-        return {"origin_requests": total, "by_track": dict(tracks),
-                "canary_share": round(tracks.get("canary", 0) / total, 4) if total else None}
+        return {
+            "origin_requests": total,
+            "by_track": dict(tracks),
+            "canary_share": round(tracks.get("canary", 0) / total, 4) if total else None,
+        }
 
     @property
     def running(self) -> bool:
@@ -164,11 +168,14 @@ class LoadGenerator:
     def _run(self) -> None:
         interval = 1.0 / self.rps
         in_flight = threading.BoundedSemaphore(self.concurrency)
-        limits = httpx.Limits(max_connections=self.concurrency,
-                              max_keepalive_connections=self.concurrency)
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
         deadline = self._started_at + self.max_seconds
-        with httpx.Client(timeout=self.timeout_s, limits=limits) as client, \
-                ThreadPoolExecutor(self.concurrency, thread_name_prefix="canary-load") as pool:
+        with (
+            httpx.Client(timeout=self.timeout_s, limits=limits) as client,
+            ThreadPoolExecutor(self.concurrency, thread_name_prefix="canary-load") as pool,
+        ):
             next_at = time.monotonic()
             while not self._stop.is_set() and self._sent + self._skipped < self.max_requests:
                 now = time.monotonic()
@@ -197,14 +204,21 @@ class LoadGenerator:
         try:
             response = client.get(self.base_url + path)
             record = RequestRecord(
-                t=began - self._started_at, path=path.split("?")[0],
-                status=response.status_code, latency_ms=(time.monotonic() - began) * 1000,
-                track=response.headers.get("x-track"), cache=response.headers.get("x-cache"),
+                t=began - self._started_at,
+                path=path.split("?")[0],
+                status=response.status_code,
+                latency_ms=(time.monotonic() - began) * 1000,
+                track=response.headers.get("x-track"),
+                cache=response.headers.get("x-cache"),
             )
         except httpx.HTTPError as exc:
             record = RequestRecord(
-                t=began - self._started_at, path=path.split("?")[0], status=0,
-                latency_ms=(time.monotonic() - began) * 1000, track=None, cache=None,
+                t=began - self._started_at,
+                path=path.split("?")[0],
+                status=0,
+                latency_ms=(time.monotonic() - began) * 1000,
+                track=None,
+                cache=None,
                 error=f"{type(exc).__name__}: {exc}",
             )
         finally:

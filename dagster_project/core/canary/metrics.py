@@ -201,9 +201,7 @@ def parse_exposition(
                 bound = float(labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
     if not found_counter:
-        raise MetricsUnavailable(
-            f"track {track!r}: the exposition has no {REQUESTS_METRIC} metric"
-        )
+        raise MetricsUnavailable(f"track {track!r}: the exposition has no {REQUESTS_METRIC} metric")
     return TrackSnapshot(
         track, time.monotonic(), requests, errors, buckets, tuple(sorted(versions))
     )
@@ -247,7 +245,7 @@ class PrometheusSource:
 
         return {
             "requests": f"sum({metric(REQUESTS_METRIC)})",
-            "errors": f'sum({metric(REQUESTS_METRIC, "status=~" + chr(34) + "5.." + chr(34))})',
+            "errors": f"sum({metric(REQUESTS_METRIC, 'status=~' + chr(34) + '5..' + chr(34))})",
             "buckets": f"sum by (le) ({metric(DURATION_METRIC + '_bucket')})",
             "versions": f"count by (version) ({metric(REQUESTS_METRIC)})",
         }
@@ -263,8 +261,11 @@ class PrometheusSource:
         values = self._collect(self._queries(track, "increase({}" + rng + ")"))
         bounds = tuple(sorted(values["buckets"]))
         return TrackWindow(
-            track=track, seconds=float(seconds), requests=values["requests"],
-            errors=values["errors"], bucket_bounds=bounds,
+            track=track,
+            seconds=float(seconds),
+            requests=values["requests"],
+            errors=values["errors"],
+            bucket_bounds=bounds,
             bucket_cumulative=tuple(values["buckets"][b] for b in bounds),
             versions=values["versions"],
         )
@@ -273,8 +274,9 @@ class PrometheusSource:
         requests = self._scalar(self._query(queries["requests"]))
         errors = self._scalar(self._query(queries["errors"]))
         buckets = {float(r["metric"]["le"]): _value(r) for r in self._query(queries["buckets"])}
-        versions = tuple(sorted(r["metric"].get("version", "") for r in
-                                self._query(queries["versions"])))
+        versions = tuple(
+            sorted(r["metric"].get("version", "") for r in self._query(queries["versions"]))
+        )
         return {"requests": requests, "errors": errors, "buckets": buckets, "versions": versions}
 
     @staticmethod

@@ -35,10 +35,20 @@ def render_snapshots(report: CanaryReport, directory: str | Path) -> list[dict[s
     for track in ("stable", "canary"):
         points = [p for p in report.series if p.track == track and p.p50_ms is not None]
         times = [p.t for p in points]
-        ax.plot(times, [p.p50_ms for p in points], color=COLORS[track], linestyle="-",
-                label=f"{LABELS[track]} p50")
-        ax.plot(times, [p.p99_ms for p in points], color=COLORS[track], linestyle="--",
-                label=f"{LABELS[track]} p99")
+        ax.plot(
+            times,
+            [p.p50_ms for p in points],
+            color=COLORS[track],
+            linestyle="-",
+            label=f"{LABELS[track]} p50",
+        )
+        ax.plot(
+            times,
+            [p.p99_ms for p in points],
+            color=COLORS[track],
+            linestyle="--",
+            label=f"{LABELS[track]} p99",
+        )
     ax.set_ylabel("latency per look (ms)")
     _finish(ax, report, title)
     written.append(_save(fig, out / "latency.png", "latency quantiles"))
@@ -47,16 +57,28 @@ def render_snapshots(report: CanaryReport, directory: str | Path) -> list[dict[s
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for track in ("stable", "canary"):
         points = [p for p in report.series if p.track == track and p.requests > 0]
-        ax.plot([p.t for p in points], [100 * p.errors / p.requests for p in points],
-                color=COLORS[track], marker=".", linewidth=0.8, label=f"{LABELS[track]} per look")
+        ax.plot(
+            [p.t for p in points],
+            [100 * p.errors / p.requests for p in points],
+            color=COLORS[track],
+            marker=".",
+            linewidth=0.8,
+            label=f"{LABELS[track]} per look",
+        )
         # The running rate since the canary started: the window the judge decides on.
         requests = errors = 0.0
         running = []
         for p in points:
             requests, errors = requests + p.requests, errors + p.errors
             running.append(100 * errors / requests)
-        ax.plot([p.t for p in points], running, color=COLORS[track], linestyle="--",
-                linewidth=1.6, label=f"{LABELS[track]} since start (judged)")
+        ax.plot(
+            [p.t for p in points],
+            running,
+            color=COLORS[track],
+            linestyle="--",
+            linewidth=1.6,
+            label=f"{LABELS[track]} since start (judged)",
+        )
     ax.set_ylabel("error rate (%)")
     _finish(ax, report, title)
     written.append(_save(fig, out / "error_rate.png", "error rate"))
@@ -67,9 +89,15 @@ def render_snapshots(report: CanaryReport, directory: str | Path) -> list[dict[s
 def _finish(ax: Any, report: CanaryReport, title: str) -> None:
     for step in report.steps:
         ax.axvline(step.started_at, color="grey", linewidth=0.8, linestyle=":")
-        ax.annotate(f"step {step.index}: {step.weight}% ({step.verdict})",
-                    xy=(step.started_at, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(2, -12), textcoords="offset points", fontsize=7, color="grey")
+        ax.annotate(
+            f"step {step.index}: {step.weight}% ({step.verdict})",
+            xy=(step.started_at, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -12),
+            textcoords="offset points",
+            fontsize=7,
+            color="grey",
+        )
     if report.rolled_back and report.steps:
         ax.axvline(report.steps[-1].ended_at, color="black", linewidth=1.2, label="rollback")
     ax.set_xlabel("seconds since the canary started")

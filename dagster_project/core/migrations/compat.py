@@ -104,10 +104,14 @@ def check_backward_compat(
                 if failure is not None:
                     line, error = failure
                     return [
-                        Finding(str(path), line, "cannot-build-stable-schema",
-                                f"the applied migration fails on a scratch database: {error}; "
-                                "the stable schema cannot be reconstructed, so compatibility "
-                                "cannot be judged")
+                        Finding(
+                            str(path),
+                            line,
+                            "cannot-build-stable-schema",
+                            f"the applied migration fails on a scratch database: {error}; "
+                            "the stable schema cannot be reconstructed, so compatibility "
+                            "cannot be judged",
+                        )
                     ]
             stable = _snapshot(conn)
             return _check_pending(conn, stable, pending)
@@ -158,8 +162,12 @@ def _check_pending(
             error = _execute(conn, statement)
             if error is not None:
                 findings.append(
-                    Finding(str(path), statement.line, "pending-migration-fails",
-                            f"the statement fails on the applied schema: {error}")
+                    Finding(
+                        str(path),
+                        statement.line,
+                        "pending-migration-fails",
+                        f"the statement fails on the applied schema: {error}",
+                    )
                 )
                 return findings  # later statements would be judged on a half-applied schema
             after = _snapshot(conn)
@@ -195,29 +203,41 @@ def _compare(
                 continue
             if new is None:
                 if _RENAME_COLUMN_RE.search(statement.text):
-                    add("renames-column-in-use",
-                        f"renames column {subject}, which the stable version reads and writes")
+                    add(
+                        "renames-column-in-use",
+                        f"renames column {subject}, which the stable version reads and writes",
+                    )
                 else:
-                    add("drops-column-in-use",
-                        f"drops column {subject}, which the stable version reads and writes")
+                    add(
+                        "drops-column-in-use",
+                        f"drops column {subject}, which the stable version reads and writes",
+                    )
             elif new.type != old.type:
-                add("changes-column-type",
+                add(
+                    "changes-column-type",
                     f"changes the type of {subject} from {old.type} to {new.type}, which the "
-                    "stable version relies on")
+                    "stable version relies on",
+                )
             elif new.not_null and not old.not_null and not new.fills_itself:
-                add("sets-not-null",
+                add(
+                    "sets-not-null",
                     f"makes {subject} NOT NULL without a default; the stable version's inserts "
-                    "that leave it out will fail")
+                    "that leave it out will fail",
+                )
             elif new.not_null and old.fills_itself and not new.fills_itself:
-                add("drops-default-of-required-column",
+                add(
+                    "drops-default-of-required-column",
                     f"drops the default of NOT NULL column {subject}; the stable version's "
-                    "inserts that leave it out will fail")
+                    "inserts that leave it out will fail",
+                )
         for column, new in columns_after.items():
             if column in columns_before or not new.not_null or new.fills_itself:
                 continue
-            add("adds-required-column",
+            add(
+                "adds-required-column",
                 f"adds column {name}.{column} NOT NULL without a default; the stable version "
-                "does not write it, so its inserts will fail")
+                "does not write it, so its inserts will fail",
+            )
     return findings
 
 

@@ -195,9 +195,7 @@ def history(env: str) -> list[dict[str, Any]]:
     return rows
 
 
-def compare(
-    env: str, files: list[MigrationFile], applied: list[AppliedMigration]
-) -> MigrationPlan:
+def compare(env: str, files: list[MigrationFile], applied: list[AppliedMigration]) -> MigrationPlan:
     """Pure comparison of files on disk with applied history (no database access)."""
     on_disk = {f.version: f for f in files}
     applied_versions = {a.version for a in applied}
@@ -256,9 +254,7 @@ def apply_pending(env: str, migrations_dir: Path | str, actor: str) -> list[dict
             current = compare(env, files, _applied_rows(conn))
             if current.problems:
                 conn.rollback()
-                raise MigrationError(
-                    f"refusing to migrate {env}: " + "; ".join(current.problems)
-                )
+                raise MigrationError(f"refusing to migrate {env}: " + "; ".join(current.problems))
             if not current.pending:
                 conn.rollback()
                 return applied_now
@@ -359,8 +355,15 @@ def _record(
             f"INSERT INTO {HISTORY_TABLE} "
             "(version, filename, sha256, actor, outcome, duration_ms, error) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING applied_at",
-            (migration.version, migration.filename, migration.sha256, actor, outcome,
-             duration_ms, error),
+            (
+                migration.version,
+                migration.filename,
+                migration.sha256,
+                actor,
+                outcome,
+                duration_ms,
+                error,
+            ),
         )
         row = cur.fetchone()
     assert row is not None  # INSERT ... RETURNING always yields the row

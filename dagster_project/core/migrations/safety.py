@@ -322,8 +322,9 @@ def _own_rule_findings(file: str, statements: list[Statement]) -> list[SafetyFin
         for rule in OWN_RULES:
             if rule.pattern.search(text):
                 findings.append(
-                    SafetyFinding(file, statement.line, rule.name, rule.message, rule.help,
-                                  "release")
+                    SafetyFinding(
+                        file, statement.line, rule.name, rule.message, rule.help, "release"
+                    )
                 )
         dml = UNBOUNDED_DML_RE.match(text)
         if (
@@ -364,15 +365,25 @@ def _apply_waivers(
             match = WAIVER_RE.match(comment)
             if match is None:
                 report.findings.append(
-                    SafetyFinding(file, line, "invalid-waiver",
-                                  f"unreadable safety waiver {comment!r}",
-                                  f"Write it as '{WAIVER_FORM}'.", "release")
+                    SafetyFinding(
+                        file,
+                        line,
+                        "invalid-waiver",
+                        f"unreadable safety waiver {comment!r}",
+                        f"Write it as '{WAIVER_FORM}'.",
+                        "release",
+                    )
                 )
             elif not (match["reason"] or "").strip():
                 report.findings.append(
-                    SafetyFinding(file, line, "waiver-without-reason",
-                                  f"waiver of {match['rule']} gives no reason, so it is refused",
-                                  f"Write it as '{WAIVER_FORM}'.", "release")
+                    SafetyFinding(
+                        file,
+                        line,
+                        "waiver-without-reason",
+                        f"waiver of {match['rule']} gives no reason, so it is refused",
+                        f"Write it as '{WAIVER_FORM}'.",
+                        "release",
+                    )
                 )
             else:
                 reason = match["reason"].strip()
@@ -383,9 +394,7 @@ def _apply_waivers(
         if reason is None:
             report.findings.append(finding)
         else:
-            report.waivers.append(
-                Waiver(finding.rule, file, finding.line, reason, finding.message)
-            )
+            report.waivers.append(Waiver(finding.rule, file, finding.line, reason, finding.message))
 
 
 def _statement_index(statements: list[Statement], line: int) -> int | None:
