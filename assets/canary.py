@@ -158,14 +158,15 @@ def bake_scale() -> float:
 
 def describe_event(event: dict[str, Any]) -> str:
     kind = event.get("event", "?")
-    step = f"step {event['step']} ({event.get('weight')}%)" if "step" in event else ""
+    weight = f" ({event['weight']}%)" if event.get("weight") is not None else ""
+    step = f"step {event['step']}{weight}" if "step" in event else ""
     if kind == "step_judged":
         return f"{step} {event.get('verdict')}: {event.get('reason', '')}"
     if kind == "step_extended":
         return f"{step} extended (inconclusive): {'; '.join(event.get('reasons', []))[:200]}"
     if kind == "step_started":
         return f"{step} started, baking {event.get('bake_seconds', 0):.0f}s"
-    return f"{kind} {step} {event.get('reason', '')}".strip()
+    return f"{kind}: {event.get('reason', '')}".strip()
 
 
 def render_snapshots(result: Any, directory: Any) -> list[dict[str, str]]:

@@ -404,7 +404,11 @@ class _Looker:
 
 
 def _fail_reason(judgement: Judgement) -> str:
-    failing = [m for m in judgement.metrics if m.verdict != Verdict.PASS]
+    # Failures first: they decided the step; inconclusive metrics follow for context.
+    failing = sorted(
+        (m for m in judgement.metrics if m.verdict != Verdict.PASS),
+        key=lambda m: m.verdict != Verdict.FAIL,
+    )
     return "; ".join(f"{m.metric}: {m.verdict.value} ({m.reason})" for m in failing)
 
 
