@@ -18,7 +18,7 @@ def fingerprint(token: str) -> str:
 
 
 def mask(token: str | None) -> str:
-    """`tpt-abcde-fgh1ce` -> `tpt-*****ce`: enough to tell tokens apart, never enough to use one."""
+    """Keep the first four and last two characters (`tpt-*****ce`): enough to tell tokens apart."""
     if not token:
         return "(none)"
     if len(token) < 8:
