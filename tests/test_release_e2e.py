@@ -201,6 +201,24 @@ def test_missing_or_wrong_token_is_refused_with_production_untouched(
     assert _served_versions(platform) == {"1.1.0": 60}
 
 
+def test_re_running_the_audit_never_duplicates_an_entry(platform: object) -> None:
+    from dagster_project.definitions import defs
+    from dagster_project.instance import get_instance
+
+    before = [(e.seq, e.entry_hash) for e in audit.entries(PRODUCT)]
+    job = defs.resolve_job_def("audit_" + PRODUCT.replace("-", "_"))
+    for release in ("1.0.0", "1.2.0"):  # a promotion and an aborted canary
+        result = job.execute_in_process(
+            partition_key=release, instance=get_instance(), raise_on_error=False
+        )
+        materialized = [
+            e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
+        ]
+        assert materialized, release
+    assert [(e.seq, e.entry_hash) for e in audit.entries(PRODUCT)] == before
+    assert audit.verify().ok
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
