@@ -8,10 +8,18 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 if ! command -v uv >/dev/null 2>&1; then
-  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
   export PATH="$HOME/.local/bin:$PATH"
+  if ! command -v uv >/dev/null 2>&1; then
+    # pip --user first; where the system Python is externally managed (PEP 668), a private
+    # bootstrap venv under the state directory instead.
+    if ! python3 -m pip install --quiet --user uv 2>/dev/null; then
+      python3 -m venv .release/uv-bootstrap
+      .release/uv-bootstrap/bin/pip install --quiet uv
+      export PATH="$PWD/.release/uv-bootstrap/bin:$PATH"
+    fi
+  fi
 fi
-UV="$(command -v uv || echo "python3 -m uv")"
+UV="$(command -v uv)"
 
 # uv must not download a Python: use the system one (3.11+).
 PY="$(command -v python3)"
