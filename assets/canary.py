@@ -15,7 +15,14 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import group_name, md_table, run_actor, stage_input, stage_key
+from assets.common import (
+    behind_production,
+    group_name,
+    md_table,
+    run_actor,
+    stage_input,
+    stage_key,
+)
 from assets.schema_migration import drift_as_dict, migration_gate_report
 from dagster_project.core import changes
 from dagster_project.core.locks import production_lock
@@ -80,6 +87,15 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
         }
         if stable and stable.get("artifact_sha") == artifact["sha256"]:
             report.update(outcome="already_live", passed=True, reason="already serving 100%")
+            return report
+        if behind_production(context, (stable or {}).get("version")):
+            report.update(
+                outcome="superseded",
+                passed=False,
+                reason=f"release {artifact['version']} is older than {stable['version']}, "
+                "live in production: production is never moved backwards (not touched)",
+            )
+            context.log.warning(report["reason"])
             return report
 
         migrations_dir = registry.unpacked(artifact["sha256"]) / spec.migrations_dir

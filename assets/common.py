@@ -48,6 +48,22 @@ def run_actor(context: dg.AssetExecutionContext) -> str:
     return f"dagster-run:{context.run.run_id}"
 
 
+def behind_production(context: dg.AssetExecutionContext, live_version: str | None) -> bool:
+    """True when this release was registered before the one live in production.
+
+    Backfills re-run old partitions; production must never move backwards through them. A
+    release registered later (even with a lower version number) is a deliberate new intent.
+    """
+    partitions_def = context.assets_def.partitions_def
+    if not live_version or live_version == context.partition_key:
+        return False
+    assert isinstance(partitions_def, dg.DynamicPartitionsDefinition)
+    keys = context.instance.get_dynamic_partitions(partitions_def.name)
+    if live_version not in keys or context.partition_key not in keys:
+        return False
+    return keys.index(context.partition_key) < keys.index(live_version)
+
+
 class GateNotPassed(dg.Failure):
     """A stage refuses to act because a blocking check upstream did not pass for its partition."""
 

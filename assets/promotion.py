@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 
 from assets.common import (
+    behind_production,
     group_name,
     md_table,
     require_checks_passed,
@@ -72,6 +73,13 @@ def promotion_asset(
             }
             if stable and stable.get("artifact_sha") == artifact["sha256"]:
                 report["outcome"] = "already_live"
+            elif behind_production(context, stable["version"] if stable else None):
+                raise PromotionRefused(
+                    description=(
+                        f"refusing to promote {artifact['version']}: {stable['version']} is "
+                        "newer and live; production is never moved backwards (unchanged)"
+                    )
+                )
             else:
                 if not waiting or waiting.get("artifact_sha") != artifact["sha256"]:
                     raise PromotionRefused(

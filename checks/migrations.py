@@ -74,9 +74,10 @@ def migration_checks(
     )
     def production_schema_drift(canary: dict[str, Any]) -> dg.AssetCheckResult:
         if "drift" not in canary:
-            if canary.get("outcome") == "already_live":
+            if canary.get("outcome") in ("already_live", "superseded"):
                 return dg.AssetCheckResult(
-                    passed=True, description="release already live; production not touched"
+                    passed=True,
+                    description=f"canary {canary['outcome']}: production not touched",
                 )
             return dg.AssetCheckResult(
                 passed=False, description="no drift check recorded for production: inconclusive"

@@ -106,6 +106,19 @@ def test_redeploying_the_current_release_is_a_no_op(platform: object) -> None:
     assert len(changes.for_release(PRODUCT, "1.1.0")) == runs_before
 
 
+def test_a_backfill_of_an_older_release_never_moves_production_backwards(
+    platform: object,
+) -> None:
+    before = _production(platform)
+    assert before["stable"]["version"] == "1.1.0"
+    outcome = _deploy("1.0.0")  # registered before 1.1.0: what a backfill re-runs
+    assert outcome.exit_code == deploy_cli.EXIT_BLOCKED, outcome.headline
+    why = {b["check"]: b["why"] for b in outcome.blocked_by}
+    assert "never moved backwards" in why["slo_regression"]
+    assert _production(platform) == before
+    assert _served_versions(platform) == {"1.1.0": 60}
+
+
 def test_bad_release_is_blocked_at_the_canary_with_production_untouched(platform: object) -> None:
     outcome = _deploy("1.2.0", "error_rate=0.2")
     assert outcome.exit_code == deploy_cli.EXIT_BLOCKED, outcome.headline
