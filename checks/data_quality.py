@@ -20,7 +20,8 @@ def data_quality_check(
     def data_quality() -> dg.AssetCheckResult:
         from dagster_project.core.data_quality import validate_tables
 
-        report = validate_tables("staging", suite_path(spec))
+        suite = suite_path(spec)
+        report = validate_tables("staging", suite)
         failed = [r for r in report.results if not r["success"]]
         return dg.AssetCheckResult(
             passed=bool(report.success and report.evaluated),
@@ -29,7 +30,7 @@ def data_quality_check(
                 + (f"; failed: {', '.join(r['expectation'] for r in failed[:5])}" if failed else "")
                 + ("" if report.evaluated else " (nothing evaluated: inconclusive)")
             ),
-            metadata={"results": md_table(report.results), "suite": str(suite_path(spec))},
+            metadata={"results": md_table(report.results), "suite": str(suite)},
         )
 
     return data_quality

@@ -55,8 +55,10 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
 
 def prepare(
     product: str, release: str | None, pairs: list[str]
-) -> tuple[ProductSpec, str, dict[str, str]]:
-    """Validate every input before anything runs; raises BadInput naming what is wrong."""
+) -> tuple[ProductSpec, str, dict[str, str], dict[str, Any]]:
+    """Validate every input before anything runs; raises BadInput naming what is wrong.
+
+    Returns the spec, the version, the settings as given (run config) and as parsed."""
     from assets.build import parse_setting
     from dagster_project.core import registry
 
@@ -70,11 +72,12 @@ def prepare(
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     settings = parse_settings(pairs)
+    parsed = {key: parse_setting(value) for key, value in settings.items()}
     try:
-        registry.validate_settings({k: parse_setting(v) for k, v in settings.items()})
+        registry.validate_settings(parsed)
     except ValueError as exc:
         raise BadInput(f"--set: {exc}") from None
-    return spec, version, settings
+    return spec, version, settings, parsed
 
 
 def deploy(
@@ -90,18 +93,15 @@ def deploy(
     from dagster_project.partitions import register_release
 
     try:
-        spec, version, settings = prepare(product, release, pairs or [])
+        spec, version, settings, parsed = prepare(product, release, pairs or [])
     except BadInput as exc:
         return DeployOutcome(EXIT_BAD_INPUT, product, release or "?", str(exc))
 
     instance = get_instance()
     platform = LocalPlatform(spec.product)
     platform.up()
-    from assets.build import parse_setting
-
-    expected = registry.build_artifact(
-        spec, version, {k: parse_setting(v) for k, v in settings.items()}
-    )
+    # Deterministic and cheap: tells whether this exact artifact is already live.
+    expected = registry.build_artifact(spec, version, parsed)
     live = platform.current("production").get("stable") or {}
     if live.get("version") == version and live.get("artifact_sha") == expected.sha256:
         return DeployOutcome(

@@ -1,7 +1,6 @@
 """The audit sensor, evaluated with `build_sensor_context` against the real audit trail and the
 real record of production changes (a history of thousands of past releases)."""
 
-import json
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -115,4 +114,3 @@ def test_sensor_walks_history_with_a_bounded_cursor_and_dedupes(
     again = sensor(_context(instance, cursor))
     assert not (again.run_requests or [])
     assert again.cursor == cursor
-    json.dumps(again.cursor)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from dagster_project.core import database
@@ -51,11 +51,18 @@ _COLUMNS = (
 )
 
 
+_ensured: set[str] = set()  # servers whose table is known to exist (DDL once per process)
+
+
 def ensure_schema() -> None:
+    key = database.server().dsn(database.CONTROL_DB)
+    if key in _ensured:
+        return
     database.ensure_database(database.CONTROL_DB)
     with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('platform.production_changes'))")
         cur.execute(_DDL)
+    _ensured.add(key)
 
 
 def change_id_for(product: str, release: str, outcome: str, run_id: str) -> str:
@@ -128,7 +135,3 @@ def since(after_id: int, *, limit: int) -> list[ProductionChange]:
             (after_id, limit),
         )
         return [ProductionChange(*row) for row in cur.fetchall()]
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
