@@ -5,9 +5,9 @@ import time
 from typing import Any
 
 import dagster as dg
-import yaml
 
 from assets.common import group_name, stage_key
+from dagster_project.core import knobs
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import RegistryResource
 
@@ -17,12 +17,10 @@ class BuildConfig(dg.Config):
     settings: dict[str, str] = {}
 
 
-def parse_setting(value: str) -> Any:
-    """'0.05' -> 0.05, '150' -> 150, anything else stays a string."""
-    parsed = yaml.safe_load(value) if value.strip() else value
-    return (
-        parsed if isinstance(parsed, int | float | str) and not isinstance(parsed, bool) else value
-    )
+def parse_settings(settings: dict[str, str]) -> dict[str, knobs.SettingValue]:
+    """Run-config text -> canonical knob values, by each knob's type (core/knobs.py), never
+    YAML. Raises knobs.KnobError naming the key (the CLI checks the same before the run)."""
+    return knobs.validate(settings)
 
 
 def build_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -37,7 +35,11 @@ def build_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
         context: dg.AssetExecutionContext, config: BuildConfig, registry: RegistryResource
     ) -> dg.Output[dict[str, Any]]:
         started = time.monotonic()
-        settings = {key: parse_setting(value) for key, value in config.settings.items()}
+        try:
+            settings = parse_settings(config.settings)
+        except knobs.KnobError as exc:
+            # The message names the key and what is expected; no traceback of this asset.
+            raise dg.Failure(description=str(exc)) from None
         artifact = registry.build_and_push(spec, context.partition_key, settings)
         value = {
             "product": artifact.product,

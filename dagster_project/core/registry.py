@@ -26,14 +26,14 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from dagster_project.core import database
+from dagster_project.core import database, knobs
 from dagster_project.core.settings import release_home, validate_release_key
 from dagster_project.core.spec import ProductSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-SETTING_KEYS = ("error_rate", "extra_latency_ms", "fail_jobs_matching")
-MAX_EXTRA_LATENCY_MS = 60_000.0
+SETTING_KEYS = knobs.SETTING_KEYS
+MAX_EXTRA_LATENCY_MS = knobs.KNOBS["extra_latency_ms"].maximum
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -71,51 +71,9 @@ class Artifact:
 
 def validate_settings(settings: dict[str, SettingValue] | None) -> dict[str, SettingValue]:
     """Check the release knobs and return them in canonical form (so `0.5` and `"0.5"` give the
-    same artifact). Raises ValueError naming the offending key."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(SETTING_KEYS))
-    if unknown:
-        raise ValueError(
-            f"settings: unknown key {unknown[0]!r}; known keys: {', '.join(SETTING_KEYS)}"
-        )
-    canonical: dict[str, SettingValue] = {}
-    if "error_rate" in settings:
-        rate = _as_number("error_rate", settings["error_rate"])
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"settings: key 'error_rate' must be within [0, 1], got {rate}")
-        canonical["error_rate"] = rate
-    if "extra_latency_ms" in settings:
-        latency = _as_number("extra_latency_ms", settings["extra_latency_ms"])
-        if not 0.0 <= latency <= MAX_EXTRA_LATENCY_MS:
-            raise ValueError(
-                f"settings: key 'extra_latency_ms' must be within [0, {MAX_EXTRA_LATENCY_MS:g}], "
-                f"got {latency}"
-            )
-        canonical["extra_latency_ms"] = latency
-    if "fail_jobs_matching" in settings:
-        pattern = settings["fail_jobs_matching"]
-        if not isinstance(pattern, str) or not pattern:
-            raise ValueError("settings: key 'fail_jobs_matching' must be a non-empty regex string")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(
-                f"settings: key 'fail_jobs_matching' is not a valid regex: {exc}"
-            ) from None
-        canonical["fail_jobs_matching"] = pattern
-    return canonical
-
-
-def _as_number(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"settings: key {key!r} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"settings: key {key!r} must be a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError(f"settings: key {key!r} must be finite, got {value!r}")
-    return number
+    same artifact). Raises ValueError (`knobs.KnobError`) naming the offending key; the schema
+    is `core/knobs.py`, shared with the CLI and the build asset."""
+    return knobs.validate(settings)
 
 
 # --- build ------------------------------------------------------------------------------------
