@@ -79,11 +79,35 @@ def server() -> Server:
     key = (external, str(embedded_data_dir()))
     if key not in _servers:
         if external:
-            url = make_url(external).set(drivername="postgresql", database="postgres")
+            url = _external_url(external).set(drivername="postgresql", database="postgres")
             _servers[key] = Server(url=url, embedded=False)
         else:
             _servers[key] = Server(url=make_url(_start_embedded()), embedded=True)
     return _servers[key]
+
+
+def _external_url(text: str) -> URL:
+    """`RELEASE_DATABASE_URL` parsed, or DatabaseUnavailable naming the variable (the value is
+    quoted with any password masked, and cut to a readable length)."""
+    import re
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from dagster_project.core.knobs import quote
+
+    expected = (
+        "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
+        "or unset it to use the embedded server"
+    )
+    shown = quote(re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text))
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        raise DatabaseUnavailable(f"{ENV_URL}={shown} is not a database URL: {expected}") from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise DatabaseUnavailable(f"{ENV_URL}={shown} is not a Postgres URL: {expected}")
+    return url
 
 
 def _start_embedded() -> str:

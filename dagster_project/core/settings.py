@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from dagster_project.core.knobs import quote  # a 10,000-character key is never echoed whole
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRODUCTS_DIR = Path(os.environ.get("RELEASE_PRODUCTS_DIR", PROJECT_ROOT / "products"))
 
@@ -17,17 +19,37 @@ PRODUCTS_DIR = Path(os.environ.get("RELEASE_PRODUCTS_DIR", PROJECT_ROOT / "produ
 RELEASE_KEY_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
 
 
+class StateDirError(OSError):
+    """The state directory cannot be created or written; the message names the variable."""
+
+
 def release_home() -> Path:
     """The state directory (default `.release/` in the project), created on demand."""
     home = Path(os.environ.get("RELEASE_HOME") or PROJECT_ROOT / ".release").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    return _writable_dir(home, "RELEASE_HOME")
 
 
 def dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or release_home() / "dagster").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    return _writable_dir(home, "DAGSTER_HOME")
+
+
+def _writable_dir(path: Path, variable: str) -> Path:
+    # Checked here, once, so a bad directory is one clear line instead of a traceback from
+    # whichever later step first writes a file there.
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateDirError(
+            f"{variable}: cannot create the state directory {path}: {exc.strerror or exc}; "
+            f"set {variable} to a directory this user can create and write"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StateDirError(
+            f"{variable}: the state directory {path} is not writable by this user; "
+            f"set {variable} to a writable directory"
+        )
+    return path
 
 
 def product_dir(product_id: str) -> Path:
@@ -42,16 +64,21 @@ def list_products() -> list[str]:
 
 def validate_release_key(key: str) -> str:
     """Refuse keys Dagster or the file system would mangle (commas, pipes, spaces, `..`)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(
+            "release key '' is refused: it is empty; use 1-64 characters from letters, digits, "
+            "'.', '_', '+', '-' (e.g. 1.4.0), or leave --release out for the source's hash"
+        )
     problems = [
         why
         for bad, why in ((",", "a comma"), ("|", "a pipe"), (" ", "a space"), ("..", "'..'"))
         if bad in key
     ]
     if problems:
-        raise ValueError(f"release key {key!r} is refused: it contains {', '.join(problems)}")
+        raise ValueError(f"release key {quote(key)} is refused: it contains {', '.join(problems)}")
     if not RELEASE_KEY_RE.match(key):
         raise ValueError(
-            f"release key {key!r} is refused: use 1-64 characters from letters, digits, "
+            f"release key {quote(key)} is refused: use 1-64 characters from letters, digits, "
             "'.', '_', '+', '-', starting with a letter or digit (e.g. 1.4.0)"
         )
     return key
