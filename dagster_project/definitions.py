@@ -40,9 +40,11 @@ def product_definitions(product_id: str) -> dg.Definitions:
 
 
 def build_definitions() -> dg.Definitions:
+    # In-process by default: a UI launch from the asset graph (Dagster's implicit asset job), a
+    # backfill or a re-execution runs its stages in one process, like the product's own jobs.
     return dg.Definitions.merge(
         *(product_definitions(product) for product in list_products()),
-        dg.Definitions(resources=resources_for_deployment()),
+        dg.Definitions(resources=resources_for_deployment(), executor=dg.in_process_executor),
     )
 
 

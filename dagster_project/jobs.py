@@ -1,6 +1,7 @@
 """Jobs per product: the whole release, and the audit alone (for aborted canaries and the audit
-sensor). Both run in-process: one release is one process, and the production lock and the
-run-queue pool keep releases of a product one at a time."""
+sensor). Both run in-process: one release is one process. Both carry the product tag, which the
+run queue limits to one run per product; the product's concurrency pool (assets/__init__.py,
+dagster.yaml) holds every launch path, tagged or not, to one environment-touching step at a time."""
 
 from typing import Any
 

@@ -1,16 +1,21 @@
 """Schedules per product, written by hand because `build_schedule_from_partitioned_job` does not
 accept dynamic partitions.
 
-- nightly release train: releases the newest registered release that is not in production.
-- post-deploy verification: re-runs the smoke suite against production every hour.
+- nightly release train: releases the newest registered release that is not in production. It
+  requires the guardrail token: without it (or with a wrong one) it skips before any work and
+  says why, like the audit sensor.
+- post-deploy verification: re-runs the smoke suite against production every hour, in the
+  product's pool (never during another step that touches an environment) and under its tag.
 """
 
 import dagster as dg
 
+from assets import release_pool
+from dagster_project.core import guardrail
 from dagster_project.core.spec import ProductSpec
-from dagster_project.jobs import release_job_name
+from dagster_project.jobs import PRODUCT_TAG, release_job_name
 from dagster_project.partitions import releases_partitions
-from dagster_project.resources import PlatformResource
+from dagster_project.resources import ApprovalResource, PlatformResource
 
 
 def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
@@ -25,8 +30,14 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
         description="Releases the newest registered release not yet in production.",
     )
     def nightly_release_train(
-        context: dg.ScheduleEvaluationContext, platform: PlatformResource
+        context: dg.ScheduleEvaluationContext,
+        platform: PlatformResource,
+        approval: ApprovalResource,
     ) -> dg.RunRequest | dg.SkipReason:
+        try:
+            approval.approve(spec)  # first: no work at all without the right token
+        except guardrail.ApprovalRefused as refused:
+            return dg.SkipReason(f"nightly release train needs the guardrail token: {refused}")
         releases = context.instance.get_dynamic_partitions(partitions_def.name)
         if not releases:
             return dg.SkipReason("no release registered")
@@ -39,7 +50,7 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
             run_key=f"train-{newest}-{context.scheduled_execution_time:%Y%m%d}",
         )
 
-    @dg.op(name=f"verify_production_{slug}")
+    @dg.op(name=f"verify_production_{slug}", pool=release_pool(spec.product))
     def verify_production(context: dg.OpExecutionContext, platform: PlatformResource) -> dict:
         from dagster_project.core.smoke import post_deploy_smoke
 
@@ -57,7 +68,7 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
         context.log.info(f"production {live['version']} verified: {len(report['rows'])} checks")
         return report
 
-    @dg.job(name=f"verify_production_job_{slug}")
+    @dg.job(name=f"verify_production_job_{slug}", tags={PRODUCT_TAG: spec.product})
     def verify_production_job() -> None:
         verify_production()
 
