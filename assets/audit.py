@@ -15,35 +15,6 @@ from assets.common import group_name, md_table, stage_key
 from dagster_project.core import changes
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import ApprovalResource, AuditResource
-from dagster_project.resources.approval import Approval
-
-ENV = "production"
-
-
-def audit_payload(change: changes.ProductionChange, approval: Approval) -> dict[str, Any]:
-    details = change.details
-    return {
-        # The five fields the architecture note requires.
-        "timestamp": change.recorded_at.isoformat(),
-        "identity": details.get("approver") or approval.approver,
-        "artifact_sha256": change.artifact_sha256,
-        "environment": ENV,
-        "guardrail_token": approval.token,
-        # Context for the auditor.
-        "product": change.product,
-        "release": change.release,
-        "run_id": change.run_id,
-        "change_id": change.change_id,
-        "outcome": change.outcome,
-        "approver": details.get("approver") or approval.approver,
-        "audited_by": approval.approver,
-        "previous_artifact_sha256": change.previous_artifact_sha256,
-        "smoke_verdict": details.get("smoke_verdict", "not run (canary aborted)"),
-        "slo_verdict": details.get("slo_verdict"),
-        "slo_steps": details.get("slo_steps") or details.get("steps"),
-        "snapshots": details.get("snapshots", []),
-        "waivers": details.get("waivers", []),
-    }
 
 
 def audit_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -67,7 +38,10 @@ def audit_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
         approved = approval.approve(spec)  # the trail must carry the presented token
         entries = []
         for change in found:
-            entry = audit_trail.append(change.change_id, audit_payload(change, approved))
+            entry = audit_trail.append(
+                change.change_id,
+                changes.audit_payload(change, audited_by=approved.approver, token=approved.token),
+            )
             entries.append(
                 {
                     "seq": entry.seq,

@@ -1,16 +1,23 @@
 """Stage 4: the canary in production.
 
-Requires the guardrail token before touching production. Under the production lock: checks the
-production schema for drift and the pending migrations for safety and backward compatibility,
-applies the expand-only migrations, starts the new version beside the stable one and shifts
-traffic through the production edge step by step (weights and bake times from the spec) while
-load flows, judging canary against the stable baseline at every step. Any failure sends 100%
-back to stable. A canary that passes is parked at 0% (still running) for `promotion`, so
-production is never left half-moved between stages. Gates: `slo_regression`, `schema_drift`.
+However it was launched (CLI, a UI launch of this asset alone, a backfill, a schedule, a
+re-execution), it refuses before touching production unless the guardrail token is presented
+and every blocking check upstream passed for this partition *and this artifact*. Then this run
+becomes the one owner of production (`core/ownership.py`), waiting within the spec's bound for
+another release; it checks the production schema for drift and the pending migrations for
+safety and backward compatibility, applies the expand-only migrations, starts the new version
+beside the stable one and shifts traffic through the production edge step by step while load
+flows, judging canary against stable at every step. A step during which the edge or a track
+was down, or during which this run lost ownership, cannot pass. Any failure sends 100% back to
+stable (in the step loop, the one place a canary is rolled back) and is recorded as a
+production change for the audit. A canary that passes is parked at 0%, still owned by this
+run, for `promotion`; if the run dies first, the reconciler returns production to stable and
+records the abort. Gates: `slo_regression`, `schema_drift`.
 """
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import dagster as dg
@@ -19,13 +26,16 @@ from assets.common import (
     behind_production,
     group_name,
     md_table,
+    own_environment,
+    release_environment,
+    require_checks_passed,
     run_actor,
+    run_in_progress,
     stage_input,
     stage_key,
 )
 from assets.schema_migration import drift_as_dict, migration_gate_report
-from dagster_project.core import changes
-from dagster_project.core.locks import production_lock
+from dagster_project.core import changes, ownership
 from dagster_project.core.settings import release_home
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import (
@@ -38,7 +48,14 @@ from dagster_project.resources import (
 ENV = "production"
 
 
-def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def canary_asset(
+    spec: ProductSpec,
+    partitions_def: dg.PartitionsDefinition,
+    upstream_blocking_checks: Sequence[dg.AssetCheckKey] = (),
+) -> dg.AssetsDefinition:
+    # The gates of the stages before this one (the canary's own gates judge its output).
+    staging_gates = [k for k in upstream_blocking_checks if k.asset_key.path[-1] != "canary"]
+
     @dg.asset(
         key=stage_key(spec, "canary"),
         ins={"artifact": stage_input(spec, "build")},
@@ -56,28 +73,39 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
         metrics: MetricsResource,
         approval: ApprovalResource,
     ) -> dg.Output[dict[str, Any]]:
+        from dagster_project.core.reconcile import reconcile
+
         started = time.monotonic()
         approver = approval.approve(spec).approver  # refuses before production is touched
+        gate = require_checks_passed(context, staging_gates, artifact["sha256"])
+        release_environment(context, spec, "staging")  # this run's staging phase is over
         local = platform.for_product(spec.product)
         local.up()
-        with production_lock(spec.product, context.run.run_id):
-            report = _run_canary(context, artifact, local, registry, metrics)
+        for line in reconcile(
+            spec.product, run_in_progress=run_in_progress(context.instance)
+        ).lines():
+            context.log.warning(f"reconciled before the canary: {line}")
+        report = _quick_outcome(context, artifact, local.current(ENV).get("stable"))
+        if report is None:
+            stable = local.current(ENV).get("stable")
+            own_environment(
+                context,
+                spec,
+                ENV,
+                artifact_sha256=artifact["sha256"],
+                previous_artifact_sha256=(stable or {}).get("artifact_sha"),
+                phase="canary",
+            )
+            report = _owned_canary(context, artifact, local, registry, metrics)
         report["approver"] = approver
+        report["gate"] = gate
         report["seconds"] = round(time.monotonic() - started, 3)
         return dg.Output(report, metadata=_metadata(report))
 
-    def _run_canary(
-        context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
-        local: Any,
-        registry: RegistryResource,
-        metrics: MetricsResource,
-    ) -> dict[str, Any]:
-        from dagster_project.core.canary.analysis import run_canary
-        from dagster_project.core.migrations.drift import check_drift
-
-        current = local.current(ENV)
-        stable = current.get("stable") or None
+    def _quick_outcome(
+        context: dg.AssetExecutionContext, artifact: dict[str, Any], stable: Any
+    ) -> dict[str, Any] | None:
+        """Already live or superseded: decided without owning production (None: go on)."""
         report: dict[str, Any] = {
             "version": artifact["version"],
             "artifact_sha256": artifact["sha256"],
@@ -97,14 +125,69 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
             )
             context.log.warning(report["reason"])
             return report
+        return None
 
+    def _owned_canary(
+        context: dg.AssetExecutionContext,
+        artifact: dict[str, Any],
+        local: Any,
+        registry: RegistryResource,
+        metrics: MetricsResource,
+    ) -> dict[str, Any]:
+        """The canary while this run owns production. Ownership is kept only by a parked,
+        passed canary (for promotion); every other end releases it."""
+        stable = local.current(ENV).get("stable")  # re-read: it may have moved while we waited
+        report = _quick_outcome(context, artifact, stable)
+        if report is not None:
+            release_environment(context, spec, ENV)
+            return report
+        report = {
+            "version": artifact["version"],
+            "artifact_sha256": artifact["sha256"],
+            "previous": stable,
+            "steps": [],
+            "snapshots": [],
+        }
+        try:
+            _run_canary(context, artifact, local, registry, metrics, report)
+        except BaseException as exc:
+            # The step loop already rolled back whatever it started; an error outside it (a
+            # deploy that failed half-way, snapshots) still must not leave a canary running.
+            # If Postgres is gone this raises too, and the reconciler finishes the job later.
+            if "canary" in local.current(ENV):
+                local.rollback(ENV)
+            if report.get("deployed"):
+                _record_abort(context, artifact, stable, report, f"{type(exc).__name__}: {exc}")
+            release_environment(context, spec, ENV)
+            raise
+        if report["outcome"] == "passed":
+            ownership.set_phase(spec.product, ENV, context.run.run_id, "parked")
+        else:
+            if report.get("deployed"):
+                _record_abort(context, artifact, stable, report, report.get("reason", ""))
+            release_environment(context, spec, ENV)
+        return report
+
+    def _run_canary(
+        context: dg.AssetExecutionContext,
+        artifact: dict[str, Any],
+        local: Any,
+        registry: RegistryResource,
+        metrics: MetricsResource,
+        report: dict[str, Any],
+    ) -> None:
+        """Fills `report`; `deployed` is set once the canary track runs (production touched)."""
+        from dagster_project.core.canary.analysis import run_canary
+        from dagster_project.core.migrations.drift import check_drift
+
+        stable = report["previous"]
         migrations_dir = registry.unpacked(artifact["sha256"]) / spec.migrations_dir
         drift = check_drift(ENV, migrations_dir)
         report["drift"] = drift_as_dict(drift)
         if drift.items:
             report.update(outcome="blocked", passed=False, reason="production schema drift")
             context.log.error(f"production schema drift: {len(drift.items)} difference(s)")
-            return report
+            return
         gate = migration_gate_report(ENV, migrations_dir, run_actor(context), apply=True)
         report["migrations"] = gate
         if gate["blocked_by"]:
@@ -113,30 +196,27 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
                 passed=False,
                 reason=f"production migrations blocked by {', '.join(gate['blocked_by'])}",
             )
-            return report
+            return
 
         fetched = registry.fetch(artifact["sha256"])
+        report["deployed"] = True  # from here on production may carry the canary's traffic
         local.deploy(ENV, "canary", fetched)
         context.log.info(f"canary {artifact['version']} started beside stable {_v(stable)}")
-        try:
-            result = run_canary(
-                local,
-                spec,
-                env=ENV,
-                artifact=fetched,
-                metrics=metrics.source(local.api_urls(ENV)),
-                bake_scale=bake_scale(),
-                baseline=stable is not None,
-                on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
-            )
-        except BaseException:
-            local.rollback(ENV)  # whatever failed, production goes back to 100% stable
-            raise
+        result = run_canary(
+            local,
+            spec,
+            env=ENV,
+            artifact=fetched,
+            metrics=metrics.source(local.api_urls(ENV)),
+            bake_scale=bake_scale(),
+            baseline=stable is not None,
+            on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
+            step_guard=lambda since: _step_problems(local, since),
+        )
         result_dict = result.to_dict()
         result_dict["steps"] = result_dict.pop("rows", [])
-        snapshot_dir = release_home() / "snapshots" / spec.product / artifact["version"]
-        result_dict["snapshots"] = render_snapshots(result, snapshot_dir)
         report.update(result_dict)
+        report["snapshots"] = render_snapshots(result, _snapshot_dir(artifact, context))
         report["passed"] = bool(result.passed)
         if result.passed:
             # Parked at 0%: promotion moves traffic only once the gates are confirmed. A first
@@ -146,25 +226,55 @@ def canary_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> 
             report["outcome"] = "passed"
         else:
             report["outcome"] = "aborted"
-            change = changes.record(
-                product=spec.product,
-                release=artifact["version"],
-                outcome="aborted",
-                artifact_sha256=artifact["sha256"],
-                previous_artifact_sha256=(stable or {}).get("artifact_sha"),
-                run_id=context.run.run_id,
-                details={
-                    "slo_verdict": result_dict.get("verdict"),
-                    "reason": result_dict.get("reason"),
-                    "steps": result_dict.get("steps"),
-                    "snapshots": result_dict.get("snapshots"),
-                },
-            )
-            report["change_id"] = change.change_id
             context.log.error(f"canary aborted, all traffic back to stable: {report.get('reason')}")
-        return report
+
+    def _step_problems(local: Any, since_epoch: float) -> list[str]:
+        """Why the current step cannot pass: this run lost production, or the edge or a track
+        was down during it."""
+        problems = []
+        lost = ownership.lost(spec.product, ENV)
+        if lost:
+            problems.append(f"this run no longer owns production ({lost})")
+        outages = getattr(local, "outages", None)
+        if outages is not None:
+            problems += outages(ENV, since_epoch)
+        return problems
+
+    def _record_abort(
+        context: dg.AssetExecutionContext,
+        artifact: dict[str, Any],
+        stable: Any,
+        report: dict[str, Any],
+        reason: str,
+    ) -> None:
+        change = changes.record(
+            product=spec.product,
+            release=artifact["version"],
+            outcome="aborted",
+            artifact_sha256=artifact["sha256"],
+            previous_artifact_sha256=(stable or {}).get("artifact_sha"),
+            run_id=context.run.run_id,
+            details={
+                "slo_verdict": report.get("verdict", "fail"),
+                "reason": reason,
+                "steps": report.get("steps"),
+                "snapshots": report.get("snapshots"),
+            },
+        )
+        report["change_id"] = change.change_id
 
     return canary
+
+
+def _snapshot_dir(artifact: dict[str, Any], context: dg.AssetExecutionContext) -> Any:
+    # Per run: a second canary of the same version never overwrites the first one's evidence.
+    return (
+        release_home()
+        / "snapshots"
+        / artifact["product"]
+        / artifact["version"]
+        / context.run.run_id[:8]
+    )
 
 
 def bake_scale() -> float:
@@ -201,6 +311,7 @@ def _metadata(report: dict[str, Any]) -> dict[str, Any]:
         "version": report["version"],
         "artifact_sha256": report["artifact_sha256"],
         "previous_version": _v(report.get("previous")),
+        "gate": md_table(report.get("gate", [])),
         "steps": md_table(report.get("steps", [])),
         "snapshots": md_table(report.get("snapshots", [])),
         "seconds": report.get("seconds", 0.0),

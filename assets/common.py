@@ -1,6 +1,6 @@
 """Small helpers shared by the stage modules: keys, metadata tables, the gate on promotion."""
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -65,42 +65,143 @@ def behind_production(context: dg.AssetExecutionContext, live_version: str | Non
 
 
 class GateNotPassed(dg.Failure):
-    """A stage refuses to act because a blocking check upstream did not pass for its partition."""
+    """A stage refuses to act because a blocking check upstream did not pass for its partition
+    and artifact."""
 
 
 def require_checks_passed(
-    context: dg.AssetExecutionContext, check_keys: Iterable[dg.AssetCheckKey]
+    context: dg.AssetExecutionContext,
+    check_keys: Iterable[dg.AssetCheckKey],
+    artifact_sha256: str,
 ) -> list[dict[str, str]]:
-    """Refuse unless every given check's latest evaluation for this partition passed.
+    """Refuse unless every given check's latest evaluation for this partition passed, on a
+    materialization of the same artifact.
 
-    Blocking checks stop downstream steps only inside the same run; a UI launch of one asset or
-    a backfill would walk past an earlier failure, so the gate is enforced here as well. No
-    evaluation at all (never ran, only planned) is not a pass.
+    Blocking checks stop downstream steps only inside the same run; a UI launch of one asset,
+    a backfill or a re-execution would walk past an earlier failure, so every stage that
+    touches production enforces the gate itself. No evaluation at all (never ran, only
+    planned) is not a pass, and neither is a pass on another build of the release: the
+    evaluated materialization must carry this artifact's SHA-256.
     """
+    rows = gate_rows(context.instance, list(check_keys), context.partition_key, artifact_sha256)
+    not_passed = [f"{r['check']} ({r['status']})" for r in rows if r["status"] != "PASSED"]
+    if not_passed:
+        raise GateNotPassed(
+            description=(
+                f"refusing to act for release {context.partition_key} (artifact "
+                f"{artifact_sha256[:12]}): blocking checks upstream did not pass: "
+                f"{', '.join(not_passed)}; production is unchanged"
+            ),
+            metadata={"gate": md_table(rows)},
+        )
+    return rows
+
+
+def gate_rows(
+    instance: dg.DagsterInstance,
+    keys: Sequence[dg.AssetCheckKey],
+    partition: str,
+    artifact_sha256: str,
+) -> list[dict[str, str]]:
+    """One row per check: PASSED, or why not (the one place a private Dagster API is read)."""
     from dagster._core.event_api import PartitionKeyFilter
     from dagster._core.storage.asset_check_execution_record import (
         AssetCheckExecutionRecordStatus,
     )
 
-    keys = list(check_keys)
-    partition = context.partition_key
-    latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         keys, partition_filter=PartitionKeyFilter(key=partition)
     )
-    rows, not_passed = [], []
+    rows = []
     for key in keys:
         record = latest.get(key)
-        status = record.status.value if record else "NEVER_EVALUATED"
-        passed = record is not None and record.status == AssetCheckExecutionRecordStatus.SUCCEEDED
+        if record is None:
+            status = "NEVER_EVALUATED"
+        elif record.status != AssetCheckExecutionRecordStatus.SUCCEEDED:
+            status = record.status.value
+        else:
+            evaluated = _evaluated_artifact(instance, record)
+            status = (
+                "PASSED"
+                if evaluated == artifact_sha256
+                else f"PASSED_ON_OTHER_ARTIFACT {str(evaluated)[:12]}"
+            )
         rows.append({"check": key.to_user_string(), "status": status})
-        if not passed:
-            not_passed.append(f"{key.to_user_string()} ({status})")
-    if not_passed:
-        raise GateNotPassed(
-            description=(
-                f"refusing to act for release {partition}: blocking checks upstream did not "
-                f"pass: {', '.join(not_passed)}"
-            ),
-            metadata={"gate": md_table(rows)},
-        )
     return rows
+
+
+def _evaluated_artifact(instance: dg.DagsterInstance, record: Any) -> str | None:
+    """The artifact SHA-256 of the materialization a check evaluation judged, if known."""
+    event = record.event.dagster_event if record.event else None
+    evaluation = event.event_specific_data if event else None
+    target = getattr(evaluation, "target_materialization_data", None)
+    if target is None:
+        return None
+    found = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=record.key.asset_key, storage_ids=[target.storage_id]),
+        limit=1,
+    ).records
+    if not found or found[0].asset_materialization is None:
+        return None
+    metadata = found[0].asset_materialization.metadata
+    value = metadata.get("artifact_sha256") or metadata.get("sha256")
+    return str(getattr(value, "value", value)) if value is not None else None
+
+
+def run_in_progress(instance: dg.DagsterInstance) -> Callable[[str], bool | None]:
+    """Whether a Dagster run is still in progress (None when the run is unknown here)."""
+
+    def in_progress(run_id: str) -> bool | None:
+        run = instance.get_run_by_id(run_id)
+        if run is None:
+            return None
+        return run.status in IN_PROGRESS_STATUSES
+
+    return in_progress
+
+
+# Queued runs hold no environment; only a run that is executing can own one.
+IN_PROGRESS_STATUSES = frozenset(
+    {dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING}
+)
+
+
+def own_environment(
+    context: dg.AssetExecutionContext,
+    spec: ProductSpec,
+    env: str,
+    *,
+    artifact_sha256: str,
+    previous_artifact_sha256: str | None,
+    phase: str,
+) -> None:
+    """Make this run the owner of `env` (re-entrant within the run), waiting within the spec's
+    bound for another live release; a dead owner is reconciled first. Starts the heartbeat."""
+    from dagster_project.core import ownership, reconcile
+
+    ownership.acquire(
+        spec.product,
+        env,
+        run_id=context.run.run_id,
+        release=context.partition_key,
+        artifact_sha256=artifact_sha256,
+        previous_artifact_sha256=previous_artifact_sha256,
+        phase=phase,
+        wait_seconds=spec.production.owner_wait_seconds,
+        stale_after_seconds=spec.production.owner_heartbeat_timeout_seconds,
+        run_in_progress=run_in_progress(context.instance),
+        take_over=lambda owner, why: context.log.warning(
+            f"{env} owner {owner.label} was dead ({why}): {reconcile.take_over(spec, owner, why)}"
+        ),
+        on_wait=lambda owner: context.log.warning(
+            f"{env} of {spec.product} is owned by {owner.label}: waiting up to "
+            f"{spec.production.owner_wait_seconds:.0f}s"
+        ),
+    )
+    ownership.start_heartbeat(spec.product, env, context.run.run_id)
+
+
+def release_environment(context: dg.AssetExecutionContext, spec: ProductSpec, env: str) -> None:
+    from dagster_project.core import ownership
+
+    ownership.release(spec.product, env, context.run.run_id)

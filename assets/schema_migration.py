@@ -12,7 +12,14 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import group_name, md_table, run_actor, stage_input, stage_key
+from assets.common import (
+    group_name,
+    md_table,
+    own_environment,
+    run_actor,
+    stage_input,
+    stage_key,
+)
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import RegistryResource
 
@@ -92,6 +99,15 @@ def schema_migration_asset(
     def schema_migration_check(
         context: dg.AssetExecutionContext, artifact: dict[str, Any], registry: RegistryResource
     ) -> dg.Output[dict[str, Any]]:
+        # Staging belongs to one release at a time, from its migrations to its canary.
+        own_environment(
+            context,
+            spec,
+            ENV,
+            artifact_sha256=artifact["sha256"],
+            previous_artifact_sha256=None,
+            phase="staging",
+        )
         migrations_dir = registry.unpacked(artifact["sha256"]) / spec.migrations_dir
         report = migration_gate_report(ENV, migrations_dir, run_actor(context), apply=True)
         report["migrations_dir"] = str(migrations_dir)
@@ -105,6 +121,7 @@ def schema_migration_asset(
             report,
             metadata={
                 "environment": ENV,
+                "artifact_sha256": artifact["sha256"],
                 "applied": md_table([{"file": f} for f in report["applied"]]),
                 "pending_before": md_table([{"file": f} for f in report["plan"]["pending"]]),
                 "blocked_by": ", ".join(report["blocked_by"]) or "nothing",

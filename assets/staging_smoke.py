@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import group_name, md_table, stage_input, stage_key
+from assets.common import group_name, md_table, own_environment, stage_input, stage_key
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import PlatformResource, RegistryResource
 
@@ -34,6 +34,15 @@ def staging_smoke_asset(
     ) -> dg.Output[dict[str, Any]]:
         from dagster_project.core.smoke import run_smoke
 
+        # Staging belongs to one release at a time, from its migrations to its canary.
+        own_environment(
+            context,
+            spec,
+            ENV,
+            artifact_sha256=artifact["sha256"],
+            previous_artifact_sha256=None,
+            phase="staging",
+        )
         started = time.monotonic()
         local = platform.for_product(spec.product)
         local.up()
@@ -49,6 +58,7 @@ def staging_smoke_asset(
                 "environment": ENV,
                 "edge_url": dg.MetadataValue.url(value["edge_url"]),
                 "version": artifact["version"],
+                "artifact_sha256": artifact["sha256"],
                 "results": md_table(value["rows"], ["section", "name", "passed", "detail"]),
                 "seconds": value["seconds"],
             },

@@ -8,6 +8,7 @@ sensor reads this table with an id cursor, so it never rescans history.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,14 +22,22 @@ CREATE TABLE IF NOT EXISTS platform.production_changes (
     change_id text NOT NULL UNIQUE,
     product text NOT NULL,
     release text NOT NULL,
-    outcome text NOT NULL CHECK (outcome IN ('promoted', 'aborted')),
+    outcome text NOT NULL,
     artifact_sha256 text NOT NULL,
     previous_artifact_sha256 text,
     run_id text NOT NULL,
     recorded_at timestamptz NOT NULL DEFAULT now(),
     details jsonb NOT NULL DEFAULT '{}'::jsonb
 );
+ALTER TABLE platform.production_changes DROP CONSTRAINT IF EXISTS production_changes_outcome_check;
+ALTER TABLE platform.production_changes ADD CONSTRAINT production_changes_outcome_check
+    CHECK (outcome IN ('promoted', 'aborted', 'rolled_back'));
 """
+
+# What a production change can be: a release promoted to 100%; a canary aborted after it carried
+# traffic (by its gate, an error, a dead run found by the reconciler, or displaced while parked);
+# production returned to an earlier release (`release rollback`, or the watch after promotion).
+OUTCOMES = ("promoted", "aborted", "rolled_back")
 
 
 @dataclass(frozen=True)
@@ -59,9 +68,10 @@ def ensure_schema() -> None:
     if key in _ensured:
         return
     database.ensure_database(database.CONTROL_DB)
-    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+    with database.connection(database.CONTROL_DB, autocommit=False) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('platform.production_changes'))")
         cur.execute(_DDL)
+        conn.commit()
     _ensured.add(key)
 
 
@@ -80,6 +90,8 @@ def record(
     details: dict[str, Any],
 ) -> ProductionChange:
     """Record a production change; recording the same change twice returns the first row."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"production change outcome {outcome!r} is not one of {OUTCOMES}")
     ensure_schema()
     change_id = change_id_for(product, release, outcome, run_id)
     with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
@@ -135,3 +147,44 @@ def since(after_id: int, *, limit: int) -> list[ProductionChange]:
             (after_id, limit),
         )
         return [ProductionChange(*row) for row in cur.fetchall()]
+
+
+def unaudited(product: str, audited: Callable[[str], bool]) -> list[ProductionChange]:
+    """The product's changes that have no audit entry yet, oldest first."""
+    ensure_schema()
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(
+            f"SELECT {_COLUMNS} FROM platform.production_changes WHERE product = %s ORDER BY id",
+            (product,),
+        )
+        rows = [ProductionChange(*row) for row in cur.fetchall()]
+    return [c for c in rows if not audited(c.change_id)]
+
+
+def audit_payload(change: ProductionChange, *, audited_by: str, token: str) -> dict[str, Any]:
+    """The audit entry of a production change: the five fields the architecture note requires
+    (timestamp, identity, artifact SHA, environment, guardrail token) plus the auditor's
+    context. The one place this shape is defined."""
+    details = change.details
+    approver = details.get("approver") or audited_by
+    return {
+        "timestamp": change.recorded_at.isoformat(),
+        "identity": approver,
+        "artifact_sha256": change.artifact_sha256,
+        "environment": "production",
+        "guardrail_token": token,
+        "product": change.product,
+        "release": change.release,
+        "run_id": change.run_id,
+        "change_id": change.change_id,
+        "outcome": change.outcome,
+        "approver": approver,
+        "audited_by": audited_by,
+        "previous_artifact_sha256": change.previous_artifact_sha256,
+        "smoke_verdict": details.get("smoke_verdict", "not run (canary aborted)"),
+        "slo_verdict": details.get("slo_verdict"),
+        "slo_steps": details.get("slo_steps") or details.get("steps"),
+        "snapshots": details.get("snapshots", []),
+        "waivers": details.get("waivers", []),
+        "reason": details.get("reason"),
+    }

@@ -181,6 +181,7 @@ class CanaryReport:
 
 
 EventCallback = Callable[[dict[str, Any]], None]
+StepGuard = Callable[[float], list[str]]
 
 
 def run_canary(
@@ -197,13 +198,16 @@ def run_canary(
     judge_config: JudgeConfig | None = None,
     on_event: EventCallback | None = None,
     baseline: bool = True,
+    step_guard: StepGuard | None = None,
 ) -> CanaryReport:
     """Run the spec's canary steps against `env`; roll back on any fail. See the module doc.
 
     `bake_scale` multiplies bake times and the extension deadline (tests use < 1) without
     touching the spec. `metrics` defaults to scraping the API processes of `env`; `load`
     defaults to a generator at the spec's rate through the edge (`load_enabled=False` sends
-    none, e.g. to show that no traffic is never a pass).
+    none, e.g. to show that no traffic is never a pass). `step_guard(step_started_epoch)`
+    is asked at every look; any problem it names (the edge or a track down during the step,
+    ownership lost) fails the step at once: such a step cannot pass, whatever the metrics say.
     """
     from dagster_project.core.canary.load import LoadGenerator
     from dagster_project.core.canary.metrics import LocalScrapeSource
@@ -256,9 +260,15 @@ def run_canary(
                 }
             )
             step_started = time.monotonic()
+            step_started_epoch = time.time()
             action = StepAction.CONTINUE
+            outage: list[str] = []
             while action in (StepAction.CONTINUE, StepAction.EXTEND):
                 time.sleep(sample_interval_s)
+                outage = step_guard(step_started_epoch) if step_guard is not None else []
+                if outage:
+                    action = StepAction.FAIL
+                    break
                 elapsed = time.monotonic() - step_started
                 judgement = looker.look(report, index, time.monotonic() - start, step_config)
                 step_report.looks += 1
@@ -278,13 +288,16 @@ def run_canary(
                             "deadline_seconds": bake_s + extension_s,
                         }
                     )
-            assert step_report.judgement is not None
             step_report.ended_at = time.monotonic() - start
             if generator is not None:
                 step_report.traffic = generator.track_share(step_started, time.monotonic())
             step_report.verdict = Verdict.PASS if action == StepAction.PASS else Verdict.FAIL
-            ledger.record(index, step_report.judgement)
-            if step_report.verdict == Verdict.FAIL:
+            if step_report.judgement is not None:
+                ledger.record(index, step_report.judgement)
+            if outage:
+                step_report.reason = "outage during the step: " + "; ".join(outage)
+            elif step_report.verdict == Verdict.FAIL:
+                assert step_report.judgement is not None
                 step_report.reason = _fail_reason(step_report.judgement)
                 if step_report.judgement.verdict == Verdict.INCONCLUSIVE:
                     step_report.reason = (

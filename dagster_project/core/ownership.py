@@ -1,0 +1,363 @@
+"""One owner of an environment per product: the release run that may change it right now.
+
+Production is owned from the canary's first weight change until promotion, rollback or
+abort; staging from the migrations applied there until the canary starts. The owner is a row
+in `release_control.platform.owners` (product, env) naming the run, the release and artifact,
+the process that acts for it and a heartbeat. Another release waits for the owner within a
+bound and is then refused (`ProductionOwned`); an owner whose run died (process gone,
+heartbeat stale, or its Dagster run no longer in progress) is taken over by the reconciler
+(`core/reconcile.py`), which puts the environment back in order first.
+
+Liveness is decided by `judge_owner` (pure, tested as a table); this module only gathers the
+facts. Plain Python: no Dagster import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import psutil
+
+from dagster_project.core import database
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS platform;
+CREATE TABLE IF NOT EXISTS platform.owners (
+    product                  text        NOT NULL,
+    env                      text        NOT NULL,
+    run_id                   text        NOT NULL,
+    release                  text        NOT NULL,
+    artifact_sha256          text        NOT NULL,
+    previous_artifact_sha256 text,
+    phase                    text        NOT NULL,
+    host                     text        NOT NULL,
+    pid                      integer     NOT NULL,
+    pid_started              double precision NOT NULL,
+    acquired_at              timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at             timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (product, env)
+);
+"""
+
+HEARTBEAT_INTERVAL_SECONDS = 2.0
+
+
+class ProductionOwned(RuntimeError):
+    """Another live release owns the environment; it was waited for within the bound."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    product: str
+    env: str
+    run_id: str
+    release: str
+    artifact_sha256: str
+    previous_artifact_sha256: str | None
+    phase: str  # canary | parked | promoting | rollback | staging
+    host: str
+    pid: int
+    pid_started: float
+    acquired_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age_seconds: float
+
+    @property
+    def label(self) -> str:
+        return f"release {self.release} (run {self.run_id[:8]}, {self.phase})"
+
+
+@dataclass(frozen=True)
+class OwnerFacts:
+    """What is known about an owner when it is judged."""
+
+    heartbeat_age_seconds: float
+    on_this_host: bool
+    process_alive: bool | None  # None: cannot tell (another host)
+    run_in_progress: bool | None  # None: not known (no Dagster instance at hand)
+
+
+@dataclass(frozen=True)
+class OwnerVerdict:
+    alive: bool
+    reason: str
+
+
+def judge_owner(facts: OwnerFacts, *, stale_after_seconds: float) -> OwnerVerdict:
+    """Alive only while its process runs, its heartbeat is fresh and its run is in progress.
+
+    Any one sign of death is enough: a killed process leaves a fresh heartbeat for a moment,
+    a hung one a live pid, and a run marked finished may leave its process printing a summary.
+    """
+    if facts.on_this_host and facts.process_alive is False:
+        return OwnerVerdict(False, "its process is gone")
+    if facts.run_in_progress is False:
+        return OwnerVerdict(False, "its Dagster run is no longer in progress")
+    if facts.heartbeat_age_seconds > stale_after_seconds:
+        return OwnerVerdict(
+            False,
+            f"its heartbeat is {facts.heartbeat_age_seconds:.0f}s old "
+            f"(the bound is {stale_after_seconds:.0f}s)",
+        )
+    return OwnerVerdict(True, "alive")
+
+
+def facts_for(owner: Owner, run_in_progress: bool | None) -> OwnerFacts:
+    here = owner.host == socket.gethostname()
+    return OwnerFacts(
+        heartbeat_age_seconds=owner.heartbeat_age_seconds,
+        on_this_host=here,
+        process_alive=_process_alive(owner.pid, owner.pid_started) if here else None,
+        run_in_progress=run_in_progress,
+    )
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+# -- storage -------------------------------------------------------------------------------
+
+_ensured: set[str] = set()
+
+
+def ensure_schema() -> None:
+    key = database.server().dsn(database.CONTROL_DB)
+    if key in _ensured:
+        return
+    database.ensure_database(database.CONTROL_DB)
+    with database.connection(database.CONTROL_DB, autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('platform.owners'))")
+        cur.execute(_DDL)
+        conn.commit()
+    _ensured.add(key)
+
+
+_SELECT = """
+SELECT product, env, run_id, release, artifact_sha256, previous_artifact_sha256, phase, host,
+       pid, pid_started, acquired_at, heartbeat_at,
+       extract(epoch FROM now() - heartbeat_at)::float8
+  FROM platform.owners
+"""
+
+
+def current(product: str, env: str) -> Owner | None:
+    ensure_schema()
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(_SELECT + " WHERE product = %s AND env = %s", (product, env))
+        row = cur.fetchone()
+    return Owner(*row) if row else None
+
+
+def all_owners() -> list[Owner]:
+    ensure_schema()
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(_SELECT + " ORDER BY product, env")
+        return [Owner(*row) for row in cur.fetchall()]
+
+
+def _try_insert(
+    product: str,
+    env: str,
+    run_id: str,
+    release: str,
+    artifact_sha256: str,
+    previous_artifact_sha256: str | None,
+    phase: str,
+) -> tuple[bool, Owner | None]:
+    """(True, None) when `run_id` now owns env (new or re-entrant); else (False, the owner)."""
+    me = psutil.Process(os.getpid())
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO platform.owners (product, env, run_id, release, artifact_sha256,
+                previous_artifact_sha256, phase, host, pid, pid_started)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (product, env) DO UPDATE
+               SET phase = EXCLUDED.phase, host = EXCLUDED.host, pid = EXCLUDED.pid,
+                   pid_started = EXCLUDED.pid_started, heartbeat_at = now(),
+                   release = EXCLUDED.release, artifact_sha256 = EXCLUDED.artifact_sha256,
+                   previous_artifact_sha256 = EXCLUDED.previous_artifact_sha256
+             WHERE platform.owners.run_id = EXCLUDED.run_id
+            RETURNING run_id
+            """,
+            (
+                product,
+                env,
+                run_id,
+                release,
+                artifact_sha256,
+                previous_artifact_sha256,
+                phase,
+                socket.gethostname(),
+                me.pid,
+                me.create_time(),
+            ),
+        )
+        if cur.fetchone():
+            return True, None
+    return False, current(product, env)
+
+
+def acquire(
+    product: str,
+    env: str,
+    *,
+    run_id: str,
+    release: str,
+    artifact_sha256: str,
+    previous_artifact_sha256: str | None,
+    phase: str,
+    wait_seconds: float,
+    stale_after_seconds: float,
+    run_in_progress: Callable[[str], bool | None],
+    take_over: Callable[[Owner, str], None],
+    on_wait: Callable[[Owner], None] | None = None,
+) -> Owner:
+    """Own `env` for `run_id` (re-entrant), waiting up to `wait_seconds` for a live owner.
+
+    A dead owner is handed to `take_over(owner, why)` (the reconciler), which must put the
+    environment in order and release it; then acquiring is tried again.
+    """
+    ensure_schema()
+    deadline = time.monotonic() + wait_seconds
+    waited = False
+    while True:
+        won, holder = _try_insert(
+            product, env, run_id, release, artifact_sha256, previous_artifact_sha256, phase
+        )
+        if won:
+            owner = current(product, env)
+            assert owner is not None
+            return owner
+        if holder is None:  # released between the insert and the read: try again
+            continue
+        verdict = judge_owner(
+            facts_for(holder, run_in_progress(holder.run_id)),
+            stale_after_seconds=stale_after_seconds,
+        )
+        if not verdict.alive:
+            take_over(holder, verdict.reason)
+            continue
+        if time.monotonic() >= deadline:
+            raise ProductionOwned(
+                f"{env} of {product} is owned by {holder.label} since "
+                f"{holder.acquired_at:%H:%M:%S}; waited {wait_seconds:.0f}s "
+                f"(spec: production.owner_wait_seconds). It is released when that release is "
+                "promoted, rolled back or aborted; try again then"
+            )
+        if not waited and on_wait is not None:
+            on_wait(holder)
+        waited = True
+        time.sleep(1.0)
+
+
+def set_phase(product: str, env: str, run_id: str, phase: str) -> bool:
+    ensure_schema()
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE platform.owners SET phase = %s, heartbeat_at = now() "
+            "WHERE product = %s AND env = %s AND run_id = %s",
+            (phase, product, env, run_id),
+        )
+        return bool(cur.rowcount)
+
+
+def heartbeat(product: str, env: str, run_id: str) -> bool:
+    """Refresh the heartbeat; False when `run_id` no longer owns env (it was taken over)."""
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE platform.owners SET heartbeat_at = now() "
+            "WHERE product = %s AND env = %s AND run_id = %s",
+            (product, env, run_id),
+        )
+        return bool(cur.rowcount)
+
+
+def release(product: str, env: str, run_id: str) -> bool:
+    """Give up ownership (only the owner's own run can); True if it owned env."""
+    stop_heartbeat(product, env)
+    ensure_schema()
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(
+            "DELETE FROM platform.owners WHERE product = %s AND env = %s AND run_id = %s",
+            (product, env, run_id),
+        )
+        return bool(cur.rowcount)
+
+
+# -- heartbeat -----------------------------------------------------------------------------
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the owner's heartbeat while this process acts for it. A heartbeat that finds
+    the row gone (taken over) or cannot reach Postgres sets `lost`: the owner must stop."""
+
+    def __init__(self, product: str, env: str, run_id: str) -> None:
+        super().__init__(daemon=True, name=f"owner-heartbeat-{product}-{env}")
+        self.product, self.env, self.run_id = product, env, run_id
+        self._stop = threading.Event()
+        self.lost: str | None = None
+
+    def run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_SECONDS):
+            try:
+                if not heartbeat(self.product, self.env, self.run_id):
+                    self.lost = "ownership was taken over by the reconciler"
+                    return
+            except Exception as exc:  # Postgres down: the owner cannot prove it is alive
+                self.lost = f"heartbeat failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+_heartbeats: dict[tuple[str, str], Heartbeat] = {}
+_heartbeats_lock = threading.Lock()
+
+
+def start_heartbeat(product: str, env: str, run_id: str) -> Heartbeat:
+    """One heartbeat per (product, env) in this process; kept across the stages of a run."""
+    with _heartbeats_lock:
+        beat = _heartbeats.get((product, env))
+        if beat is not None and beat.run_id == run_id and beat.is_alive():
+            return beat
+        if beat is not None:
+            beat.stop()
+        beat = Heartbeat(product, env, run_id)
+        beat.start()
+        _heartbeats[(product, env)] = beat
+        return beat
+
+
+def stop_heartbeat(product: str, env: str) -> None:
+    with _heartbeats_lock:
+        beat = _heartbeats.pop((product, env), None)
+    if beat is not None:
+        beat.stop()
+
+
+def lost(product: str, env: str) -> str | None:
+    """Why this process lost its ownership of env, or None."""
+    beat = _heartbeats.get((product, env))
+    return beat.lost if beat is not None else None
+
+
+@contextlib.contextmanager
+def heartbeat_while(product: str, env: str, run_id: str) -> Iterator[Heartbeat]:
+    beat = start_heartbeat(product, env, run_id)
+    try:
+        yield beat
+    finally:
+        stop_heartbeat(product, env)

@@ -1,0 +1,226 @@
+"""The reconciler: production back to a recorded, ready state after a release run died.
+
+Run by a sensor in the Dagster daemon, at the start of every CLI command and of every stage
+that touches an environment. For each environment of a product it reads the owner
+(`core/ownership.py`); an owner that is alive is left alone. A dead one (process gone,
+heartbeat stale, or its Dagster run no longer in progress) is taken over:
+
+- production: if its release already serves as stable (the run died after the promotion
+  switched traffic) the change is recorded as `promoted`; otherwise traffic goes back to
+  100% of the last ready stable, the canary is stopped, and the change is recorded as
+  `aborted` — with the same change id the run itself would have used, so each production
+  change is recorded exactly once;
+- staging: the ownership is simply released (staging carries no user traffic);
+- processes that no serving track owns (left `starting` or `retiring` by a killed operation)
+  are reaped;
+- with a valid guardrail token at hand the recorded change is audited at once; otherwise the
+  audit sensor, or the next `deploy`, audits it.
+
+What was done is returned as a `Reconciliation` (and printed by `release status`).
+Plain Python: no Dagster import; the caller says whether a run is still in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from dagster_project.core import changes, database, guardrail, ownership
+from dagster_project.core.ownership import Owner
+from dagster_project.core.spec import ProductSpec, load_spec
+
+logger = logging.getLogger("release.reconcile")
+
+ENVIRONMENTS = ("staging", "production")
+
+RunInProgress = Callable[[str], "bool | None"]
+
+
+def _unknown(run_id: str) -> bool | None:
+    return None
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """One dead owner handled."""
+
+    env: str
+    owner_release: str
+    owner_run_id: str
+    why: str
+    outcome: str | None  # the production change recorded, None for staging
+    change_id: str | None
+    audited: bool
+
+
+@dataclass
+class Reconciliation:
+    product: str
+    owners: dict[str, Owner | None] = field(default_factory=dict)
+    take_overs: list[TakeOver] = field(default_factory=list)
+    reaped: list[str] = field(default_factory=list)
+    audited: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def dead_run_ids(self) -> list[str]:
+        return [t.owner_run_id for t in self.take_overs]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{t.env}: owner {t.owner_release} (run {t.owner_run_id[:8]}) was dead ({t.why}); "
+            + (
+                f"recorded as {t.outcome} ({'audited' if t.audited else 'audit pending'})"
+                if t.outcome
+                else "released"
+            )
+            for t in self.take_overs
+        ]
+        out += [f"reaped {what}" for what in self.reaped]
+        out += [f"audited {change_id}" for change_id in self.audited]
+        out += [f"problem: {p}" for p in self.problems]
+        return out
+
+
+def production_decision(
+    *, owner_artifact: str, owner_previous: str | None, stable_artifact: str | None
+) -> str:
+    """What a dead production owner's change was: `promoted` when its artifact already serves
+    as stable (and was not stable before it took production), else `aborted` (pure)."""
+    if stable_artifact is not None and stable_artifact == owner_artifact:
+        return "promoted" if owner_previous != owner_artifact else "aborted"
+    return "aborted"
+
+
+def reconcile(
+    product: str,
+    *,
+    run_in_progress: RunInProgress = _unknown,
+    platform: object | None = None,
+) -> Reconciliation:
+    """Bring every environment of `product` back to a recorded, owned-or-settled state."""
+    spec = load_spec(product)
+    result = Reconciliation(product)
+    for env in ENVIRONMENTS:
+        owner = ownership.current(product, env)
+        result.owners[env] = owner
+        if owner is None:
+            continue
+        verdict = ownership.judge_owner(
+            ownership.facts_for(owner, run_in_progress(owner.run_id)),
+            stale_after_seconds=spec.production.owner_heartbeat_timeout_seconds,
+        )
+        if verdict.alive:
+            continue
+        result.take_overs.append(take_over(spec, owner, verdict.reason, platform=platform))
+        result.owners[env] = ownership.current(product, env)
+    local = platform or _platform(product)
+    for env in ENVIRONMENTS:
+        reap = getattr(local, "reap_orphans", None)
+        if reap is None:
+            continue
+        try:
+            result.reaped += [f"{env}: {what}" for what in reap(env)]
+        except Exception as exc:  # reaping is housekeeping: report it, do not stop the caller
+            result.problems.append(f"reaping {env}: {type(exc).__name__}: {exc}")
+    result.audited += audit_pending(spec)
+    return result
+
+
+def take_over(
+    spec: ProductSpec, owner: Owner, why: str, *, platform: object | None = None
+) -> TakeOver:
+    """Put the environment a dead owner held back in order, record the change, release it.
+
+    Serialised per product and environment, and re-checked under the lock, so two reconcilers
+    never act twice on one owner."""
+    with _reconcile_lock(spec.product, owner.env):
+        still = ownership.current(spec.product, owner.env)
+        if still is None or still.run_id != owner.run_id:
+            return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False)
+        if owner.env != "production":
+            ownership.release(spec.product, owner.env, owner.run_id)
+            logger.warning("staging owner %s was dead (%s): released", owner.label, why)
+            return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False)
+        local = platform or _platform(spec.product)
+        stable = (local.current("production").get("stable") or {}).get("artifact_sha")  # type: ignore[attr-defined]
+        outcome = production_decision(
+            owner_artifact=owner.artifact_sha256,
+            owner_previous=owner.previous_artifact_sha256,
+            stable_artifact=stable,
+        )
+        # Traffic first: back to the last ready stable (the platform waits for its readiness
+        # and keeps the last ready routing if it cannot get it), canary stopped.
+        local.rollback("production")  # type: ignore[attr-defined]
+        change = changes.record(
+            product=spec.product,
+            release=owner.release,
+            outcome=outcome,
+            artifact_sha256=owner.artifact_sha256,
+            previous_artifact_sha256=owner.previous_artifact_sha256,
+            run_id=owner.run_id,
+            details={
+                "reason": f"reconciled: the owning run {owner.run_id} was dead ({why}) "
+                f"during {owner.phase}; "
+                + (
+                    "its release already served as stable"
+                    if outcome == "promoted"
+                    else "traffic returned to the last ready stable"
+                ),
+                "slo_verdict": "not judged (run died)",
+                "reconciled": True,
+                "phase": owner.phase,
+            },
+        )
+        ownership.release(spec.product, owner.env, owner.run_id)
+        logger.warning("production owner %s was dead (%s): %s", owner.label, why, outcome)
+    audited = change.change_id in audit_pending(spec, only=[change])
+    return TakeOver(owner.env, owner.release, owner.run_id, why, outcome, change.change_id, audited)
+
+
+def audit_pending(
+    spec: ProductSpec, only: list[changes.ProductionChange] | None = None
+) -> list[str]:
+    """Audit the product's unaudited production changes when a valid token is at hand.
+
+    Without one, nothing is written (the audit trail must carry the token) and the changes
+    wait for the audit sensor or the next deploy."""
+    from dagster_project.core import audit
+    from dagster_project.core.identity import approver_identity
+
+    token = os.environ.get(guardrail.TOKEN_ENV_VAR)
+    try:
+        token = guardrail.verify(token, spec.guardrail.token_sha256)
+    except guardrail.ApprovalRefused:
+        return []
+    pending = (
+        only
+        if only is not None
+        else changes.unaudited(spec.product, lambda change_id: audit.find(change_id) is not None)
+    )
+    done = []
+    for change in pending:
+        payload = changes.audit_payload(change, audited_by=approver_identity(), token=token)
+        entry = audit.append(change.change_id, payload)
+        if entry.created or only is not None:
+            done.append(change.change_id)
+    return done
+
+
+@contextlib.contextmanager
+def _reconcile_lock(product: str, env: str) -> Iterator[None]:
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"reconcile:{product}:{env}",))
+        try:
+            yield
+        finally:
+            cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"reconcile:{product}:{env}",))
+
+
+def _platform(product: str) -> object:
+    from dagster_project.core.platform.local import LocalPlatform
+
+    return LocalPlatform(product)

@@ -1,0 +1,130 @@
+"""Ownership of an environment: the pure liveness rule as a table, then the real thing on the
+session's Postgres (acquire, re-entry, wait and refuse, take over a dead owner, heartbeat)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dagster_project.core import database, ownership
+from dagster_project.core.ownership import OwnerFacts, ProductionOwned, judge_owner
+from dagster_project.core.reconcile import production_decision
+
+STALE = 30.0
+
+
+@pytest.mark.parametrize(
+    ("facts", "alive", "why"),
+    [
+        (OwnerFacts(1.0, True, True, True), True, "alive"),
+        (OwnerFacts(1.0, True, True, None), True, "alive"),
+        (OwnerFacts(1.0, True, False, True), False, "process is gone"),
+        (OwnerFacts(1.0, True, False, None), False, "process is gone"),
+        (OwnerFacts(1.0, True, True, False), False, "no longer in progress"),
+        (OwnerFacts(31.0, True, True, True), False, "heartbeat is 31s old"),
+        (OwnerFacts(31.0, False, None, None), False, "heartbeat"),
+        (OwnerFacts(1.0, False, None, None), True, "alive"),  # another host: heartbeat decides
+        (OwnerFacts(1.0, False, None, False), False, "no longer in progress"),
+    ],
+)
+def test_owner_liveness_table(facts: OwnerFacts, alive: bool, why: str) -> None:
+    verdict = judge_owner(facts, stale_after_seconds=STALE)
+    assert verdict.alive is alive
+    assert why in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("owner", "previous", "stable", "outcome"),
+    [
+        ("new", "old", "old", "aborted"),  # died during the canary: stable untouched
+        ("new", "old", "new", "promoted"),  # died after the promotion switched
+        ("new", None, None, "aborted"),  # first release died before promotion
+        ("new", None, "new", "promoted"),  # first release died after promotion
+        ("same", "same", "same", "aborted"),  # nothing changed hands
+    ],
+)
+def test_what_a_dead_production_owner_did(
+    owner: str, previous: str | None, stable: str | None, outcome: str
+) -> None:
+    decided = production_decision(
+        owner_artifact=owner, owner_previous=previous, stable_artifact=stable
+    )
+    assert decided == outcome
+
+
+def _acquire(run_id: str, *, wait: float = 0.0, in_progress: bool | None = None, **kw: object):
+    taken: list[tuple[str, str]] = []
+
+    def take_over(owner: ownership.Owner, why: str) -> None:
+        taken.append((owner.run_id, why))
+        ownership.release(owner.product, owner.env, owner.run_id)
+
+    owner = ownership.acquire(
+        "own-test",
+        "production",
+        run_id=run_id,
+        release=str(kw.get("release", "1.0.0")),
+        artifact_sha256="a" * 64,
+        previous_artifact_sha256=None,
+        phase="canary",
+        wait_seconds=wait,
+        stale_after_seconds=STALE,
+        run_in_progress=lambda run: in_progress,
+        take_over=take_over,
+    )
+    return owner, taken
+
+
+def test_one_owner_at_a_time_reentrant_and_released() -> None:
+    owner, _ = _acquire("run-a")
+    assert owner.run_id == "run-a"
+    again, _ = _acquire("run-a")  # the same run, a later stage: re-entrant
+    assert again.run_id == "run-a"
+    started = time.monotonic()
+    with pytest.raises(ProductionOwned) as refused:
+        _acquire("run-b", wait=1.5)
+    assert time.monotonic() - started >= 1.5  # waited within the bound, then refused
+    message = str(refused.value)
+    assert "release 1.0.0" in message and "owner_wait_seconds" in message
+    assert ownership.release("own-test", "production", "run-b") is False  # not the owner
+    assert ownership.release("own-test", "production", "run-a") is True
+    assert ownership.current("own-test", "production") is None
+
+
+def test_a_dead_owner_is_handed_to_the_reconciler() -> None:
+    # An owner whose process is gone: a child that records ownership, then exits.
+    code = (
+        "from dagster_project.core import ownership;"
+        "ownership.acquire('own-test','production',run_id='run-dead',release='0.9',"
+        "artifact_sha256='b'*64,previous_artifact_sha256=None,phase='canary',wait_seconds=0,"
+        "stale_after_seconds=30,run_in_progress=lambda r: None,take_over=lambda o, w: None)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert ownership.current("own-test", "production").run_id == "run-dead"
+    owner, taken = _acquire("run-c")
+    assert owner.run_id == "run-c"
+    assert taken == [("run-dead", "its process is gone")]
+    ownership.release("own-test", "production", "run-c")
+
+
+def test_a_finished_run_no_longer_owns() -> None:
+    _acquire("run-d")
+    owner, taken = _acquire("run-e", in_progress=False)
+    assert owner.run_id == "run-e"
+    assert taken == [("run-d", "its Dagster run is no longer in progress")]
+    ownership.release("own-test", "production", "run-e")
+
+
+def test_heartbeat_refreshes_and_notices_a_take_over() -> None:
+    _acquire("run-f")
+    with ownership.heartbeat_while("own-test", "production", "run-f") as beat:
+        time.sleep(ownership.HEARTBEAT_INTERVAL_SECONDS * 1.5)
+        assert ownership.current("own-test", "production").heartbeat_age_seconds < 2.5
+        assert beat.lost is None
+        with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM platform.owners WHERE run_id = 'run-f'")  # a take-over
+        time.sleep(ownership.HEARTBEAT_INTERVAL_SECONDS * 1.5)
+        assert beat.lost is not None and "taken over" in beat.lost
