@@ -101,8 +101,8 @@ def safety_result(report: dict[str, Any]) -> dg.AssetCheckResult:
         description=(
             "pending migrations are safe"
             if passed
-            else f"{len(findings)} finding(s), {len(errors)} error(s): "
-            + "; ".join(str(f.get("message", f))[:160] for f in (findings + errors)[:3])
+            else f"{len(findings)} finding(s), {len(errors)} error(s):\n"
+            + "\n".join(finding_lines(findings, errors))
         ),
         metadata={
             "pending": md_table([{"file": f} for f in report["plan"]["pending"]]),
@@ -111,6 +111,23 @@ def safety_result(report: dict[str, Any]) -> dg.AssetCheckResult:
             "waivers": md_table(safety.get("waivers", [])),
         },
     )
+
+
+def finding_lines(findings: list[dict[str, Any]], errors: list[str]) -> list[str]:
+    """Every finding, whole, as `file:line rule — message — how to fix` (what the CLI prints;
+    the metadata tables hold the same)."""
+    lines = []
+    for f in findings:
+        where = Path(str(f.get("file", ""))).name or "(unknown file)"
+        if f.get("line"):
+            where += f":{f['line']}"
+        fix = str(f.get("help") or "").strip()
+        lines.append(
+            f"  {where} {f.get('rule', '?')} — {str(f.get('message', f)).strip()}"
+            + (f" — {fix}" if fix else "")
+        )
+    lines.extend(f"  error — {e}" for e in errors)
+    return lines
 
 
 def drift_result(drift: dict[str, Any], env: str) -> dg.AssetCheckResult:

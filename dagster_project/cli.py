@@ -7,8 +7,10 @@
     release ui                                   (dagster dev on the shared instance)
 
 The CLI stays thin: it parses arguments, calls the core and prints. Expected failures
-(`CliError` and the core's own error types) print one clear line and exit non-zero, without
-a traceback. New command groups register themselves in `_COMMAND_GROUPS`.
+(`CliError` and the core's own error types) print one clear line and exit with their code,
+without a traceback; only an unexpected error exits 1 (with its traceback, to report it).
+Exit codes: see EXIT_CODES_HELP (and the README). New command groups register themselves in
+`_COMMAND_GROUPS`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -25,26 +27,33 @@ from rich.table import Table
 Handler = Callable[[argparse.Namespace], int]
 
 
+EXIT_CODES_HELP = (
+    "exit codes: 0 done (or nothing to do); 2 bad input or environment (named); "
+    "3 blocked by a gate or a release-order rule (named); 4 approval refused "
+    "(GUARDRAIL_TOKEN missing, padded or wrong); 5 production is owned by another release; "
+    "1 an unexpected internal error only"
+)
+ERROR_ECHO_LIMIT = 400  # argparse quotes bad arguments whole: a 100 KB one must not flood
+
+
 class CliError(Exception):
-    """An expected failure: printed as one line, exit code 1."""
+    """An expected failure: printed as one line, exit code 2 (bad input)."""
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    # Imported here so `release --help` stays fast.
-    from dagster_project.core.database import DatabaseUnavailable
-    from dagster_project.core.platform.local import PlatformError
-    from dagster_project.core.platform.processes import ProcessStartError
-    from dagster_project.core.platform.state import UnknownEnvironment
-    from dagster_project.core.spec import SpecError
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error line cut to a readable length (it exits 2 as before)."""
 
-    return (
-        CliError,
-        DatabaseUnavailable,
-        PlatformError,
-        ProcessStartError,
-        UnknownEnvironment,
-        SpecError,
-    )
+    def error(self, message: str) -> NoReturn:
+        if len(message) > ERROR_ECHO_LIMIT:
+            message = f"{message[:ERROR_ECHO_LIMIT]}… ({len(message):,} characters)"
+        super().error(message)
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    """The documented exit code of an expected failure, by its class names; None otherwise."""
+    from dagster_project.deploy import exception_class_names, exit_code_for
+
+    return exit_code_for(exception_class_names(exc))
 
 
 # -- release platform ------------------------------------------------------------------------
@@ -182,13 +191,15 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from dagster_project.core import audit
 
     text, code = audit.verify_output(audit.verify(), args.json)
-    print(text)
+    print(text, file=sys.stdout if code == 0 or args.json else sys.stderr)
     return code
 
 
 def _audit_show(args: argparse.Namespace) -> int:
     from dagster_project.core import audit
+    from dagster_project.core.spec import validate_product_id
 
+    validate_product_id(args.product)  # unknown ids: exit 2 listing the known products
     text, code = audit.show_output(args.product, args.json)
     print(text)
     return code
@@ -249,8 +260,10 @@ _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_release_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="release", description="Operate the release platform of the data products."
+    parser = _Parser(
+        prog="release",
+        description="Operate the release platform of the data products.",
+        epilog=EXIT_CODES_HELP,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_group in _COMMAND_GROUPS:
@@ -261,12 +274,21 @@ def build_release_parser() -> argparse.ArgumentParser:
 def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
-    except _expected_errors() as exc:
-        print(f"{_prog(args)}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise  # a bug: exit 1 with the traceback, so it can be reported
+        print(f"{_prog(args)}: error: {_scrubbed(str(exc))}", file=sys.stderr)
+        return code
+
+
+def _scrubbed(text: str) -> str:
+    from dagster_project.deploy import guardrail_safe
+
+    return guardrail_safe(text)
 
 
 def _prog(args: argparse.Namespace) -> str:
@@ -280,22 +302,27 @@ def release_main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_deploy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deploy",
         description="Release a product to production: build, migrations, staging smoke, "
-        "canary, promotion, audit. Needs GUARDRAIL_TOKEN in the environment.",
-        epilog="exit codes: 0 promoted and audited (or already live), 1 other failure, "
-        "2 bad input, 3 blocked by a gate, 4 approval refused",
+        "canary, promotion, audit. Needs GUARDRAIL_TOKEN in the environment. Every input "
+        "(product, release key, --set, token, spec, migrations) is checked before work starts.",
+        epilog=EXIT_CODES_HELP.replace("0 done", "0 promoted and audited, or already live"),
     )
     parser.add_argument("product", help="product id, e.g. 4pnihc40q-yj")
-    parser.add_argument("--release", help="release version (default: from the source's hash)")
+    parser.add_argument(
+        "--release",
+        help="release key, 1-64 of letters, digits, '.', '_', '+', '-' (default: src-<hash> of "
+        "the source; an empty value is an error)",
+    )
     parser.add_argument(
         "--set",
         dest="settings",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="carried in the artifact manifest (error_rate, extra_latency_ms, fail_jobs_matching)",
+        help="carried in the artifact manifest: error_rate (0..1), extra_latency_ms "
+        "(0..60000), fail_jobs_matching (a regex of at most 256 characters)",
     )
     return parser
 
@@ -306,12 +333,16 @@ def deploy_main(argv: Sequence[str] | None = None) -> int:
     args = build_deploy_parser().parse_args(argv)
     try:
         outcome = deploy.deploy(args.product, args.release, args.settings)
-    except _expected_errors() as exc:
-        print(f"deploy: error: {deploy.guardrail_safe(str(exc))}", file=sys.stderr)
-        return deploy.EXIT_FAILED
     except KeyboardInterrupt:
         print("deploy: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise  # a bug: exit 1 with the traceback, so it can be reported
+        verdict = deploy.VERDICTS.get(code, "FAILED")
+        print(f"deploy: {verdict}: {deploy.guardrail_safe(str(exc))}", file=sys.stderr)
+        return code
     deploy.print_summary(outcome)
     return outcome.exit_code
 

@@ -1,33 +1,85 @@
 """`uv run deploy PRODUCT`: one release through the shared Dagster instance, with live progress.
 
 The run is an ordinary Dagster run of the product's release job (visible in the UI, same
-history as `dagster dev`), executed in this process. Exit codes:
-0 promoted and audited (or already live), 1 anything else, 2 bad input, 3 blocked by a gate
-(the summary names the check), 4 approval refused (the message names the variable).
+history as `dagster dev`), executed in this process. Everything checkable is checked before
+the run starts (`prepare`, `check_token`): the product id, the state directory and database
+URL, the spec, the migration files, the release key, every `--set` knob, the token.
+
+Exit codes, one meaning each (README has the table):
+0 promoted and audited, or nothing to do; 2 bad input or broken environment (named);
+3 blocked by a gate or a release-order rule (named); 4 approval refused (the variable named);
+5 production is owned by another release; 1 an unexpected internal error only.
 """
 
+from __future__ import annotations
+
+import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dagster as dg
-
-from dagster_project.core import guardrail
+from dagster_project.core import guardrail, knobs
+from dagster_project.core.knobs import quote
 from dagster_project.core.settings import validate_release_key
-from dagster_project.core.spec import ProductSpec, SpecError, load_spec
+from dagster_project.core.spec import ProductSpec, SpecError, load_spec, validate_product_id
 from dagster_project.core.versioning import default_release_version
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BLOCKED, EXIT_REFUSED = 0, 1, 2, 3, 4
+if TYPE_CHECKING:  # dagster is imported where a run starts: bad input is answered without it
+    import dagster as dg
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BLOCKED, EXIT_REFUSED, EXIT_OWNED = 0, 1, 2, 3, 4, 5
+EXIT_INTERNAL = EXIT_FAILED
+VERDICTS = {0: "OK", 1: "FAILED", 2: "BAD INPUT", 3: "BLOCKED", 4: "REFUSED", 5: "OWNED"}
+
+# Error class NAME -> exit code, first match wins (so "owned" beats the rest). By name, so a
+# class need not be importable here (ProductionOwned lives in the core's ownership module)
+# and so Dagster's serialised errors of a run classify the same as exceptions raised here.
+EXIT_BY_ERROR_CLASS: tuple[tuple[str, int], ...] = (
+    ("ProductionOwned", EXIT_OWNED),
+    ("ProductionLocked", EXIT_OWNED),
+    ("ApprovalRefused", EXIT_REFUSED),
+    ("DatabaseUnavailable", EXIT_BAD_INPUT),  # before MigrationError: an outage is not a block
+    ("StateDirError", EXIT_BAD_INPUT),
+    ("MigrationError", EXIT_BLOCKED),
+    ("BadInput", EXIT_BAD_INPUT),
+    ("CliError", EXIT_BAD_INPUT),
+    ("SpecError", EXIT_BAD_INPUT),
+    ("KnobError", EXIT_BAD_INPUT),
+    ("UnknownEnvironment", EXIT_BAD_INPUT),
+    ("PlatformError", EXIT_BAD_INPUT),
+    ("ProcessStartError", EXIT_BAD_INPUT),
+)
+SUPERSEDED_RULE = "release order"
+MAX_TOKEN_LENGTH = 1024
+MESSAGE_LIMIT = 2000  # longest failure text shown; findings lists stay whole below it
 
 INVOCATION_TAG = "release/invocation"
 
 
 class BadInput(ValueError):
     """Unknown product, bad version or bad --set: exit 2."""
+
+
+def exit_code_for(class_names: Iterable[str]) -> int | None:
+    """The exit code for an error whose class chain has these names; None if unexpected."""
+    names = set(class_names)
+    return next((code for name, code in EXIT_BY_ERROR_CLASS if name in names), None)
+
+
+def exception_class_names(exc: BaseException) -> set[str]:
+    """Names of every class in the MRO of the exception and of its causes/contexts."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names.update(cls.__name__ for cls in type(current).__mro__)
+        current = current.__cause__ or current.__context__
+    return names
 
 
 @dataclass
@@ -41,16 +93,14 @@ class DeployOutcome:
     stages: list[dict[str, str]] = field(default_factory=list)
     audit_run_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    rule: str | None = None  # a release-order rule, not a gate, blocked it
 
 
 def parse_settings(pairs: list[str]) -> dict[str, str]:
-    settings: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"--set {pair!r}: expected KEY=VALUE")
-        settings[key.strip()] = value.strip()
-    return settings
+    try:
+        return knobs.parse_pairs(pairs)
+    except knobs.KnobError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def prepare(
@@ -59,25 +109,52 @@ def prepare(
     """Validate every input before anything runs; raises BadInput naming what is wrong.
 
     Returns the spec, the version, the settings as given (run config) and as parsed."""
-    from assets.build import parse_setting
-    from dagster_project.core import registry
+    from dagster_project.core import database
+    from dagster_project.core.migrations.history import MigrationError, read_migrations
+    from dagster_project.core.settings import StateDirError, release_home
 
     try:
+        validate_product_id(product)
+        release_home()  # the state directory exists and is writable
+        if os.environ.get(database.ENV_URL):
+            database.server()  # parses the URL only; an embedded server is not started here
         spec = load_spec(product)
-    except SpecError as exc:
+        if spec.migrations_path.is_dir():
+            read_migrations(spec.migrations_path)  # misnamed files, version clashes
+    except (SpecError, StateDirError, database.DatabaseUnavailable, MigrationError) as exc:
         raise BadInput(str(exc)) from None
-    version = release or default_release_version(spec)
+    # `--release ""` is an error, not "use the default": only an absent flag means that.
+    version = default_release_version(spec) if release is None else release
     try:
         validate_release_key(version)
     except ValueError as exc:
-        raise BadInput(str(exc)) from None
+        raise BadInput(f"--release: {exc}") from None
     settings = parse_settings(pairs)
-    parsed = {key: parse_setting(value) for key, value in settings.items()}
     try:
-        registry.validate_settings(parsed)
-    except ValueError as exc:
-        raise BadInput(f"--set: {exc}") from None
+        parsed = knobs.validate(settings)
+    except knobs.KnobError as exc:
+        raise BadInput(str(exc)) from None
     return spec, version, settings, parsed
+
+
+def check_token(spec: ProductSpec, environ: Mapping[str, str] | None = None) -> str:
+    """The guardrail token, verified before any work (the canary verifies it again): presence,
+    format, fingerprint. Raises ApprovalRefused naming the variable, never echoing the value."""
+    env = os.environ if environ is None else environ
+    name = guardrail.TOKEN_ENV_VAR
+    token = env.get(name)
+    if token and token != token.strip():
+        raise guardrail.ApprovalRefused(
+            f"approval refused: {name} has leading or trailing whitespace (a space or a "
+            "newline, e.g. from copying it or from `echo`); the token is compared exactly, "
+            "so remove it"
+        )
+    if token and (len(token) > MAX_TOKEN_LENGTH or not token.isprintable()):
+        raise guardrail.ApprovalRefused(
+            f"approval refused: {name} is not a token (longer than {MAX_TOKEN_LENGTH} "
+            "characters or holding control characters)"
+        )
+    return guardrail.verify(token, spec.guardrail.token_sha256, name)
 
 
 def deploy(
@@ -87,15 +164,21 @@ def deploy(
     *,
     echo: Callable[[str], None] = print,
 ) -> DeployOutcome:
+    try:
+        spec, version, settings, parsed = prepare(product, release, pairs or [])
+    except BadInput as exc:
+        return DeployOutcome(EXIT_BAD_INPUT, quote(product, 40), _shown(release), str(exc))
+    try:
+        check_token(spec)
+    except guardrail.ApprovalRefused as exc:
+        return DeployOutcome(EXIT_REFUSED, spec.product, version, str(exc))
+
+    # Heavy imports (dagster, the platform) only once the inputs are known to be good.
     from dagster_project.core import registry
     from dagster_project.core.platform.local import LocalPlatform
     from dagster_project.instance import get_instance
     from dagster_project.partitions import register_release
 
-    try:
-        spec, version, settings, parsed = prepare(product, release, pairs or [])
-    except BadInput as exc:
-        return DeployOutcome(EXIT_BAD_INPUT, product, release or "?", str(exc))
 
     instance = get_instance()
     platform = LocalPlatform(spec.product)
@@ -125,6 +208,10 @@ def deploy(
     return outcome
 
 
+def _shown(release: str | None) -> str:
+    return "?" if release is None else quote(release, 40)
+
+
 def _job_name(spec: ProductSpec, which: str) -> str:
     from dagster_project.jobs import audit_job_name, release_job_name
 
@@ -139,6 +226,7 @@ def _execute(
     settings: dict[str, str],
     echo: Callable[[str], None],
 ) -> tuple[str, bool]:
+    import dagster as dg
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
     from dagster_project.core.settings import PROJECT_ROOT
@@ -187,6 +275,8 @@ class _Progress(threading.Thread):
         self.join(timeout=5)
 
     def run(self) -> None:
+        import dagster as dg
+
         run_id, cursor = None, None
         while True:
             finished = self._done.is_set()
@@ -226,9 +316,7 @@ def describe(entry: Any) -> str | None:
     if kind == "STEP_SUCCESS":
         return f"✔ {stage}"
     if kind == "STEP_FAILURE":
-        error = event.event_specific_data.error
-        text = error.message.strip().splitlines()[-1] if error else ""
-        return f"✘ {stage}: {text[:300]}"
+        return f"✘ {stage}: {_cut(user_message(event.event_specific_data.error), 600)}"
     if kind == "ASSET_CHECK_EVALUATION":
         data = event.event_specific_data
         verdict = "pass" if data.passed else "FAIL"
@@ -250,8 +338,8 @@ def classify(
     events = instance.all_logs(run_id)
     stages: dict[str, str] = {}
     blocked: list[dict[str, str]] = []
-    refused: str | None = None
-    failure: str | None = None
+    failures: list[tuple[int, str]] = []  # (exit code, text) of failed steps, in order
+    superseded: str | None = None
     for entry in events:
         event = entry.dagster_event
         if event is None:
@@ -268,52 +356,80 @@ def classify(
                         "why": data.description or "",
                     }
                 )
+        elif kind == "ASSET_MATERIALIZATION" and stage == "canary":
+            metadata = event.event_specific_data.materialization.metadata
+            outcome = getattr(metadata.get("outcome"), "value", None)
+            if outcome == "superseded":
+                previous = getattr(metadata.get("previous_version"), "value", None) or "?"
+                superseded = (
+                    f"{spec.product} {version} is older than the live release {previous}; "
+                    "production is never moved backwards (production not touched)"
+                )
         elif kind == "STEP_SUCCESS":
             stages[stage] = "done"
         elif kind == "STEP_SKIPPED":
             stages.setdefault(stage, "skipped")
         elif kind == "STEP_FAILURE":
             error = event.event_specific_data.error
-            text = _error_text(error)
-            if error is not None and (
-                "ApprovalRefused" in _error_classes(error) or "approval refused" in text
-            ):
-                refused = text
-            elif "DagsterAssetCheckFailedError" not in _error_classes(error):
-                failure = failure or f"{stage}: {text}"
+            classes = _error_classes(error)
             stages[stage] = "failed"
-    if refused:
-        return DeployOutcome(
-            EXIT_REFUSED, spec.product, version, refused, run_id, stages=_rows(stages)
+            if "DagsterAssetCheckFailedError" in classes:
+                continue  # the blocked check itself is reported below, by name
+            text = user_message(error)
+            code = exit_code_for(classes)
+            if code is None and "approval refused" in text:
+                code = EXIT_REFUSED
+            failures.append((code or EXIT_FAILED, f"{stage}: {text}"))
+    return _verdict(
+        spec,
+        version,
+        run_id,
+        stages=stages,
+        blocked=blocked,
+        failures=failures,
+        superseded=superseded,
+        result_success=result_success,
+    )
+
+
+def _verdict(
+    spec: ProductSpec,
+    version: str,
+    run_id: str | None,
+    *,
+    stages: dict[str, str],
+    blocked: list[dict[str, str]],
+    failures: list[tuple[int, str]],
+    superseded: str | None,
+    result_success: bool,
+) -> DeployOutcome:
+    """The decision of `classify`, pure: owned > refused > release order > gates > other."""
+    rows = _rows(stages)
+
+    def outcome(code: int, headline: str, **extra: Any) -> DeployOutcome:
+        return DeployOutcome(code, spec.product, version, headline, run_id, stages=rows, **extra)
+
+    for wanted in (EXIT_OWNED, EXIT_REFUSED, EXIT_BAD_INPUT):
+        text = next((t for c, t in failures if c == wanted), None)
+        if text is not None:
+            return outcome(wanted, text, blocked_by=blocked)
+    if superseded:
+        # The canary check fails on a superseded release, but no gate judged it: it is a rule.
+        return outcome(
+            EXIT_BLOCKED,
+            f"blocked by the {SUPERSEDED_RULE} rule: {superseded}",
+            blocked_by=blocked,
+            rule=SUPERSEDED_RULE,
         )
     if blocked:
         names = ", ".join(b["check"] for b in blocked)
-        return DeployOutcome(
-            EXIT_BLOCKED,
-            spec.product,
-            version,
-            f"blocked by {names}",
-            run_id,
-            blocked,
-            _rows(stages),
-        )
+        return outcome(EXIT_BLOCKED, f"blocked by {names}", blocked_by=blocked)
+    text = next((t for c, t in failures if c == EXIT_BLOCKED), None)
+    if text is not None:
+        return outcome(EXIT_BLOCKED, f"blocked: {text}")
     if result_success and stages.get("audit") == "done" and stages.get("promotion") == "done":
-        return DeployOutcome(
-            EXIT_OK,
-            spec.product,
-            version,
-            f"{spec.product} {version} promoted and audited",
-            run_id,
-            stages=_rows(stages),
-        )
-    return DeployOutcome(
-        EXIT_FAILED,
-        spec.product,
-        version,
-        failure or "the release run failed",
-        run_id,
-        stages=_rows(stages),
-    )
+        return outcome(EXIT_OK, f"{spec.product} {version} promoted and audited")
+    return outcome(EXIT_FAILED, failures[0][1] if failures else "the release run failed")
 
 
 def _error_classes(error: Any) -> set[str]:
@@ -324,14 +440,31 @@ def _error_classes(error: Any) -> set[str]:
     return names
 
 
-def _error_text(error: Any) -> str:
-    if error is None:
-        return ""
-    texts = []
+def user_message(error: Any) -> str:
+    """The innermost message a person can act on, never Dagster's wrapper ("Error occurred
+    while executing op ...") in front of it: the deepest error in the cause chain that is not
+    one of Dagster's own, with its class name prefix removed."""
+    chain = []
     while error is not None:
-        texts.append(error.message.strip().splitlines()[0] if error.message.strip() else "")
+        chain.append(error)
         error = error.cause
-    return " <- ".join(t for t in texts if t)[:600]
+    if not chain:
+        return ""
+    ours = [e for e in chain if not (e.cls_name or "").startswith("Dagster")]
+    chosen = (ours or chain)[-1]
+    text = (chosen.message or "").strip()
+    # SerializableErrorInfo.message is "module.Class: text"; the class name is noise here.
+    name = chosen.cls_name or ""
+    head, sep, rest = text.partition(": ")
+    if sep and name and (head == name or head.endswith("." + name)):
+        text = rest
+    return _cut(text, MESSAGE_LIMIT)
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
 
 
 def _rows(stages: dict[str, str]) -> list[dict[str, str]]:
@@ -358,14 +491,18 @@ def print_summary(outcome: DeployOutcome, echo: Callable[[str], None] = print) -
         table.add_row(row["stage"], row["status"])
     if outcome.stages:
         console.print(table)
-    for block in outcome.blocked_by:
-        console.print(f"[red]blocked by[/red] {block['check']} on {block['asset']}: {block['why']}")
-    verdict = {0: "OK", 1: "FAILED", 2: "BAD INPUT", 3: "BLOCKED", 4: "REFUSED"}[outcome.exit_code]
+    if not outcome.rule:  # a rule's block is said once, in the headline, not as a gate
+        for block in outcome.blocked_by:
+            why = guardrail_safe(block["why"])
+            console.print(f"[red]blocked by[/red] {block['check']} on {block['asset']}: {why}")
+    verdict = VERDICTS.get(outcome.exit_code, "FAILED")
     console.print(f"{verdict}: {guardrail_safe(outcome.headline)}")
     if outcome.run_id:
         console.print(f"run {outcome.run_id} (visible in the Dagster UI: uv run release ui)")
 
 
 def guardrail_safe(text: str) -> str:
-    token = dg.EnvVar(guardrail.TOKEN_ENV_VAR).get_value()
-    return guardrail.scrub(text, token)
+    token = os.environ.get(guardrail.TOKEN_ENV_VAR)
+    # The token as presented, and stripped: a padded token must not leak either way.
+    text = guardrail.scrub(text, token)
+    return guardrail.scrub(text, token.strip()) if token and token.strip() else text

@@ -53,7 +53,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
     "environment",
     "guardrail_token",
 )
-OUTCOMES: tuple[str, ...] = ("promoted", "aborted")
+OUTCOMES: tuple[str, ...] = ("promoted", "aborted", "rolled_back")
 # Optional fields that are copied into lookup columns and therefore must be strings.
 _STRING_FIELDS: tuple[str, ...] = ("product", "release", "environment", "change_id")
 
@@ -637,15 +637,28 @@ def _payload_problem(entry: AuditEntry) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------- CLI helpers
 
 
+VERIFY_UNREADABLE_EXIT = 2  # the trail could not be read: an environment problem, not tampering
+VERIFY_NOT_INTACT_EXIT = 3  # the chain does not verify (or there is none): a failed check
+
+
 def verify_output(result: VerifyResult, as_json: bool = False) -> tuple[str, int]:
-    """Text (or JSON) and exit code for `release audit verify`: 0 intact, 1 otherwise."""
-    code = 0 if result.ok else 1
+    """Text (or JSON) and exit code for `release audit verify`: 0 intact, 2 the trail cannot
+    be read (database unreachable, named), 3 not intact (names the first bad entry)."""
+    unreadable = not result.ok and result.reason == UNREADABLE
+    code = 0 if result.ok else VERIFY_UNREADABLE_EXIT if unreadable else VERIFY_NOT_INTACT_EXIT
     if as_json:
         return json.dumps(asdict(result), indent=2), code
     if result.ok:
         return (
             f"audit trail intact: {result.entries_checked} entries verified, "
             f"head seq {result.head_seq} hash {result.head_hash}",
+            code,
+        )
+    if unreadable:
+        return (
+            f"{UNREADABLE}: cannot read the trail, so it was not verified (this says nothing "
+            f"about tampering): {result.detail}; check that the database is up "
+            f"(release platform status) and {db.ENV_URL} if set",
             code,
         )
     where = f" at seq {result.first_bad_seq}" if result.first_bad_seq is not None else ""

@@ -178,8 +178,8 @@ def validate_product_id(product_id: object) -> str:
         )
     if not (product_dir(product_id) / "product.yaml").is_file():
         raise SpecError(
-            f"unknown product {quote(product_id)}: no {product_dir(product_id)}/product.yaml; "
-            f"known products: {known}"
+            f"unknown product {quote(product_id)}: {product_dir(product_id)}/product.yaml not "
+            f"found; known products: {known}"
         )
     return product_id
 

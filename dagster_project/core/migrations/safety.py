@@ -281,19 +281,42 @@ def _run_squawk(
     return [_with_hint(f) for f in findings]
 
 
+NO_TRANSACTION_HINT = (
+    "put the line '-- migration: no-transaction' in that file (and use IF NOT EXISTS) so it "
+    "runs outside the wrapping transaction"
+)
+# How to fix, in this project's terms, where squawk's own help is too terse to act on.
+PROJECT_HINTS = {
+    "ban-concurrent-index-creation-in-transaction": NO_TRANSACTION_HINT,
+    "require-concurrent-index-creation": (
+        "use CREATE INDEX CONCURRENTLY in a file of its own; " + NO_TRANSACTION_HINT
+    ),
+    "require-concurrent-index-deletion": (
+        "use DROP INDEX CONCURRENTLY in a file of its own; " + NO_TRANSACTION_HINT
+    ),
+    "require-statement-timeout": (
+        "start the file with SET statement_timeout = '5s'; (and SET lock_timeout = '1s';)"
+    ),
+    "require-timeout-settings": (
+        "start the file with SET lock_timeout = '1s'; SET statement_timeout = '5s';"
+    ),
+}
+
+
 def _with_hint(finding: SafetyFinding) -> SafetyFinding:
     """squawk cannot know how this project runs files outside a transaction; say so."""
-    if finding.rule == "ban-concurrent-index-creation-in-transaction":
-        return SafetyFinding(
-            finding.file,
-            finding.line,
-            finding.rule,
-            finding.message,
-            "Put the line '-- migration: no-transaction' in the file (and use IF NOT EXISTS) "
-            "so it runs outside the wrapping transaction.",
-            finding.source,
-        )
-    return finding
+    hint = PROJECT_HINTS.get(finding.rule)
+    if hint is None:
+        return finding
+    original = finding.help.strip().rstrip(".")
+    return SafetyFinding(
+        finding.file,
+        finding.line,
+        finding.rule,
+        finding.message,
+        f"{hint} (squawk: {original})" if original else hint,
+        finding.source,
+    )
 
 
 def blank_comments_and_literals(text: str) -> str:
