@@ -137,6 +137,17 @@ def for_release(product: str, release: str) -> list[ProductionChange]:
         return [ProductionChange(*row) for row in cur.fetchall()]
 
 
+def history(product: str) -> list[ProductionChange]:
+    """Every production change of the product, oldest first."""
+    ensure_schema()
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(
+            f"SELECT {_COLUMNS} FROM platform.production_changes WHERE product = %s ORDER BY id",
+            (product,),
+        )
+        return [ProductionChange(*row) for row in cur.fetchall()]
+
+
 def since(after_id: int, *, limit: int) -> list[ProductionChange]:
     """Changes with id > after_id, oldest first, at most `limit` (the audit sensor's page)."""
     ensure_schema()
@@ -151,14 +162,7 @@ def since(after_id: int, *, limit: int) -> list[ProductionChange]:
 
 def unaudited(product: str, audited: Callable[[str], bool]) -> list[ProductionChange]:
     """The product's changes that have no audit entry yet, oldest first."""
-    ensure_schema()
-    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
-        cur.execute(
-            f"SELECT {_COLUMNS} FROM platform.production_changes WHERE product = %s ORDER BY id",
-            (product,),
-        )
-        rows = [ProductionChange(*row) for row in cur.fetchall()]
-    return [c for c in rows if not audited(c.change_id)]
+    return [c for c in history(product) if not audited(c.change_id)]
 
 
 def audit_payload(change: ProductionChange, *, audited_by: str, token: str) -> dict[str, Any]:
