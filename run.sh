@@ -4,8 +4,27 @@
 #   ./run.sh deploy 4pnihc40q-yj [--release V] [--set K=V]   a complete release
 #   ./run.sh test [pytest args]                               the whole test suite
 #   ./run.sh <any project command>                            e.g. ./run.sh release status 4pnihc40q-yj
+#
+# Safe to run many at once, and while a release runs: .venv is synced only when uv.lock,
+# pyproject.toml or the interpreter changed (a stamp in .venv records what it was synced
+# from), under an exclusive lock that waits until no other ./run.sh command is using .venv;
+# every command then holds a shared lock on it for its whole life.
+# Exit codes: setup problems exit 2 with what to install; the command's own codes otherwise.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+die() {
+  echo "run.sh: $*" >&2
+  exit 2
+}
+
+command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH: install Python 3.11 or newer"
+# The real interpreter, not a pyenv/asdf shim: uv recreates .venv when the path it is given is
+# not the one .venv was made from, and a shim's path never is.
+PY="$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null)" ||
+  die "python3 does not start: install Python 3.11 or newer"
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  die "$PY is Python $(python3 -c 'import sys; print(*sys.version_info[:3], sep=".")'); install Python 3.11 or newer"
 
 if ! command -v uv >/dev/null 2>&1; then
   export PATH="$HOME/.local/bin:$PATH"
@@ -13,22 +32,57 @@ if ! command -v uv >/dev/null 2>&1; then
     # pip --user first; where the system Python is externally managed (PEP 668), a private
     # bootstrap venv under the state directory instead.
     if ! python3 -m pip install --quiet --user uv 2>/dev/null; then
-      python3 -m venv .release/uv-bootstrap
-      .release/uv-bootstrap/bin/pip install --quiet uv
+      { python3 -m venv .release/uv-bootstrap && .release/uv-bootstrap/bin/pip install --quiet uv; } ||
+        die "could not install uv with pip: install uv (https://docs.astral.sh/uv/, e.g. 'pipx install uv') or the python3-venv package, then retry"
       export PATH="$PWD/.release/uv-bootstrap/bin:$PATH"
     fi
   fi
 fi
-UV="$(command -v uv)"
+UV="$(command -v uv)" || die "uv not found after installing it: add ~/.local/bin to PATH"
+command -v flock >/dev/null 2>&1 || die "flock not found: install util-linux (it provides flock)"
 
-# uv must not download a Python: use the system one (3.11+).
-PY="$(command -v python3)"
-$UV sync --locked --quiet --python "$PY"
+mkdir -p .release 2>/dev/null || die "cannot create $PWD/.release: make the project directory writable"
+exec 9>>.release/run-sh.lock || die "cannot open $PWD/.release/run-sh.lock: make .release writable"
 
+STAMP=.venv/.run-sh-stamp
+WANT="$(python3 - "$PY" <<'EOF'
+import hashlib, sys
+digest = hashlib.sha256(sys.argv[1].encode())
+for name in ("uv.lock", "pyproject.toml"):
+    with open(name, "rb") as f:
+        digest.update(b"\0" + f.read())
+print(digest.hexdigest())
+EOF
+)" || die "cannot read uv.lock and pyproject.toml in $PWD"
+
+fresh() {
+  [ -f "$STAMP" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && .venv/bin/python -c '' 2>/dev/null
+}
+
+if ! fresh; then
+  if ! flock -x -n 9; then
+    echo "run.sh: .venv needs a sync; waiting for the other ./run.sh commands using it to finish..." >&2
+    flock -x -w 1800 9 || die "still in use after 30 minutes: stop the other ./run.sh commands (or run them later) so .venv can be synced"
+  fi
+  if ! fresh; then # another ./run.sh may have synced it while this one waited
+    rm -f "$STAMP"
+    UV_PYTHON_DOWNLOADS=never "$UV" sync --locked --quiet --python "$PY" ||
+      die "'uv sync --locked' failed (see above): if uv.lock is out of date with pyproject.toml run 'uv lock'; otherwise check the network or the package index"
+    echo "$WANT" >"$STAMP"
+  fi
+fi
+# Shared for the command's lifetime (fd 9 stays open across exec): a sync waits for it.
+flock -s 9
+
+export VIRTUAL_ENV="$PWD/.venv"
+export PATH="$VIRTUAL_ENV/bin:$PATH"
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  test) exec $UV run --locked --python "$PY" pytest "$@" ;;
-  "")   echo "usage: ./run.sh deploy PRODUCT [...] | test [...] | release ..." >&2; exit 2 ;;
-  *)    exec $UV run --locked --python "$PY" "$cmd" "$@" ;;
+  test) exec pytest "$@" ;;
+  "") die "usage: ./run.sh deploy PRODUCT [...] | test [...] | release ..." ;;
+  *)
+    command -v "$cmd" >/dev/null 2>&1 || die "unknown command '${cmd:0:80}': use deploy, release, test, or a program in .venv/bin"
+    exec "$cmd" "$@"
+    ;;
 esac
