@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 
+from assets.canary import bake_scale, describe_event
 from assets.common import (
     behind_production,
     group_name,
@@ -29,7 +30,7 @@ from assets.common import (
 )
 from dagster_project.core import changes
 from dagster_project.core.spec import ProductSpec
-from dagster_project.resources import ApprovalResource, PlatformResource
+from dagster_project.resources import ApprovalResource, MetricsResource, PlatformResource
 
 ENV = "production"
 
@@ -56,6 +57,7 @@ def promotion_asset(
         canary: dict[str, Any],
         platform: PlatformResource,
         approval: ApprovalResource,
+        metrics: MetricsResource,
     ) -> dg.Output[dict[str, Any]]:
         started = time.monotonic()
         gate_rows = require_checks_passed(context, upstream_blocking_checks, artifact["sha256"])
@@ -72,7 +74,7 @@ def promotion_asset(
             phase="promoting",
         )
         try:
-            report = _promote(context, artifact, canary, local, approver, gate_rows)
+            report = _promote(context, artifact, canary, local, metrics, approver, gate_rows)
         except BaseException as exc:
             # If settling fails too (Postgres gone), the ownership stays for the reconciler.
             _settle_after_error(context, artifact, canary, local, stable, approver, exc)
@@ -102,6 +104,7 @@ def promotion_asset(
         artifact: dict[str, Any],
         canary: dict[str, Any],
         local: Any,
+        metrics: MetricsResource,
         approver: str,
         gate_rows: list[dict[str, str]],
     ) -> dict[str, Any]:
@@ -140,6 +143,14 @@ def promotion_asset(
                 )
             urls = local.api_urls(ENV)
             changed = changed_surrogate_keys(spec, urls["stable"], urls["canary"]) if stable else []
+            watch = _watch(context, artifact, local, metrics)
+            report["watch"] = watch
+            if not watch["passed"]:
+                # Production is back on the previous version (kept running through the watch).
+                report["outcome"] = "rolled_back"
+                report["post_deploy_smoke"] = watch["smoke"]
+                report["change_id"] = _record_watch_rollback(context, artifact, stable, watch)
+                return report
             local.promote(ENV)
             for item in changed:
                 for key in item["surrogate_keys"]:
@@ -164,9 +175,79 @@ def promotion_asset(
                     "purged": changed,
                     # Safety rules waived for the migrations this release applied.
                     "waivers": canary.get("migrations", {}).get("safety", {}).get("waivers", []),
+                    "watch": {k: v for k, v in report.get("watch", {}).items() if k != "smoke"},
                 },
             )
         return report
+
+    def _watch(
+        context: dg.AssetExecutionContext,
+        artifact: dict[str, Any],
+        local: Any,
+        metrics: MetricsResource,
+    ) -> dict[str, Any]:
+        """The new version at 100% for the spec's watch window, the previous one still running
+        at 0%: judged on the absolute SLOs (a step of the canary mechanism, which returns
+        traffic to the previous version on a fail) and on the post-deploy smoke."""
+        from dagster_project.core.canary.analysis import run_canary
+        from dagster_project.core.smoke import post_deploy_smoke
+
+        watch_seconds = spec.production.watch_seconds * bake_scale()
+        context.log.info(f"watch: {artifact['version']} at 100% for {watch_seconds:.0f}s")
+        result = run_canary(
+            local,
+            spec,
+            env=ENV,
+            metrics=metrics.source(local.api_urls(ENV)),
+            bake_scale=bake_scale(),
+            baseline=False,
+            single_step_seconds=spec.production.watch_seconds,
+            on_event=lambda event: context.log.info(f"watch: {describe_event(event)}"),
+            step_guard=lambda since: local.outages(ENV, since) if hasattr(local, "outages") else [],
+        )
+        smoke = post_deploy_smoke(spec, local, artifact["version"]) if result.passed else None
+        smoke_passed = smoke is not None and smoke.passed("smoke")
+        if result.passed and not smoke_passed:
+            local.rollback(ENV)  # the smoke failed at 100%: back to the previous version
+        reason = (
+            result.reason
+            if not result.passed
+            else "post-deploy smoke failed during the watch"
+            if not smoke_passed
+            else f"absolute SLOs and post-deploy smoke held for {watch_seconds:.0f}s"
+        )
+        return {
+            "passed": bool(result.passed and smoke_passed),
+            "verdict": result.verdict.value,
+            "reason": reason,
+            "seconds": round(watch_seconds, 3),
+            "steps": result.to_dict()["rows"],
+            "smoke": smoke.to_dict() if smoke is not None else {"rows": []},
+        }
+
+    def _record_watch_rollback(
+        context: dg.AssetExecutionContext,
+        artifact: dict[str, Any],
+        stable: Any,
+        watch: dict[str, Any],
+    ) -> str:
+        # Recorded under this release (its run made the change); the entry names what serves now.
+        return changes.record(
+            product=spec.product,
+            release=artifact["version"],
+            outcome="rolled_back",
+            artifact_sha256=artifact["sha256"],
+            previous_artifact_sha256=(stable or {}).get("artifact_sha"),
+            run_id=context.run.run_id,
+            details={
+                "reason": f"watch after promoting {artifact['version']} failed: {watch['reason']}",
+                "from_release": artifact["version"],
+                "restored_release": (stable or {}).get("version"),
+                "slo_verdict": watch["verdict"],
+                "slo_steps": watch["steps"],
+                "smoke_verdict": "passed" if watch["smoke"].get("rows") else "not run",
+            },
+        ).change_id
 
     def _settle_after_error(
         context: dg.AssetExecutionContext,

@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import stage_key
+from assets.common import md_table, stage_key
 from checks.common import rows_result
 from dagster_project.core.spec import ProductSpec
 
@@ -43,12 +43,26 @@ def post_deploy_smoke_check(
     @dg.asset_check(
         asset=stage_key(spec, "promotion"),
         name="post_deploy_smoke",
-        blocking=False,  # production has moved; a failure must still reach the audit
+        blocking=True,
         partitions_def=partitions_def,
-        description="The smoke suite on production after promotion.",
+        description="The watch after promotion (absolute SLOs at 100%) and the smoke suite on "
+        "production; a failed watch has returned production to the previous version.",
     )
     def post_deploy_smoke(promotion: dict[str, Any]) -> dg.AssetCheckResult:
         report = promotion.get("post_deploy_smoke", {})
-        return rows_result(section_rows(report, "smoke"), what="post-deploy smoke", columns=COLUMNS)
+        watch = promotion.get("watch") or {}
+        if promotion.get("outcome") == "rolled_back":
+            return dg.AssetCheckResult(
+                passed=False,
+                description=f"watch after promotion failed, production rolled back to the "
+                f"previous version: {watch.get('reason', '')}",
+                metadata={"verdict": "fail", "watch": md_table(watch.get("steps", []))},
+            )
+        return rows_result(
+            section_rows(report, "smoke"),
+            what="post-deploy smoke",
+            columns=COLUMNS,
+            extra={"watch": watch.get("reason", "not run (already live)")},
+        )
 
     return post_deploy_smoke

@@ -118,6 +118,10 @@ class Production(_Model):
     owner_wait_seconds: float = Field(default=120, ge=0, le=3600)
     # An owner whose heartbeat is older than this is dead: the reconciler takes over.
     owner_heartbeat_timeout_seconds: float = Field(default=30, ge=5, le=3600)
+    # After the canary, the new version takes 100% while the previous one keeps running at 0%
+    # for this long, judged on the absolute SLOs and the post-deploy smoke; a failure returns
+    # production to the previous version (`rolled_back`).
+    watch_seconds: float = Field(default=10, gt=0, le=3600)
 
 
 class ProductSpec(_Model):

@@ -199,6 +199,7 @@ def run_canary(
     on_event: EventCallback | None = None,
     baseline: bool = True,
     step_guard: StepGuard | None = None,
+    single_step_seconds: float | None = None,
 ) -> CanaryReport:
     """Run the spec's canary steps against `env`; roll back on any fail. See the module doc.
 
@@ -226,7 +227,9 @@ def run_canary(
     tracks = TRACKS if baseline else ("canary",)
     steps = [_Step(s.weight, s.bake_seconds) for s in spec.canary.steps]
     if not baseline:
-        steps = [_Step(100, sum(s.bake_seconds for s in spec.canary.steps))]
+        # One step at 100% judged on the absolute SLOs: a first release (the spec's whole bake
+        # time), or the watch after a promotion (`single_step_seconds`).
+        steps = [_Step(100, single_step_seconds or sum(s.bake_seconds for s in spec.canary.steps))]
     generator = load
     if generator is None and load_enabled:
         generator = LoadGenerator.for_spec(spec, platform.edge_url(env))
