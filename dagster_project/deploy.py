@@ -179,10 +179,10 @@ def deploy(
     from dagster_project.instance import get_instance
     from dagster_project.partitions import register_release
 
-
     instance = get_instance()
     platform = LocalPlatform(spec.product)
     platform.up()
+    _reconcile(spec, instance, echo)  # a release that died before us is settled first
     # Deterministic and cheap: tells whether this exact artifact is already live.
     expected = registry.build_artifact(spec, version, parsed)
     live = platform.current("production").get("stable") or {}
@@ -205,7 +205,20 @@ def deploy(
         echo("auditing the aborted canary (production carried its traffic)")
         audit_run_id, _ = _execute(instance, spec, version, "audit", {}, echo)
         outcome.audit_run_id = audit_run_id
+    _reconcile(spec, instance, echo)  # whatever this run still holds is released, and audited
     return outcome
+
+
+def _reconcile(
+    spec: ProductSpec, instance: dg.DagsterInstance, echo: Callable[[str], None]
+) -> None:
+    from dagster_project.core import ownership
+    from dagster_project.production import reconcile_product
+
+    for env in ("staging", "production"):
+        ownership.stop_heartbeat(spec.product, env)  # no run of this process is acting now
+    for line in reconcile_product(spec.product, instance).lines():
+        echo(f"reconciled: {line}")
 
 
 def _shown(release: str | None) -> str:
