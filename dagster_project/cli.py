@@ -134,16 +134,38 @@ def _add_platform(commands: argparse._SubParsersAction) -> None:
 # -- release status ---------------------------------------------------------------------------
 
 
+def _reconciled(product: str) -> list[str]:
+    """Every command that looks at or touches production reconciles first (core/reconcile.py):
+    traffic a dead release left is returned to stable and recorded. Without the Dagster
+    instance (kept out of quick commands) a dead owner is known by its process and heartbeat;
+    the daemon's reconcile sensor and `deploy` also mark its run failed."""
+    from dagster_project.core.reconcile import reconcile
+
+    return reconcile(product).lines()
+
+
 def _release_status(args: argparse.Namespace) -> int:
+    from dagster_project.core import ownership
     from dagster_project.core.platform import LocalPlatform
     from dagster_project.core.spec import load_spec
 
     spec = load_spec(args.product)
+    reconciled = _reconciled(spec.product)
     raw = LocalPlatform(spec.product).status()
     environments = {}
     for env, info in raw.items():
         stable = info["tracks"].get("stable") or {}
+        owner = ownership.current(spec.product, env)
         environments[env] = {
+            "owner": None
+            if owner is None
+            else {
+                "release": owner.release,
+                "run_id": owner.run_id,
+                "phase": owner.phase,
+                "since": owner.acquired_at.isoformat(),
+                "heartbeat_age_seconds": round(owner.heartbeat_age_seconds, 1),
+            },
             "version": stable.get("version"),
             "artifact_sha256": stable.get("artifact_sha"),
             "tracks": {
@@ -157,23 +179,34 @@ def _release_status(args: argparse.Namespace) -> int:
             "database_url": info.get("database"),
         }
     if args.json:
-        print(json.dumps({"product": spec.product, "environments": environments}, indent=2))
+        print(
+            json.dumps(
+                {"product": spec.product, "environments": environments, "reconciled": reconciled},
+                indent=2,
+            )
+        )
         return 0
     console = Console(width=max(Console().width, 150))
     table = Table(title=f"{spec.product}", title_justify="left")
-    for column in ("env", "version", "artifact", "weights", "health", "edge", "database"):
+    for column in ("env", "version", "artifact", "weights", "owner", "health", "edge", "database"):
         table.add_column(column)
     for env, e in environments.items():
+        owner = e["owner"]
         table.add_row(
             env,
             str(e["version"] or "-"),
             (e["artifact_sha256"] or "")[:12],
             " / ".join(f"{t} {w}%" for t, w in e["weights"].items()) or "-",
+            f"{owner['release']} ({owner['phase']}, heartbeat {owner['heartbeat_age_seconds']}s)"
+            if owner
+            else "-",
             "[green]healthy[/]" if e["healthy"] else "[red]unhealthy[/]",
             e["edge_url"] or "-",
             e["database_url"] or "-",
         )
     console.print(table)
+    for line in reconciled:
+        console.print(f"  reconciled: {line}", highlight=False)
     return 0
 
 
@@ -250,12 +283,53 @@ def _add_ui(commands: argparse._SubParsersAction) -> None:
     ui.set_defaults(handler=_ui)
 
 
+# -- release rollback -------------------------------------------------------------------------
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    import os
+
+    from dagster_project.core import guardrail
+    from dagster_project.core.identity import approver_identity
+    from dagster_project.core.rollback import rollback
+    from dagster_project.core.spec import load_spec
+
+    spec = load_spec(args.product)
+    for line in _reconciled(spec.product):
+        print(f"reconciled: {line}")
+    result = rollback(
+        spec.product,
+        to_version=args.to,
+        token=os.environ.get(guardrail.TOKEN_ENV_VAR),
+        actor=approver_identity(),
+        echo=print,
+    )
+    print(
+        f"rolled back {result.product} from {result.from_release} to {result.to_release} "
+        f"(sha256 {result.artifact_sha256[:12]}) in {result.seconds:.1f}s; post-deploy smoke "
+        f"{'passed' if result.smoke_passed else 'FAILED'}; audit entry seq {result.audit_seq}"
+    )
+    return 0
+
+
+def _add_rollback(commands: argparse._SubParsersAction) -> None:
+    rollback = commands.add_parser(
+        "rollback",
+        help="production back to the previous (or a named) promoted release; needs "
+        "GUARDRAIL_TOKEN; audited",
+    )
+    rollback.add_argument("product", help="product id, e.g. 4pnihc40q-yj")
+    rollback.add_argument("--to", metavar="VERSION", help="a release promoted before")
+    rollback.set_defaults(handler=_rollback)
+
+
 # Each adds one subcommand group to `release`.
 _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_status,
     _add_platform,
     _add_audit,
     _add_ui,
+    _add_rollback,
 ]
 
 

@@ -42,6 +42,8 @@ EXIT_BY_ERROR_CLASS: tuple[tuple[str, int], ...] = (
     ("ProductionOwned", EXIT_OWNED),
     ("ProductionLocked", EXIT_OWNED),
     ("ApprovalRefused", EXIT_REFUSED),
+    ("RollbackRefused", EXIT_BAD_INPUT),  # nothing to roll back to, or never promoted
+    ("RollbackFailed", EXIT_BLOCKED),  # the target could not take production: back on live
     ("DatabaseUnavailable", EXIT_BAD_INPUT),  # before MigrationError: an outage is not a block
     ("StateDirError", EXIT_BAD_INPUT),
     ("MigrationError", EXIT_BLOCKED),
