@@ -4,6 +4,9 @@
   (the nightly train, or a person, launches it).
 - audit sensor: audits every production change not yet in the audit trail. It requires the
   guardrail token: without it (or with a wrong one) it requests nothing and says why.
+- reconcile sensor: the reconciler in the daemon (core/reconcile.py): production traffic a dead
+  release left behind goes back to the last ready stable, the change is recorded (and audited
+  when the token is at hand), the dead run is marked failed and orphan processes are reaped.
 """
 
 import dagster as dg
@@ -70,4 +73,19 @@ def release_sensors(spec: ProductSpec) -> list[dg.SensorDefinition]:
             )
         return dg.SensorResult(run_requests=requests, cursor=cursor)
 
-    return [release_sensor, audit_sensor]
+    @dg.sensor(
+        name=f"reconcile_sensor_{slug}",
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Returns production to its last ready stable when the release that owned "
+        "it died; records and audits the change.",
+    )
+    def reconcile_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+        from dagster_project.production import reconcile_product
+
+        lines = reconcile_product(spec.product, context.instance).lines()
+        for line in lines:
+            context.log.warning(line)
+        return dg.SkipReason("; ".join(lines) if lines else "production is owned or settled")
+
+    return [release_sensor, audit_sensor, reconcile_sensor]

@@ -128,3 +128,39 @@ def test_heartbeat_refreshes_and_notices_a_take_over() -> None:
             cur.execute("DELETE FROM platform.owners WHERE run_id = 'run-f'")  # a take-over
         time.sleep(ownership.HEARTBEAT_INTERVAL_SECONDS * 1.5)
         assert beat.lost is not None and "taken over" in beat.lost
+
+
+def test_reconcile_sensor_takes_over_a_dead_staging_owner() -> None:
+    """The daemon's reconciler through Dagster's test API: a run that died while it owned
+    staging is released, and its Dagster run (left STARTED) is marked failed."""
+    import dagster as dg
+
+    from conftest import PRODUCT
+    from dagster_project.definitions import defs
+    from dagster_project.instance import get_instance
+
+    instance = get_instance()
+    run = instance.create_run_for_job(
+        defs.resolve_job_def("audit_" + PRODUCT.replace("-", "_")), run_id=None
+    )
+    instance.handle_run_event(
+        run.run_id,
+        dg.DagsterEvent(
+            event_type_value="PIPELINE_START", job_name=run.job_name, message="started"
+        ),
+    )
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+    code = (
+        "from dagster_project.core import ownership;"
+        f"ownership.acquire({PRODUCT!r},'staging',run_id={run.run_id!r},release='0.0.1',"
+        "artifact_sha256='c'*64,previous_artifact_sha256=None,phase='staging',wait_seconds=0,"
+        "stale_after_seconds=30,run_in_progress=lambda r: None,take_over=lambda o, w: None)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    sensor = next(s for s in defs.sensors if s.name.startswith("reconcile_sensor_"))
+    result = sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(result, dg.SkipReason)
+    assert "staging: owner 0.0.1" in result.skip_message
+    assert "its process is gone" in result.skip_message
+    assert ownership.current(PRODUCT, "staging") is None
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
