@@ -33,7 +33,7 @@ EXIT_CODES_HELP = (
     "(GUARDRAIL_TOKEN missing, padded or wrong); 5 production is owned by another release; "
     "1 an unexpected internal error only"
 )
-ERROR_ECHO_LIMIT = 400  # argparse quotes bad arguments whole: a 100 KB one must not flood
+ERROR_ECHO_LIMIT = 160  # argparse quotes bad arguments whole: a 100 KB one must not flood
 
 
 class CliError(Exception):

@@ -23,8 +23,8 @@ QUOTE_LIMIT = 80
 MAX_NUMBER_TEXT = 32  # longer "numbers" are refused before float() sees them
 MAX_REGEX_LENGTH = 256
 MAX_REGEX_NESTING = 10  # "(((((...)))))": deep nesting is refused before re.compile
-KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?$")
+# ASCII digits only, matched whole (`$` alone would let a trailing newline through).
+NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
 
 
 class KnobError(ValueError):
@@ -73,7 +73,7 @@ class Knob:
             text = value.strip()
             if len(text) > MAX_NUMBER_TEXT:
                 raise self._refuse(value, f"longer than {MAX_NUMBER_TEXT} characters")
-            if not NUMBER_RE.match(text):
+            if not NUMBER_RE.fullmatch(text):
                 raise self._refuse(value, "not a number")
             number = float(text)
         else:

@@ -76,7 +76,7 @@ def validate_release_key(key: str) -> str:
     ]
     if problems:
         raise ValueError(f"release key {quote(key)} is refused: it contains {', '.join(problems)}")
-    if not RELEASE_KEY_RE.match(key):
+    if not RELEASE_KEY_RE.fullmatch(key):  # match() would pass a trailing newline
         raise ValueError(
             f"release key {quote(key)} is refused: use 1-64 characters from letters, digits, "
             "'.', '_', '+', '-', starting with a letter or digit (e.g. 1.4.0)"

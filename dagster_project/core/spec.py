@@ -175,7 +175,7 @@ def validate_product_id(product_id: object) -> str:
     """A product id is a folder name under products/, never a path; unknown ids list the
     known ones. Raises SpecError."""
     known = ", ".join(list_products()) or "(none)"
-    if not isinstance(product_id, str) or not PRODUCT_ID_RE.match(product_id):
+    if not isinstance(product_id, str) or not PRODUCT_ID_RE.fullmatch(product_id):
         raise SpecError(
             f"product id {quote(product_id)} is refused: expected 1-63 lowercase letters, "
             f"digits and '-' (a product name, not a path); known products: {known}"
