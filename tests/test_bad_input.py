@@ -611,3 +611,31 @@ def test_bad_input_leaves_a_running_platform_and_the_trail_untouched() -> None:
         assert exit_code == 0, output
     else:  # a fresh session has no trail yet: that is reported as such, never as tampering
         assert audit.verify(allow_empty=True).ok, output
+
+
+# -- the service reads what the schema writes ---------------------------------------------------
+
+
+def test_the_sample_service_accepts_every_canonical_knob_value() -> None:
+    """The service ships alone (stdlib + PyYAML), so it cannot import core/knobs.py; it must
+    at least accept whatever the schema puts into a manifest, with the same keys."""
+    import importlib.util
+
+    source = product_dir(PRODUCT) / "service" / "service_config.py"
+    module_spec = importlib.util.spec_from_file_location("service_config_for_knobs", source)
+    assert module_spec is not None and module_spec.loader is not None
+    service = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = service  # dataclasses look their module up
+    module_spec.loader.exec_module(service)
+
+    assert tuple(service.KNOWN_SETTINGS) == knobs.SETTING_KEYS
+    for raw in (
+        {"error_rate": "0"},
+        {"error_rate": "1", "extra_latency_ms": "60000"},
+        {"extra_latency_ms": ".5", "fail_jobs_matching": "[0-9]+$"},
+        {"fail_jobs_matching": "^doomed-(a|b)"},
+    ):
+        canonical = knobs.validate(raw)
+        parsed = service.parse_knobs(canonical, source="manifest.json")
+        assert parsed.error_rate == canonical.get("error_rate", 0.0)
+        assert parsed.extra_latency_ms == canonical.get("extra_latency_ms", 0.0)
