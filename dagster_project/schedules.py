@@ -8,6 +8,8 @@ accept dynamic partitions.
   product's pool (never during another step that touches an environment) and under its tag.
 """
 
+from typing import Any
+
 import dagster as dg
 
 from assets import release_pool
@@ -16,6 +18,15 @@ from dagster_project.core.spec import ProductSpec
 from dagster_project.jobs import PRODUCT_TAG, release_job_name
 from dagster_project.partitions import releases_partitions
 from dagster_project.resources import ApprovalResource, PlatformResource
+
+
+def live_in_production(platform: Any) -> dict[str, Any] | None:
+    """The stable release serving production, or None. A fresh install has no platform state
+    yet (no control database): that is "nothing deployed", not an error."""
+    from dagster_project.core import database
+
+    database.ensure_database(database.CONTROL_DB)
+    return platform.current("production").get("stable") or None
 
 
 def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
@@ -42,7 +53,7 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
         if not releases:
             return dg.SkipReason("no release registered")
         newest = releases[-1]
-        live = platform.for_product(spec.product).current("production").get("stable") or {}
+        live = live_in_production(platform.for_product(spec.product)) or {}
         if live.get("version") == newest:
             return dg.SkipReason(f"newest release {newest} is already in production")
         return dg.RunRequest(
@@ -55,7 +66,7 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
         from dagster_project.core.smoke import post_deploy_smoke
 
         local = platform.for_product(spec.product)
-        live = local.current("production").get("stable")
+        live = live_in_production(local)
         if not live:
             raise dg.Failure(description="nothing is deployed to production: nothing to verify")
         report = post_deploy_smoke(spec, local, live["version"]).to_dict()

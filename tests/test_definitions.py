@@ -104,3 +104,32 @@ def test_release_keys_with_bad_characters_are_refused_when_registered() -> None:
             register_release(instance, PRODUCT, key)
     assert register_release(instance, PRODUCT, "9.9.9") is True
     assert register_release(instance, PRODUCT, "9.9.9") is False
+
+
+def test_every_job_runs_environment_steps_in_the_product_pool_and_in_process() -> None:
+    """The implicit asset job (UI launches from the asset graph, backfills), the product's jobs
+    (CLI, sensors, schedules) and the verification job: every step of a stage that touches
+    staging or production, and of its checks, is in the product's pool; build and audit are not.
+    Every job runs in-process (the Definitions' default executor)."""
+    from dagster._core.execution.api import create_execution_plan
+
+    from assets import POOLED_STAGES, release_pool
+    from dagster_project.definitions import defs
+
+    pool = release_pool(PRODUCT)
+    slug = PRODUCT.replace("-", "_")
+    for name in [
+        "__ASSET_JOB",
+        f"release_{slug}",
+        f"audit_{slug}",
+        f"verify_production_job_{slug}",
+    ]:
+        job = defs.resolve_job_def(name)
+        assert job.executor_def is dg.in_process_executor, name
+        for step in create_execution_plan(job).steps:
+            stage = step.key.removeprefix(f"{slug}__")
+            pooled = step.key.startswith("verify_production_") or any(
+                stage == s or stage.startswith(f"{s}_") for s in POOLED_STAGES
+            )
+            assert step.pool == (pool if pooled else None), (name, step.key, step.pool)
+    assert set(POOLED_STAGES) == {"schema_migration_check", "staging_smoke", "canary", "promotion"}
