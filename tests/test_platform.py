@@ -1,6 +1,7 @@
-"""The local platform through the real path: edge and service processes on 127.0.0.1, state
-in the session's Postgres, traffic over HTTP. Tests run in file order on one platform
-(module fixture); the last test takes it down."""
+"""The local platform through the real path: edge and service processes run by the session's
+supervisord on 127.0.0.1, state in the session's Postgres, traffic over HTTP. Tests run in
+file order on one platform (module fixture); the last test takes it down. Processes are only
+ever killed by the pids these tests read from their own platform."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +25,9 @@ import pytest
 from dagster_project.core import database, registry
 from dagster_project.core.migrations.history import apply_pending
 from dagster_project.core.platform import LocalPlatform, PlatformError
+from dagster_project.core.platform.local import materialize
 from dagster_project.core.platform.processes import ProcessStartError, is_alive
+from dagster_project.core.settings import release_home
 from dagster_project.core.spec import load_spec
 
 PRODUCT = "4pnihc40q-yj"
@@ -217,19 +221,35 @@ def test_routes_reload_from_state_without_a_push(deployed: LocalPlatform) -> Non
     assert seen == generation
 
 
-def test_restarted_edge_serves_the_recorded_release(deployed: LocalPlatform) -> None:
+def test_killed_edge_comes_back_on_the_same_url_and_serves(deployed: LocalPlatform) -> None:
+    url = deployed.edge_url("production")
     edge = deployed.state.processes("production", role="edge")[0]
+    assert edge.pid and edge.state == "RUNNING"
+    since = time.time()
     os.kill(edge.pid, signal.SIGKILL)
     _wait_dead(edge.pid, edge.create_time)
-    info = deployed.status()["production"]
-    assert info["healthy"] is False
-    assert any("edge of production" in p and "not running" in p for p in info["problems"])
-
-    deployed.up()
-    response = _get(f"{deployed.edge_url('production')}/v1/items")
+    killed_at = time.monotonic()
+    # supervisord restarts it with the same command line: same port, so the same URL.
+    _wait_http_200(f"{url}/_edge/health", timeout=10.0)
+    restart_seconds = time.monotonic() - killed_at
+    print(f"edge restart after SIGKILL: {restart_seconds:.2f}s")
+    assert restart_seconds < 10.0
+    assert deployed.edge_url("production") == url
+    response = _get(f"{url}/v1/items")
     assert response.status_code == 200
     assert response.headers["x-release"] == "1.1.0"
-    assert deployed.status()["production"]["healthy"] is True
+    again = deployed.state.processes("production", role="edge")[0]
+    assert again.pid and again.pid != edge.pid
+    outages = deployed.outages("production", since)
+    assert any(o.startswith("edge of production") and "(re)started" in o for o in outages), outages
+    assert deployed.outages("production", time.time()) == []
+    assert deployed.outages("staging", since) == []
+    _wait_running_state(deployed, "production", "edge")
+    info = deployed.status()["production"]
+    assert info["healthy"] is True, info["problems"]
+    assert info["edge"]["pid"] == again.pid and info["edge"]["state"] == "RUNNING"
+    assert info["edge"]["uptime_seconds"] is not None
+    assert any("edge of production" in r and "restarted" in r for r in info["restarts"])
 
 
 def test_cli_status_json_lists_both_edges(deployed: LocalPlatform) -> None:
@@ -259,37 +279,208 @@ def test_cli_table_and_clean_error(deployed: LocalPlatform) -> None:
         [sys.executable, "-m", "dagster_project.cli", "platform", "status", "--product", "nope"],
         capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT, check=False,
     )  # fmt: skip
-    assert bad.returncode == 1
-    assert "product spec not found" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode in (1, 2)  # bad input (the CLI's exit codes are its own contract)
+    assert "'nope'" in bad.stderr and "not found" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
-def test_killed_api_is_reported_not_hidden(deployed: LocalPlatform) -> None:
+def test_killed_api_is_restarted_on_the_same_port_and_reported(deployed: LocalPlatform) -> None:
+    api_url = deployed.api_urls("staging")["stable"]
     api = deployed.state.processes("staging", track="stable", role="api")[0]
+    assert api.pid
+    since = time.time()
     os.kill(api.pid, signal.SIGKILL)
     _wait_dead(api.pid, api.create_time)
+    killed_at = time.monotonic()
+    outages = deployed.outages("staging", since)
+    assert any(o.startswith("api of staging/stable") for o in outages), outages
+    deployed.ensure_ready("staging", "stable", deadline_seconds=20)
+    print(f"api restart after SIGKILL until /readyz: {time.monotonic() - killed_at:.2f}s")
+    assert deployed.api_urls("staging")["stable"] == api_url
+    assert _get(f"{api_url}/readyz").status_code == 200
+    assert _get(f"{deployed.edge_url('staging')}/v1/items").status_code == 200
+    _wait_running_state(deployed, "staging", "api")
     info = deployed.status()["staging"]
-    assert info["healthy"] is False
-    assert info["tracks"]["stable"]["alive"] is False
-    assert any(
-        f"api of staging/stable (pid {api.pid}) is not running" in p for p in info["problems"]
-    ), info["problems"]
-    # Not silently restarted: still the dead pid, and production is unaffected.
-    assert deployed.status()["staging"]["tracks"]["stable"]["pids"]["api"] == api.pid
-    assert deployed.status()["production"]["healthy"] is True
-    cli = subprocess.run(
-        [sys.executable, "-m", "dagster_project.cli", "platform", "status", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT, check=False,
-    )  # fmt: skip
-    assert cli.returncode == 1  # unhealthy is a non-zero exit
+    assert info["healthy"] is True, info["problems"]
+    restarted = info["tracks"]["stable"]["processes"]["api"]
+    assert restarted["restarted"] and restarted["state"] == "RUNNING"
+    assert restarted["pid"] == info["tracks"]["stable"]["pids"]["api"] != api.pid
+    assert any("api of staging/stable" in r for r in info["restarts"]), info["restarts"]
+    outages = deployed.outages("staging", since)
+    assert any(o.startswith("api of staging/stable") and "(re)started" in o for o in outages), (
+        outages
+    )
+    # Production was never touched.
+    assert deployed.outages("production", since) == []
+
+
+def test_rollback_waits_for_a_restarting_stable_then_routes(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    deployed.deploy("production", "canary", artifacts["1.0.0"])
+    deployed.set_weights("production", {"stable": 50, "canary": 50})
+    stable = deployed.state.processes("production", track="stable", role="api")[0]
+    assert stable.pid
+    os.kill(stable.pid, signal.SIGKILL)
+    _wait_dead(stable.pid, stable.create_time)
+
+    began = time.monotonic()
+    result = deployed.rollback("production")
+    print(f"rollback with a killed stable: {time.monotonic() - began:.2f}s")
+    assert result["weights"] == {"stable": 100, "canary": 0} and result["stable_serving"]
+    assert _get(f"{stable.url}/readyz").status_code == 200  # same port, ready again
+    edge = deployed.edge_url("production")
+    with httpx.Client(timeout=5.0, trust_env=False) as client:
+        answers = [client.get(f"{edge}/v1/items", params={"rb": i}) for i in range(50)]
+    assert {(r.status_code, r.headers["x-track"]) for r in answers} == {(200, "stable")}
+
+
+def test_set_weights_refuses_a_track_that_is_not_ready(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    deployed.deploy("production", "canary", artifacts["1.0.0"])
+    canary_api = deployed.state.processes("production", track="canary", role="api")[0]
+    # Its program is gone from supervisord: the canary cannot be made ready again.
+    deployed.supervisor.remove_program(str(canary_api.program))
+    deployed.ready_deadline_seconds = 3.0
+    try:
+        with pytest.raises(PlatformError, match="not ready") as refused:
+            deployed.set_weights("production", {"stable": 90, "canary": 10})
+    finally:
+        deployed.ready_deadline_seconds = 30.0
+    assert "last ready routing {'stable': 100, 'canary': 0}" in str(refused.value)
+    assert deployed.state.environment("production").weights == {"stable": 100, "canary": 0}  # type: ignore[union-attr]
+    outages = deployed.outages("production", time.time())
+    assert any(o.startswith("api of production/canary") for o in outages), outages
+    deployed.rollback("production")  # stable is ready: the broken canary is removed
+    assert deployed.outages("production", time.time()) == []
+
+
+def test_rollback_keeps_the_routing_when_stable_cannot_be_made_ready(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    deployed.deploy("production", "canary", artifacts["1.0.0"])
+    deployed.set_weights("production", {"stable": 75, "canary": 25})
+    stable = deployed.state.processes("production", track="stable", role="api")[0]
+    # Stable's command now fails at every start (its app directory is gone), and it crashes.
+    service_dir = Path(str(stable.deploy_dir)) / load_spec(PRODUCT).service_dir
+    moved = service_dir.with_name(service_dir.name + ".moved-by-test")
+    service_dir.rename(moved)
+    try:
+        assert stable.pid
+        os.kill(stable.pid, signal.SIGKILL)
+        _wait_dead(stable.pid, stable.create_time)
+        deployed.ready_deadline_seconds = 4.0
+        began = time.monotonic()
+        with pytest.raises(PlatformError) as refused:
+            deployed.rollback("production")
+        elapsed = time.monotonic() - began
+        message = str(refused.value)
+        assert "rollback of production refused" in message and "not ready" in message
+        assert "the last ready routing {'stable': 75, 'canary': 25}" in message
+        assert "/readyz" in message and ".log" in message
+        assert elapsed < 15, elapsed  # bounded by the readiness deadline
+        # Nothing switched: weights as they were, the canary still serving and answering.
+        assert deployed.state.environment("production").weights == {"stable": 75, "canary": 25}  # type: ignore[union-attr]
+        assert "canary" in deployed.current("production")
+        canary_url = deployed.api_urls("production")["canary"]
+        assert _get(f"{canary_url}/readyz").status_code == 200
+        assert any("api of production/stable" in o for o in deployed.outages("production", 0))
+    finally:
+        deployed.ready_deadline_seconds = 30.0
+        moved.rename(service_dir)
+    # Repaired (supervisord retries, or ensure_ready starts it again), rollback goes through.
+    result = deployed.rollback("production")
+    assert result["weights"] == {"stable": 100, "canary": 0}
+    assert _get(f"{deployed.edge_url('production')}/v1/items").headers["x-track"] == "stable"
+
+
+def test_reap_orphans_stops_processes_no_serving_track_owns(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    # What a deploy killed after starting its processes leaves: programs recorded `starting`.
+    artifact = artifacts["1.0.0"]
+    left = deployed._start_release(
+        "production",
+        "canary",
+        materialize(artifact),
+        version=artifact.version,
+        artifact_sha=artifact.sha256,
+    )
+    left = deployed.state.processes("production", status="starting")
+    assert {p.role for p in left} == {"api", "worker"} and all(p.pid for p in left)
+    # And a program of production that no record names.
+    stray = f"{PRODUCT}.production.stray-by-test"
+    deployed.supervisor.add_program(
+        stray, [sys.executable, "-c", "import time; time.sleep(600)"], env={}, cwd=Path("/")
+    )
+    serving = {p.id: p.pid for p in deployed.state.processes("production", status="serving")}
+
+    reaped = deployed.reap_orphans("production")
+
+    assert len(reaped) == 3, reaped
+    assert sum("left starting by an interrupted operation" in r for r in reaped) == 2
+    assert any(stray in r and "no platform record" in r for r in reaped)
+    for proc in left:
+        _wait_dead(int(str(proc.pid)), proc.create_time)
+    assert deployed.state.processes("production", status="starting") == []
+    assert stray not in deployed.supervisor.all_info()
+    assert {
+        p.id: p.pid for p in deployed.state.processes("production", status="serving")
+    } == serving
+    assert deployed.reap_orphans("production") == []
+    assert deployed.status()["production"]["healthy"]
+
+
+def test_reap_orphans_waits_for_an_operation_in_progress(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    # An operation holds the state lock while its processes are `starting`; a concurrent
+    # reaper waits for it and then finds them serving, so it takes nothing.
+    artifact = artifacts["1.0.0"]
+    holding = threading.Event()
+    done: list[list[str]] = []
+
+    def operation() -> None:
+        with deployed.state.lock():
+            started = deployed._start_release(
+                "production",
+                "canary",
+                materialize(artifact),
+                version=artifact.version,
+                artifact_sha=artifact.sha256,
+            )
+            holding.set()
+            time.sleep(1.0)
+            deployed.state.switch_serving("production", "canary", [p.id for p in started])
+
+    def reaper() -> None:
+        holding.wait(60)
+        done.append(deployed.reap_orphans("production"))
+
+    threads = [threading.Thread(target=operation), threading.Thread(target=reaper)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert done == [[]]
+    assert deployed.current("production")["canary"]["version"] == "1.0.0"
+    assert deployed.outages("production", time.time()) == []
+    deployed.rollback("production")
 
 
 def test_down_leaves_no_platform_process(deployed: LocalPlatform) -> None:
     recorded = deployed.state.processes()
     assert {p.role for p in recorded} == {"edge", "api", "worker"}
+    supervisord = deployed.supervisor.pid()
+    assert supervisord and all(p.pid for p in recorded)
     deployed.down()
     for proc in recorded:
         assert not is_alive(proc.pid, proc.create_time), proc.label
+    assert not _running(supervisord)
+    assert not deployed.supervisor.is_running()
     assert deployed.state.processes() == []
+    assert _processes_of(release_home()) == []
     status = deployed.status()
     assert all(not status[env]["healthy"] for env in ENVS)
     deployed.down()  # a second down is harmless
@@ -313,6 +504,43 @@ def _table_hidden(env: str, table: str) -> Iterator[None]:
                 cur.execute(f'ALTER TABLE public."{hidden}" RENAME TO "{table}"')
 
 
+def _processes_of(home: Path) -> list[str]:
+    """Every process but Postgres (which `down` leaves running) and this one whose command
+    line, working directory or environment names the session's RELEASE_HOME."""
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "cwd", "status"]):
+        try:
+            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if (proc.info["name"] or "").startswith(("postgres", "pg_ctl")):
+                continue
+            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+            env_home = proc.environ().get("RELEASE_HOME", "")
+        except psutil.Error:
+            continue
+        if str(home) in text or env_home == str(home):
+            found.append(f"{proc.pid} {text}")
+    return found
+
+
+def _wait_http_200(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if _get(url).status_code == 200:
+                return
+        assert time.monotonic() < deadline, f"{url} did not answer 200 within {timeout}s"
+        time.sleep(0.05)
+
+
+def _wait_running_state(platform: LocalPlatform, env: str, role: str) -> None:
+    """Until supervisord counts the restarted process as RUNNING (after startsecs)."""
+    deadline = time.monotonic() + 10
+    while any(p.state != "RUNNING" for p in platform.state.processes(env, role=role)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -320,7 +548,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _wait_dead(pid: int, create_time: float, timeout: float = 5.0) -> None:
+def _wait_dead(pid: int | None, create_time: float | None, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while is_alive(pid, create_time):
         assert time.monotonic() < deadline, f"pid {pid} still alive"

@@ -1,18 +1,23 @@
 """The local platform: real processes on 127.0.0.1 standing in for a CDN and a cluster.
 
 Per environment (`staging`, `production`): an edge process, and per track (`stable`,
-`canary`) one API process and one worker process of the deployed artifact. Which process
-runs where, the traffic weights and the purge keys live in `release_control.platform.*`
-(see state.py), so any process (CLI, Dagster run workers, the edges) sees the same platform.
+`canary`) one API process and one worker process of the deployed artifact. Every process is
+a program of the state directory's supervisord (supervision.py), which restarts a crashed one
+with the same command line, so an edge URL and a track's API URL never change. Which program
+runs where, the traffic weights and the purge keys live in `release_control.platform.*` (see
+state.py), so any process (CLI, Dagster run workers, the edges) sees the same platform; pids
+and liveness come from supervisord. Traffic only goes to a track whose API is ready.
 
 Contract: docs/ARCHITECTURE.md, "Local platform".
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import sys
 import time
@@ -34,12 +39,14 @@ from dagster_project.core.platform.state import (
     check_env,
     check_track,
 )
+from dagster_project.core.platform.supervision import Supervisor
 from dagster_project.core.settings import PROJECT_ROOT, list_products, release_home
 from dagster_project.core.spec import load_spec
 
 logger = logging.getLogger("release.platform")
 
-STOP_TIMEOUT_SECONDS = 5.0
+# Start times are precise to a clock tick (10 ms): a start within this of another is the same.
+START_TOLERANCE_SECONDS = 0.05
 
 
 class PlatformError(RuntimeError):
@@ -63,62 +70,104 @@ class LocalPlatform:
         self.product = product_id or _only_product()
         self.ready_deadline_seconds = ready_deadline_seconds
         self.spec = load_spec(self.product)
-        self.state = PlatformState(self.product)
+        self.supervisor = Supervisor(release_home())
+        self.state = PlatformState(self.product, live=self.supervisor.all_info)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def up(self) -> dict[str, Any]:
-        """Databases and both edges running; harmless when already up. Returns status()."""
+        """Databases, supervisord and both edges running; harmless when already up (a
+        stopped or given-up serving process is started again, on its port). Returns
+        status()."""
         for name in (*ENVIRONMENTS, database.CONTROL_DB):
             database.ensure_database(name)
         self.state.ensure_schema()
+        self.supervisor.ensure_running()
         with self.state.lock():
             # Start both edges before waiting, so their start-ups overlap.
             starting = [edge for env in ENVIRONMENTS if (edge := self._ensure_edge(env))]
             for edge in starting:
-                processes.wait_ready(
-                    f"{edge.url}/_edge/health",
-                    pid=edge.pid,
-                    create_time=edge.create_time,
-                    log_path=Path(edge.log_path),
-                    what=f"edge of {edge.env}",
-                    deadline_seconds=self.ready_deadline_seconds,
-                )
+                self._wait_ready(edge, f"{edge.url}/_edge/health", f"edge of {edge.env}")
+            self._note_ready(starting)
+            for proc in self.state.processes(status="serving"):
+                if proc.role != "edge" and proc.program:
+                    self._revive(proc)
         return self.status()
 
     def down(self) -> None:
-        """Stop every recorded process of the platform (edges, APIs, workers), SIGTERM then
-        SIGKILL, and clear the state. Postgres keeps running."""
+        """Stop every process of the product (edges, APIs, workers) through supervisord and
+        clear the state; supervisord itself exits once no product has a program left.
+        Postgres keeps running."""
         database.ensure_database(database.CONTROL_DB)
         self.state.ensure_schema()
-        records = self.state.processes()
-        killed = processes.terminate(
-            [(p.pid, p.create_time) for p in records], timeout=STOP_TIMEOUT_SECONDS
-        )
-        survivors = [p.label for p in records if processes.is_alive(p.pid, p.create_time)]
-        if survivors:
-            raise PlatformError(f"down: could not stop {', '.join(survivors)}")
-        self.state.remove_processes([p.id for p in records])
-        self.state.delete_environments()
-        if killed:
-            logger.warning("down: pids %s ignored SIGTERM and were killed", killed)
+        with self.state.lock():
+            records = self.state.processes()
+            seen = [(p.pid, p.create_time, p.label) for p in records if p.pid]
+            for proc in records:
+                if proc.program:
+                    self.supervisor.remove_program(proc.program)
+            for name in self._programs(f"{self.product}."):
+                info = self.supervisor.remove_program(name)
+                if info and info.pid:
+                    seen.append((info.pid, info.create_time, f"program {name}"))
+            survivors = [label for pid, ct, label in seen if processes.is_alive(pid, ct)]
+            if survivors:
+                raise PlatformError(f"down: could not stop {', '.join(survivors)}")
+            self.state.remove_processes([p.id for p in records])
+            self.state.delete_environments()
+        if not self.supervisor.shutdown_if_idle():
+            logger.info("down: supervisord keeps running programs of other products")
+
+    def _programs(self, prefix: str) -> list[str]:
+        """Program names supervisord runs or has a file for, starting with `prefix`."""
+        names = set(self.supervisor.all_info()) | set(self.supervisor.program_files())
+        return sorted(n for n in names if n.startswith(prefix))
 
     def _ensure_edge(self, env: str) -> ProcessRecord | None:
-        """Leave a healthy edge alone (None); else start one and return its record."""
+        """None when the env's edge answers; else its record after making supervisord run
+        it (same port when the environment has one)."""
         record = self.state.environment(env)
         edges = self.state.processes(env, role="edge")
-        live = [p for p in edges if processes.is_alive(p.pid, p.create_time)]
-        if record and record.edge_url and len(live) == 1 and live[0].pid == record.edge_pid:
-            ok, _ = processes.probe(f"{record.edge_url}/_edge/health")
-            if ok:
-                return None
-        # A dead, stuck or stray edge is replaced; the purge key and weights are kept.
-        processes.terminate([(p.pid, p.create_time) for p in live])
-        self.state.remove_processes([p.id for p in edges])
-        port = processes.free_port()
+        usable = [p for p in edges if record and p.program and p.port == record.edge_port][-1:]
+        stale = [p for p in edges if p not in usable]
+        for proc in stale:
+            if proc.program:
+                self.supervisor.remove_program(proc.program)
+        self.state.remove_processes([p.id for p in stale])
+        if usable:
+            edge = usable[0]
+            if edge.info is not None and edge.info.running:
+                ok, _ = processes.probe(f"{edge.url}/_edge/health")
+                if ok:
+                    return None
+            if edge.info is None and not self.supervisor.readd_program(str(edge.program)):
+                self._add_edge_program(env, str(edge.program), int(str(edge.port)))
+            else:
+                self._revive(edge)
+            return edge
+        port = record.edge_port if record and record.edge_port else processes.free_port()
         purge_key = record.purge_key if record else secrets.token_urlsafe(32)
-        self.state.upsert_environment(env, edge_port=port, edge_pid=None, purge_key=purge_key)
-        argv = [
+        self.state.upsert_environment(env, edge_port=port, purge_key=purge_key)
+        name = f"{self.product}.{env}.edge"
+        edge = self.state.add_process(
+            env=env,
+            track=None,
+            role="edge",
+            status="serving",
+            program=name,
+            port=port,
+            log_path=str(self.supervisor.log_path(name)),
+            command=shlex.join(self._edge_argv(env, port)),
+        )
+        try:
+            self._add_edge_program(env, name, port)
+        except BaseException:
+            self.state.remove_processes([edge.id])
+            raise
+        return edge
+
+    def _edge_argv(self, env: str, port: int) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "dagster_project.core.platform.edge",
@@ -129,25 +178,106 @@ class LocalPlatform:
             "--port",
             str(port),
         ]
-        started = processes.start_detached(
-            argv,
-            log_name=f"{self.product}-{env}-edge",
-            env=_child_env({}),
-            cwd=PROJECT_ROOT,
+
+    def _add_edge_program(self, env: str, name: str, port: int) -> None:
+        self.supervisor.add_program(
+            name, self._edge_argv(env, port), env=_child_env({}), cwd=PROJECT_ROOT
         )
-        edge = self.state.add_process(
-            env=env,
-            track=None,
-            role="edge",
-            status="serving",
-            pid=started.pid,
-            create_time=started.create_time,
-            port=port,
-            log_path=str(started.log_path),
-            command=started.command,
+
+    # -- supervision helpers -------------------------------------------------------------
+
+    def _revive(self, proc: ProcessRecord) -> None:
+        """Have supervisord run `proc` again if it is stopped, given up or unknown to it (a
+        restarting one is left to supervisord). Raises PlatformError if it cannot be."""
+        if not proc.program:
+            raise PlatformError(
+                f"{proc.label} is not supervised (recorded by an older platform version): "
+                "run `release platform down`, then `up`"
+            )
+        info = self.supervisor.info(proc.program)
+        if info is None:
+            if not self.supervisor.readd_program(proc.program):
+                raise PlatformError(
+                    f"{proc.label}: its program file "
+                    f"{self.supervisor.program_path(proc.program)} is gone, so supervisord "
+                    "cannot restart it"
+                )
+        elif info.state in ("STOPPED", "FATAL", "EXITED"):
+            logger.warning("starting %s again (it was %s)", proc.label, info.state)
+            self.supervisor.start(proc.program)
+
+    def _problem(self, program: str | None) -> str | None:
+        """Why waiting for `program` is pointless, or None while it runs or restarts."""
+        if not program:
+            return "is not supervised"
+        info = self.supervisor.info(program)
+        if info is None:
+            return f"is not known to supervisord (program {program})"
+        if info.state == "FATAL":
+            return f"was given up by supervisord ({info.description or info.spawnerr})"
+        if info.state in ("STOPPED", "STOPPING"):
+            return "was stopped"
+        return None
+
+    def _wait_ready(
+        self, proc: ProcessRecord, url: str, what: str, deadline: float | None = None
+    ) -> None:
+        processes.wait_ready(
+            url,
+            problem=lambda: self._problem(proc.program),
+            log_path=proc.log_path,
+            what=f"{what} (program {proc.program})",
+            deadline_seconds=self.ready_deadline_seconds if deadline is None else deadline,
         )
-        self.state.set_edge_pid(env, started.pid)
-        return edge
+
+    def _wait_running(self, proc: ProcessRecord, what: str, deadline: float | None = None) -> None:
+        """Until supervisord counts `proc` as started (up for `startsecs`)."""
+        seconds = self.ready_deadline_seconds if deadline is None else deadline
+        until = time.monotonic() + seconds
+        while True:
+            info = self.supervisor.info(str(proc.program))
+            if info is not None and info.running:
+                return
+            problem = self._problem(proc.program)
+            if problem or time.monotonic() >= until:
+                state = info.state if info else "unknown"
+                raise processes.ProcessStartError(
+                    f"{what} (program {proc.program}) "
+                    f"{problem or f'is still {state} after {seconds:.0f}s'}; see its log "
+                    f"{proc.log_path}:\n{processes.log_tail(proc.log_path)}"
+                )
+            time.sleep(0.1)
+
+    def _note_ready(self, records: list[ProcessRecord]) -> None:
+        """Remember which spawn was seen ready, so a later one shows as a restart."""
+        starts = {}
+        for proc in records:
+            info = self.supervisor.info(str(proc.program))
+            if info is not None and info.running and info.start is not None:
+                starts[proc.id] = info.start
+        self.state.set_ready_start(starts)
+
+    def ensure_ready(self, env: str, track: str, deadline_seconds: float | None = None) -> None:
+        """Wait until the release serving env/track is running and its API answers /readyz
+        (a stopped or given-up process is started again first); PlatformError otherwise."""
+        check_env(env)
+        check_track(track)
+        deadline = self.ready_deadline_seconds if deadline_seconds is None else deadline_seconds
+        serving = self.state.processes(env, track=track, status="serving")
+        api = next((p for p in serving if p.role == "api"), None)
+        if api is None:
+            raise PlatformError(f"{env}/{track}: no release is serving on this track")
+        began = time.monotonic()
+        try:
+            for proc in serving:
+                self._revive(proc)
+            what = f"api {api.version} of {env}/{track}"
+            self._wait_ready(api, f"{api.url}/readyz", what, deadline)
+            for worker in (p for p in serving if p.role == "worker"):
+                left = max(0.5, deadline - (time.monotonic() - began))
+                self._wait_running(worker, f"worker {worker.version} of {env}/{track}", left)
+        except (processes.ProcessStartError, PlatformError) as exc:
+            raise PlatformError(f"{env}/{track} is not ready: {exc}") from None
 
     # -- releases ------------------------------------------------------------------------
 
@@ -166,20 +296,24 @@ class LocalPlatform:
             self._push_routes(env)
             self._stop_status(env, "retiring")
         api = next(p for p in started if p.role == "api")
+        live = {p.role: p.pid for p in self.state.processes(env, track=track, status="serving")}
         return {
             "env": env,
             "track": track,
             "version": artifact.version,
             "artifact_sha": artifact.sha256,
             "api_url": api.url,
-            "pids": {p.role: p.pid for p in started},
+            "pids": live,
+            "programs": {p.role: p.program for p in started},
             "deploy_dir": str(deploy_dir),
         }
 
     def _start_release(
         self, env: str, track: str, deploy_dir: Path, *, version: str, artifact_sha: str
     ) -> list[ProcessRecord]:
-        """Start api + worker (recorded as `starting`); on failure stop them and raise."""
+        """Add api + worker programs (recorded as `starting`) and wait until the API is
+        ready and the worker stays up; on failure remove them and raise. Callers hold the
+        state lock, so `reap_orphans` never takes a release that is still starting."""
         port = processes.free_port()
         service_env = _child_env(
             {
@@ -212,59 +346,62 @@ class LocalPlatform:
             ],
             "worker": [sys.executable, str(service_dir / "worker.py")],
         }
+        suffix = secrets.token_hex(3)
         records: list[ProcessRecord] = []
         try:
             for role, argv in commands.items():
-                started = processes.start_detached(
-                    argv,
-                    log_name=f"{self.product}-{env}-{track}-{role}-{version}",
-                    env=service_env,
-                    cwd=deploy_dir,
-                )
+                name = f"{self.product}.{env}.{track}-{role}.{suffix}"
+                # Recorded before supervisord starts it, so nothing runs unrecorded.
                 records.append(
                     self.state.add_process(
                         env=env,
                         track=track,
                         role=role,
                         status="starting",
-                        pid=started.pid,
-                        create_time=started.create_time,
+                        program=name,
                         port=port if role == "api" else None,
                         version=version,
                         artifact_sha=artifact_sha,
                         deploy_dir=str(deploy_dir),
-                        log_path=str(started.log_path),
-                        command=started.command,
+                        log_path=str(self.supervisor.log_path(name)),
+                        command=shlex.join(argv),
                     )
                 )
+                self.supervisor.add_program(name, argv, env=service_env, cwd=deploy_dir)
             api, worker = records
-            processes.wait_ready(
-                f"{api.url}/readyz",
-                pid=api.pid,
-                create_time=api.create_time,
-                log_path=Path(api.log_path),
-                what=f"api {version} of {env}/{track}",
-                deadline_seconds=self.ready_deadline_seconds,
-            )
-            if not processes.is_alive(worker.pid, worker.create_time):
-                raise processes.ProcessStartError(
-                    f"worker {version} of {env}/{track} (pid {worker.pid}) exited at start; "
-                    f"see its log {worker.log_path}:\n"
-                    f"{processes.log_tail(Path(worker.log_path))}"
-                )
+            self._wait_ready(api, f"{api.url}/readyz", f"api {version} of {env}/{track}")
+            self._wait_running(worker, f"worker {version} of {env}/{track}")
+            self._note_ready(records)
         except BaseException:
-            processes.terminate([(p.pid, p.create_time) for p in records])
+            for proc in records:
+                self.supervisor.remove_program(str(proc.program))
             self.state.remove_processes([p.id for p in records])
             raise
         return records
 
     def set_weights(self, env: str, weights: dict[str, int]) -> dict[str, Any]:
-        """Store the traffic split and push it to the edge at once."""
+        """Store the traffic split and push it to the edge at once. Every track given
+        traffic must be ready (waited for within `ready_deadline_seconds`); if one is not,
+        nothing changes and PlatformError says why."""
         check_env(env)
         full = self._validated_weights(env, weights)
+        self._require_ready_tracks(env, full, f"weights {full} not applied")
         generation = self.state.set_weights(env, full)
         self._push_routes(env)
         return {"env": env, "weights": full, "generation": generation}
+
+    def _require_ready_tracks(self, env: str, weights: dict[str, int], refused: str) -> None:
+        for track, weight in weights.items():
+            if weight <= 0:
+                continue
+            try:
+                self.ensure_ready(env, track)
+            except PlatformError as exc:
+                record = self.state.environment(env)
+                kept = {t: record.weights.get(t, 0) for t in TRACKS} if record else None
+                raise PlatformError(
+                    f"{refused}: {exc}; the last ready routing {kept} of {env} is kept"
+                ) from None
 
     def _validated_weights(self, env: str, weights: dict[str, int]) -> dict[str, int]:
         unknown = sorted(set(weights) - set(TRACKS))
@@ -290,9 +427,19 @@ class LocalPlatform:
         return full
 
     def rollback(self, env: str) -> dict[str, Any]:
-        """All traffic to stable (pushed to the edge first), then the canary is stopped."""
+        """All traffic to stable (pushed to the edge first), then the canary is stopped.
+
+        Stable must be ready first: one that supervisord is restarting is waited for (within
+        `ready_deadline_seconds`), a stopped or given-up one is started again. If it cannot
+        be made ready, the routing is left as it was (the canary keeps serving) and
+        PlatformError says so. With no stable release at all (a first release), the canary
+        is stopped and the edge answers 503."""
         check_env(env)
         started = time.monotonic()
+        if "stable" in self.current(env):
+            self._require_ready_tracks(
+                env, {"stable": 100}, f"rollback of {env} refused to switch to stable"
+            )
         generation = self.state.set_weights(env, {"stable": 100, "canary": 0})
         push_errors: list[PlatformError] = []
         try:
@@ -323,7 +470,7 @@ class LocalPlatform:
     def promote(self, env: str) -> dict[str, Any]:
         """The canary's release becomes stable at 100%; the old stable and the canary
         processes are retired. Stable processes are started fresh from the canary's artifact
-        so their metrics carry track="stable"."""
+        so their metrics carry track="stable"; traffic moves only once they are ready."""
         check_env(env)
         self._require_up(env)
         with self.state.lock():
@@ -357,27 +504,92 @@ class LocalPlatform:
 
     def _stop_status(self, env: str, status: str) -> list[int]:
         doomed = self.state.processes(env, status=status)
-        processes.terminate([(p.pid, p.create_time) for p in doomed], timeout=STOP_TIMEOUT_SECONDS)
+        for proc in doomed:
+            if proc.program:
+                self.supervisor.remove_program(proc.program)
         self.state.remove_processes([p.id for p in doomed])
-        return [p.pid for p in doomed]
+        return [p.pid for p in doomed if p.pid]
+
+    def reap_orphans(self, env: str) -> list[str]:
+        """Stop and forget what no serving track owns: processes left `starting` or
+        `retiring` by an operation that was killed, and programs of env that no record
+        names. Runs under the state lock, which every operation holds while it has such
+        processes, so a live operation's processes are never taken. Returns descriptions."""
+        check_env(env)
+        reaped: list[str] = []
+        with self.state.lock():
+            records = self.state.processes(env)
+            doomed = [p for p in records if p.status != "serving"]
+            for proc in doomed:
+                if proc.program:
+                    self.supervisor.remove_program(proc.program)
+                reaped.append(
+                    f"stopped {proc.label}: {proc.version or ''} left {proc.status} by an "
+                    "interrupted operation".replace("  ", " ")
+                )
+            self.state.remove_processes([p.id for p in doomed])
+            known = {p.program for p in records}
+            for name in self._programs(f"{self.product}.{env}."):
+                if name in known:
+                    continue
+                info = self.supervisor.remove_program(name)
+                pid = f"pid {info.pid}" if info and info.pid else "not running"
+                reaped.append(f"stopped program {name} ({pid}): no platform record owns it")
+        for what in reaped:
+            logger.warning("reaped in %s: %s", env, what)
+        return reaped
+
+    def outages(self, env: str, since: float) -> list[str]:
+        """Every serving process of env (the edge, each serving track's api and worker) that
+        is not RUNNING now, or that (re)started after the epoch time `since`, described.
+        Empty: no outage since `since`. A process deployed after `since` counts too."""
+        check_env(env)
+        found: list[str] = []
+        serving = self.state.processes(env, status="serving")
+        if self.state.environment(env) is not None and not any(p.role == "edge" for p in serving):
+            found.append(f"edge of {env} has no process")
+        for proc in serving:
+            info = proc.info
+            if info is None:
+                found.append(f"{proc.label} is not running under supervisord")
+            elif not info.running:
+                found.append(
+                    f"{proc.label} is {info.state}"
+                    + (f" ({info.description})" if info.description else "")
+                )
+            elif info.start is not None and info.start > since - START_TOLERANCE_SECONDS:
+                found.append(
+                    f"{proc.label} (re)started at {_clock(info.start)}, "
+                    f"{info.start - since:.1f}s after {_clock(since)}"
+                )
+        return found
 
     # -- edge operations -----------------------------------------------------------------
 
     def _edge_call(self, env: str, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         record = self._require_up(env)
         url = f"{record.edge_url}{path}"
-        try:
-            response = httpx.post(
-                url,
-                json=payload,
-                headers={PURGE_KEY_HEADER: record.purge_key},
-                timeout=2.0,
-                trust_env=False,
-            )
-        except httpx.HTTPError as exc:
-            raise PlatformError(
-                f"edge of {env} unreachable at {url}: {type(exc).__name__}"
-            ) from None
+        for attempt in (1, 2):
+            try:
+                response = httpx.post(
+                    url,
+                    json=payload,
+                    headers={PURGE_KEY_HEADER: record.purge_key},
+                    timeout=2.0,
+                    trust_env=False,
+                )
+                break
+            except httpx.HTTPError as exc:
+                edge = self.state.processes(env, role="edge")
+                if attempt == 2 or not edge:
+                    raise PlatformError(
+                        f"edge of {env} unreachable at {url}: {type(exc).__name__}"
+                    ) from None
+                # supervisord may be restarting it (same port): wait for it once.
+                try:
+                    self._wait_ready(edge[0], f"{record.edge_url}/_edge/health", f"edge of {env}")
+                except processes.ProcessStartError as down:
+                    raise PlatformError(f"edge of {env} unreachable at {url}: {down}") from None
         if response.status_code != 200:
             raise PlatformError(
                 f"edge of {env} refused POST {url}: HTTP {response.status_code} {response.text}"
@@ -427,29 +639,35 @@ class LocalPlatform:
         }
 
     def status(self) -> dict[str, Any]:
-        """Per environment: edge, weights, tracks, problems; `healthy` only when the edge
-        answers and every recorded process is alive (and every API ready)."""
+        """Per environment: edge, weights, tracks, supervisord's view of every process
+        (state, pid, uptime, restarts), problems; `healthy` only when the edge answers and
+        every serving process runs (and every API is ready)."""
         database.ensure_database(database.CONTROL_DB)
         self.state.ensure_schema()
-        return {env: self._env_status(env) for env in ENVIRONMENTS}
+        supervisor = {
+            "running": self.supervisor.is_running(),
+            "pid": self.supervisor.pid(),
+            "socket": str(self.supervisor.socket_path),
+            "config": str(self.supervisor.config_path),
+        }
+        return {env: {**self._env_status(env), "supervisor": supervisor} for env in ENVIRONMENTS}
 
     def _env_status(self, env: str) -> dict[str, Any]:
         record = self.state.environment(env)
         records = self.state.processes(env)
         problems: list[str] = []
+        restarts: list[str] = []
         if record is None:
             problems.append(f"environment {env} is not up: run `release platform up`")
         edge_info: dict[str, Any] = {"url": None, "pid": None, "alive": False, "ready": False}
         for proc in (p for p in records if p.role == "edge"):
-            alive = processes.is_alive(proc.pid, proc.create_time)
+            alive = _running(proc, problems)
             ready = False
             if alive:
                 ready, why = processes.probe(f"{proc.url}/_edge/health")
                 if not ready:
                     problems.append(f"{proc.label}: {why}")
-            else:
-                problems.append(f"{proc.label} is not running; see its log {proc.log_path}")
-            edge_info = {"url": proc.url, "pid": proc.pid, "alive": alive, "ready": ready}
+            edge_info = {"url": proc.url, "alive": alive, "ready": ready, **_live(proc, restarts)}
         if record is not None and not any(p.role == "edge" for p in records):
             problems.append(f"edge of {env} has no recorded process: run `release platform up`")
 
@@ -458,16 +676,16 @@ class LocalPlatform:
             serving = [p for p in records if p.track == track and p.status == "serving"]
             if not serving:
                 continue
-            pids: dict[str, int] = {}
+            pids: dict[str, int | None] = {}
+            programs: dict[str, dict[str, Any]] = {}
             alive_all, ready = True, False
             api = None
             for proc in serving:
                 pids[proc.role] = proc.pid
-                alive = processes.is_alive(proc.pid, proc.create_time)
+                programs[proc.role] = _live(proc, restarts)
+                alive = _running(proc, problems)
                 alive_all = alive_all and alive
-                if not alive:
-                    problems.append(f"{proc.label} is not running; see its log {proc.log_path}")
-                elif proc.role == "api":
+                if alive and proc.role == "api":
                     ready, why = processes.probe(f"{proc.url}/readyz")
                     if not ready:
                         problems.append(f"{proc.label} not ready: {why}")
@@ -481,6 +699,7 @@ class LocalPlatform:
                 "artifact_sha": serving[0].artifact_sha,
                 "api_url": api.url if api else None,
                 "pids": pids,
+                "processes": programs,
                 "alive": alive_all and {"api", "worker"} <= set(pids),
                 "ready": ready,
             }
@@ -488,7 +707,7 @@ class LocalPlatform:
             if proc.status != "serving":
                 problems.append(
                     f"{proc.label} is {proc.status}: an operation is in progress or was "
-                    "interrupted (`release platform down` clears it)"
+                    "interrupted (reap_orphans or `release platform down` clears it)"
                 )
         return {
             "product": self.product,
@@ -499,6 +718,7 @@ class LocalPlatform:
             "database": database.server().display_url(env),
             "weights": record.weights if record else None,
             "tracks": tracks,
+            "restarts": restarts,
             "problems": problems,
         }
 
@@ -513,6 +733,51 @@ def _only_product() -> str:
             f"LocalPlatform needs a product id: products found {products or 'none'}"
         )
     return products[0]
+
+
+def _running(proc: ProcessRecord, problems: list[str]) -> bool:
+    """True if supervisord runs `proc`; else a problem naming its state and log."""
+    if proc.info is not None and proc.info.running:
+        return True
+    if not proc.program:
+        problems.append(
+            f"{proc.label} is not supervised (recorded by an older platform version): run "
+            "`release platform down`, then `up`"
+        )
+        return False
+    why = f" ({proc.info.description})" if proc.info and proc.info.description else ""
+    if proc.info is not None and proc.info.restarting:
+        problems.append(f"{proc.label} is {proc.state}{why}: supervisord is restarting it")
+    else:
+        problems.append(
+            f"{proc.label} is not running ({proc.state}{why}); see its log {proc.log_path}"
+        )
+    return False
+
+
+def _live(proc: ProcessRecord, restarts: list[str]) -> dict[str, Any]:
+    """supervisord's view of `proc`; a restart since it was seen ready goes to `restarts`."""
+    info = proc.info
+    seen = proc.ready_start
+    restarted = bool(info and info.start and seen and info.start - seen > START_TOLERANCE_SECONDS)
+    if restarted and info is not None and info.start is not None and seen is not None:
+        restarts.append(
+            f"{proc.label} was restarted by supervisord at {_clock(info.start)} "
+            f"(first ready from {_clock(seen)}; now {info.state}, up {info.uptime_seconds}s)"
+        )
+    return {
+        "program": proc.program,
+        "state": proc.state,
+        "pid": proc.pid,
+        "uptime_seconds": info.uptime_seconds if info else None,
+        "started_at": _clock(info.start) if info and info.start else None,
+        "restarted": restarted,
+        "log": proc.log_path,
+    }
+
+
+def _clock(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:

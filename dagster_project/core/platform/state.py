@@ -1,11 +1,13 @@
 """Platform state in Postgres (`release_control`, schema `platform`), so every process (CLI,
 Dagster run workers, the edges themselves) sees which process runs where.
 
-`environments`: one row per (product, env): the edge's port and pid, the purge key, the
-traffic weights and a routes generation (bumped on every routing change, so an edge never
-applies an older route table over a newer one it was pushed).
-`processes`: one row per started process (edge, api, worker). `status` is `starting` while
-a deploy waits for readiness, `serving` once it takes traffic, `retiring` while replaced.
+`environments`: one row per (product, env): the edge's port, the purge key, the traffic
+weights and a routes generation (bumped on every routing change, so an edge never applies an
+older route table over a newer one it was pushed).
+`processes`: one row per supervised program (edge, api, worker): what runs where (program
+name, port, version, artifact). `status` is `starting` while a deploy waits for readiness,
+`serving` once it takes traffic, `retiring` while replaced. Pids and liveness are not stored:
+they come from supervisord (supervision.py), filled in by the `live` callback.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import json
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg2.extensions
 import psycopg2.extras
 
 from dagster_project.core import database
+
+if TYPE_CHECKING:
+    from dagster_project.core.platform.supervision import ProgramInfo
 
 ENVIRONMENTS = ("staging", "production")
 TRACKS = ("stable", "canary")
@@ -38,7 +43,6 @@ CREATE TABLE IF NOT EXISTS platform.environments (
     product           text        NOT NULL,
     env               text        NOT NULL,
     edge_port         integer,
-    edge_pid          integer,
     purge_key         text        NOT NULL,
     weights           jsonb       NOT NULL,
     routes_generation bigint      NOT NULL DEFAULT 1,
@@ -52,8 +56,9 @@ CREATE TABLE IF NOT EXISTS platform.processes (
     track            text        CHECK (track IN ('stable', 'canary')),
     role             text        NOT NULL CHECK (role IN ('api', 'worker', 'edge')),
     status           text        NOT NULL CHECK (status IN ('starting', 'serving', 'retiring')),
-    pid              integer     NOT NULL,
-    create_time      double precision NOT NULL,
+    program          text,
+    -- start time of the process seen ready; a later start is a restart by supervisord
+    ready_start      double precision,
     port             integer,
     version          text,
     artifact_sha     text,
@@ -62,6 +67,18 @@ CREATE TABLE IF NOT EXISTS platform.processes (
     command          text        NOT NULL,
     started_at       timestamptz NOT NULL DEFAULT now()
 );
+-- Tables from before supervision recorded pids; those rows keep no program (status reports
+-- them, `down` forgets them).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'platform'
+               AND table_name = 'processes' AND column_name = 'pid') THEN
+        ALTER TABLE platform.processes DROP COLUMN pid, DROP COLUMN create_time,
+            ADD COLUMN IF NOT EXISTS program text,
+            ADD COLUMN IF NOT EXISTS ready_start double precision;
+        ALTER TABLE platform.environments DROP COLUMN IF EXISTS edge_pid;
+    END IF;
+END $$;
 """
 
 
@@ -91,8 +108,8 @@ class ProcessRecord:
     track: str | None
     role: str
     status: str
-    pid: int
-    create_time: float
+    program: str | None
+    ready_start: float | None
     port: int | None
     version: str | None
     artifact_sha: str | None
@@ -100,6 +117,12 @@ class ProcessRecord:
     log_path: str
     command: str
     started_at: str
+    # Live, from supervisord (None/"ABSENT" when read without it or when it does not know
+    # the program).
+    pid: int | None = None
+    create_time: float | None = None
+    state: str = "ABSENT"
+    info: ProgramInfo | None = None
 
     @property
     def url(self) -> str | None:
@@ -108,7 +131,8 @@ class ProcessRecord:
     @property
     def label(self) -> str:
         where = f"{self.env}/{self.track}" if self.track else self.env
-        return f"{self.role} of {where} (pid {self.pid})"
+        pid = f"pid {self.pid}" if self.pid else self.state.lower()
+        return f"{self.role} of {where} ({self.program or 'unsupervised'}, {pid})"
 
 
 @dataclass(frozen=True)
@@ -116,7 +140,6 @@ class EnvironmentRecord:
     product: str
     env: str
     edge_port: int | None
-    edge_pid: int | None
     purge_key: str
     weights: dict[str, int]
     routes_generation: int
@@ -127,10 +150,14 @@ class EnvironmentRecord:
 
 
 class PlatformState:
-    """Reads and writes `release_control.platform.*` for one product."""
+    """Reads and writes `release_control.platform.*` for one product. With `live` (the
+    supervisor's `all_info`), process records carry their current pid and state."""
 
-    def __init__(self, product: str) -> None:
+    def __init__(
+        self, product: str, *, live: Callable[[], Mapping[str, ProgramInfo]] | None = None
+    ) -> None:
         self.product = product
+        self._live = live
         self._schema_ready = False
 
     @contextlib.contextmanager
@@ -178,33 +205,22 @@ class PlatformState:
             row = cur.fetchone()
         return _environment(row) if row else None
 
-    def upsert_environment(
-        self, env: str, *, edge_port: int, edge_pid: int | None, purge_key: str
-    ) -> EnvironmentRecord:
+    def upsert_environment(self, env: str, *, edge_port: int, purge_key: str) -> EnvironmentRecord:
         with self._cursor() as cur:
             cur.execute(
                 """
-                INSERT INTO platform.environments (product, env, edge_port, edge_pid, purge_key,
-                                                   weights)
-                VALUES (%s, %s, %s, %s, %s, %s)
+                INSERT INTO platform.environments (product, env, edge_port, purge_key, weights)
+                VALUES (%s, %s, %s, %s, %s)
                 ON CONFLICT (product, env) DO UPDATE
-                   SET edge_port = EXCLUDED.edge_port, edge_pid = EXCLUDED.edge_pid,
-                       purge_key = EXCLUDED.purge_key, updated_at = now()
+                   SET edge_port = EXCLUDED.edge_port, purge_key = EXCLUDED.purge_key,
+                       updated_at = now()
                 RETURNING *
                 """,
-                (self.product, env, edge_port, edge_pid, purge_key, json.dumps(DEFAULT_WEIGHTS)),
+                (self.product, env, edge_port, purge_key, json.dumps(DEFAULT_WEIGHTS)),
             )
             row = cur.fetchone()
         assert row is not None
         return _environment(row)
-
-    def set_edge_pid(self, env: str, edge_pid: int) -> None:
-        with self._cursor() as cur:
-            cur.execute(
-                "UPDATE platform.environments SET edge_pid = %s, updated_at = now() "
-                "WHERE product = %s AND env = %s",
-                (edge_pid, self.product, env),
-            )
 
     def set_weights(self, env: str, weights: dict[str, int]) -> int:
         """Store the weights; returns the new routes generation."""
@@ -252,8 +268,7 @@ class PlatformState:
         track: str | None,
         role: Role,
         status: ProcessStatus,
-        pid: int,
-        create_time: float,
+        program: str,
         port: int | None,
         log_path: str,
         command: str,
@@ -264,9 +279,9 @@ class PlatformState:
         with self._cursor() as cur:
             cur.execute(
                 """
-                INSERT INTO platform.processes (product, env, track, role, status, pid,
-                    create_time, port, version, artifact_sha, deploy_dir, log_path, command)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                INSERT INTO platform.processes (product, env, track, role, status, program,
+                    port, version, artifact_sha, deploy_dir, log_path, command)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                 RETURNING *
                 """,
                 (
@@ -275,8 +290,7 @@ class PlatformState:
                     track,
                     role,
                     status,
-                    pid,
-                    create_time,
+                    program,
                     port,
                     version,
                     artifact_sha,
@@ -307,7 +321,11 @@ class PlatformState:
                 f"SELECT * FROM platform.processes WHERE {' AND '.join(clauses)} ORDER BY id",
                 params,
             )
-            return [_process(row) for row in cur.fetchall()]
+            records = [_process(row) for row in cur.fetchall()]
+        if self._live is None or not records:
+            return records
+        live = self._live()
+        return [_with_live(record, live.get(record.program or "")) for record in records]
 
     def switch_serving(self, env: str, track: str, new_ids: list[int]) -> int:
         """Atomically: the track's serving processes become `retiring`, `new_ids` become
@@ -340,6 +358,15 @@ class PlatformState:
             )
             row = cur.fetchone()
         return int(row[0]) if row else 0
+
+    def set_ready_start(self, starts: Mapping[int, float]) -> None:
+        """Record the start time of each process (by record id) as it was seen ready."""
+        with self._cursor() as cur:
+            for record_id, start in starts.items():
+                cur.execute(
+                    "UPDATE platform.processes SET ready_start = %s WHERE id = %s",
+                    (start, record_id),
+                )
 
     def mark_retiring(self, ids: list[int]) -> None:
         with self._cursor() as cur:
@@ -384,7 +411,6 @@ def _environment(row: dict[str, Any]) -> EnvironmentRecord:
         product=row["product"],
         env=row["env"],
         edge_port=row["edge_port"],
-        edge_pid=row["edge_pid"],
         purge_key=row["purge_key"],
         weights={str(k): int(v) for k, v in row["weights"].items()},
         routes_generation=int(row["routes_generation"]),
@@ -393,3 +419,9 @@ def _environment(row: dict[str, Any]) -> EnvironmentRecord:
 
 def _process(row: dict[str, Any]) -> ProcessRecord:
     return ProcessRecord(**{**row, "started_at": row["started_at"].isoformat()})
+
+
+def _with_live(record: ProcessRecord, info: ProgramInfo | None) -> ProcessRecord:
+    if info is None:
+        return record
+    return replace(record, pid=info.pid, create_time=info.create_time, state=info.state, info=info)
