@@ -268,12 +268,22 @@ def _execute(
                 PRODUCT_TAG: spec.product,
                 INVOCATION_TAG: invocation,
                 "release/launched_by": "cli",
+                # The process executing the run: if it dies, the reconciler marks the run
+                # failed (an in-process run has no run worker for Dagster to monitor).
+                **process_tags(),
             },
             raise_on_error=False,
         )
     finally:
         progress.stop()
     return result.run_id, result.success
+
+
+def process_tags() -> dict[str, str]:
+    from dagster_project.production import HOST_TAG, PID_STARTED_TAG, PID_TAG, this_process
+
+    host, pid, started = this_process()
+    return {HOST_TAG: host, PID_TAG: str(pid), PID_STARTED_TAG: repr(started)}
 
 
 class _Progress(threading.Thread):

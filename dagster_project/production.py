@@ -12,11 +12,21 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.common import IN_PROGRESS_STATUSES, run_in_progress
+from dagster_project.core.ownership import process_alive, this_process
 from dagster_project.core.reconcile import Reconciliation, reconcile
+from dagster_project.jobs import PRODUCT_TAG
+
+# Tags of a run executed in-process by the CLI: the process that executes it.
+HOST_TAG, PID_TAG, PID_STARTED_TAG = "release/host", "release/pid", "release/pid_started"
+
+__all__ = ["HOST_TAG", "PID_STARTED_TAG", "PID_TAG", "reconcile_product", "this_process"]
 
 
 def reconcile_product(product: str, instance: dg.DagsterInstance) -> Reconciliation:
+    # Runs whose process died are failed first, so their owners read as dead at once.
+    dead_runs = fail_dead_runs(product, instance)
     result = reconcile(product, run_in_progress=run_in_progress(instance))
+    result.failed_runs += dead_runs
     for take_over in result.take_overs:
         mark_run_failed(
             instance,
@@ -39,3 +49,22 @@ def mark_run_failed(instance: dg.DagsterInstance, run_id: str, why: str) -> bool
     instance.report_run_failed(run, message=why)
     instance.event_log_storage.free_concurrency_slots_for_run(run_id)
     return True
+
+
+def fail_dead_runs(product: str, instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed (and free the pool of) every in-progress run of the product whose executing
+    process, recorded in its tags by the CLI, is gone. Runs launched by the daemon are watched
+    by Dagster's run monitoring instead."""
+    host = this_process()[0]
+    dead = []
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(tags={PRODUCT_TAG: product}, statuses=list(IN_PROGRESS_STATUSES))
+    )
+    for run in runs:
+        tags = run.tags
+        if tags.get(HOST_TAG) != host or PID_TAG not in tags:
+            continue
+        alive = process_alive(int(tags[PID_TAG]), float(tags.get(PID_STARTED_TAG, "0")))
+        if not alive and mark_run_failed(instance, run.run_id, "its process died"):
+            dead.append(run.run_id)
+    return dead

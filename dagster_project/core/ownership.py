@@ -114,17 +114,23 @@ def facts_for(owner: Owner, run_in_progress: bool | None) -> OwnerFacts:
     return OwnerFacts(
         heartbeat_age_seconds=owner.heartbeat_age_seconds,
         on_this_host=here,
-        process_alive=_process_alive(owner.pid, owner.pid_started) if here else None,
+        process_alive=process_alive(owner.pid, owner.pid_started) if here else None,
         run_in_progress=run_in_progress,
     )
 
 
-def _process_alive(pid: int, started: float) -> bool:
+def process_alive(pid: int, started: float) -> bool:
+    """True while `pid` runs and is the process that started at `started` (not a reuse)."""
     try:
         proc = psutil.Process(pid)
         return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - started) < 1.0
     except psutil.Error:
         return False
+
+
+def this_process() -> tuple[str, int, float]:
+    """(host, pid, start time) of this process: what an owner or a run is known by."""
+    return socket.gethostname(), os.getpid(), psutil.Process(os.getpid()).create_time()
 
 
 # -- storage -------------------------------------------------------------------------------
@@ -177,7 +183,7 @@ def _try_insert(
     phase: str,
 ) -> tuple[bool, Owner | None]:
     """(True, None) when `run_id` now owns env (new or re-entrant); else (False, the owner)."""
-    me = psutil.Process(os.getpid())
+    host, pid, started = this_process()
     with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
         cur.execute(
             """
@@ -200,9 +206,9 @@ def _try_insert(
                 artifact_sha256,
                 previous_artifact_sha256,
                 phase,
-                socket.gethostname(),
-                me.pid,
-                me.create_time(),
+                host,
+                pid,
+                started,
             ),
         )
         if cur.fetchone():

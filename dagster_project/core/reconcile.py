@@ -63,6 +63,7 @@ class Reconciliation:
     take_overs: list[TakeOver] = field(default_factory=list)
     reaped: list[str] = field(default_factory=list)
     audited: list[str] = field(default_factory=list)
+    failed_runs: list[str] = field(default_factory=list)  # Dagster runs whose process died
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -81,6 +82,7 @@ class Reconciliation:
         ]
         out += [f"reaped {what}" for what in self.reaped]
         out += [f"audited {change_id}" for change_id in self.audited]
+        out += [f"marked run {run_id} failed: its process died" for run_id in self.failed_runs]
         out += [f"problem: {p}" for p in self.problems]
         return out
 
