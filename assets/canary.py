@@ -28,6 +28,7 @@ from assets.common import (
     md_table,
     own_environment,
     release_environment,
+    release_pool,
     require_checks_passed,
     run_actor,
     run_in_progress,
@@ -63,6 +64,7 @@ def canary_asset(
         partitions_def=partitions_def,
         group_name=group_name(spec),
         kinds={"prometheus"},
+        pool=release_pool(spec.product),
         description="Canary in production: 5 -> 25 -> 50% by default, judged against stable.",
     )
     def canary(

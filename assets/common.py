@@ -17,6 +17,12 @@ STAGES = (
 )
 
 
+def release_pool(product_id: str) -> str:
+    """The product's concurrency pool, set on every stage that touches staging or production;
+    with `granularity: run` (dagster.yaml) the run queue starts one run with it at a time."""
+    return f"release-{product_id}"
+
+
 def stage_key(spec: ProductSpec, stage: str) -> dg.AssetKey:
     assert stage in STAGES, stage
     return dg.AssetKey([spec.product, stage])

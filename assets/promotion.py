@@ -24,6 +24,7 @@ from assets.common import (
     md_table,
     own_environment,
     release_environment,
+    release_pool,
     require_checks_passed,
     stage_input,
     stage_key,
@@ -49,6 +50,7 @@ def promotion_asset(
         ins={"artifact": stage_input(spec, "build"), "canary": stage_input(spec, "canary")},
         partitions_def=partitions_def,
         group_name=group_name(spec),
+        pool=release_pool(spec.product),
         description="The release at 100% in production, the old version retired.",
     )
     def promotion(

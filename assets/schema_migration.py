@@ -16,6 +16,7 @@ from assets.common import (
     group_name,
     md_table,
     own_environment,
+    release_pool,
     run_actor,
     stage_input,
     stage_key,
@@ -94,6 +95,7 @@ def schema_migration_asset(
         partitions_def=partitions_def,
         group_name=group_name(spec),
         kinds={"postgres", "sqlfluff"},
+        pool=release_pool(spec.product),
         description="Lint, safety and history of the migrations; pending ones applied to staging.",
     )
     def schema_migration_check(

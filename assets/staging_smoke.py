@@ -7,7 +7,14 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import group_name, md_table, own_environment, stage_input, stage_key
+from assets.common import (
+    group_name,
+    md_table,
+    own_environment,
+    release_pool,
+    stage_input,
+    stage_key,
+)
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import PlatformResource, RegistryResource
 
@@ -24,6 +31,7 @@ def staging_smoke_asset(
         partitions_def=partitions_def,
         group_name=group_name(spec),
         kinds={"httpx"},
+        pool=release_pool(spec.product),
         description="The release deployed to staging and smoke-tested through the staging edge.",
     )
     def staging_smoke(

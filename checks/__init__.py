@@ -1,13 +1,13 @@
 """The gates as asset checks, one module per gate family, all partitioned by release.
 
 `release_checks(spec, partitions_def)` returns every check for one product. Gates fail closed:
-no data, too little data or an error is never a pass. The checks of a stage that touches staging
-or production run in the product's pool, like the stage (assets/__init__.py).
+no data, too little data or an error is never a pass. Checks set no concurrency pool: with
+`granularity: run` (dagster.yaml) a run's pools are those of any of its steps, and the stage they
+check (assets/__init__.py) carries the product's pool.
 """
 
 import dagster as dg
 
-from assets import POOLED_STAGES, release_pool, with_pool
 from checks.artifact import artifact_integrity_check
 from checks.compliance import compliance_check
 from checks.data_quality import data_quality_check
@@ -25,7 +25,7 @@ GATED_BEFORE_PROMOTION = ("build", "schema_migration_check", "staging_smoke", "c
 def release_checks(
     spec: ProductSpec, partitions_def: dg.PartitionsDefinition
 ) -> list[dg.AssetChecksDefinition]:
-    checks = [
+    return [
         artifact_integrity_check(spec, partitions_def),
         *migration_checks(spec, partitions_def),
         smoke_check(spec, partitions_def),
@@ -36,13 +36,6 @@ def release_checks(
         post_deploy_smoke_check(spec, partitions_def),
         compliance_check(spec, partitions_def),
     ]
-    pool = release_pool(spec.product)
-    return [with_pool(c, pool) if _checks_stage(c) in POOLED_STAGES else c for c in checks]
-
-
-def _checks_stage(definition: dg.AssetChecksDefinition) -> str:
-    (stage,) = {spec.asset_key.path[-1] for spec in definition.check_specs}
-    return stage
 
 
 def blocking_check_keys_before_promotion(

@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets import release_pool
+from assets.common import release_pool
 from dagster_project.core import guardrail
 from dagster_project.core.spec import ProductSpec
 from dagster_project.jobs import PRODUCT_TAG, release_job_name

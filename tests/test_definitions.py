@@ -108,16 +108,30 @@ def test_release_keys_with_bad_characters_are_refused_when_registered() -> None:
 
 def test_every_job_runs_environment_steps_in_the_product_pool_and_in_process() -> None:
     """The implicit asset job (UI launches from the asset graph, backfills), the product's jobs
-    (CLI, sensors, schedules) and the verification job: every step of a stage that touches
-    staging or production, and of its checks, is in the product's pool; build and audit are not.
-    Every job runs in-process (the Definitions' default executor)."""
+    (CLI, sensors, schedules) and the verification job: the step of every stage that touches
+    staging or production is in the product's pool, and so is the verification; build, audit
+    and the checks (which only judge a stage's output) are not. With `granularity: run` the
+    queue counts a run's pools from any of its steps: a run of the whole release, or of any one
+    environment stage, has the pool; a run of build or audit alone has none. Every job runs
+    in-process (the Definitions' default executor)."""
     from dagster._core.execution.api import create_execution_plan
+    from dagster._core.op_concurrency_limits_counter import (
+        compute_run_op_concurrency_info_for_snapshot,
+    )
+    from dagster._core.snap import snapshot_from_execution_plan
 
     from assets import POOLED_STAGES, release_pool
     from dagster_project.definitions import defs
 
+    def run_pools(job: dg.JobDefinition) -> set[str]:
+        plan = create_execution_plan(job)
+        snapshot = snapshot_from_execution_plan(plan, job.get_job_snapshot_id())
+        info = compute_run_op_concurrency_info_for_snapshot(snapshot)
+        return set(info.all_pools or ()) if info else set()
+
     pool = release_pool(PRODUCT)
     slug = PRODUCT.replace("-", "_")
+    assert set(POOLED_STAGES) == {"schema_migration_check", "staging_smoke", "canary", "promotion"}
     for name in [
         "__ASSET_JOB",
         f"release_{slug}",
@@ -127,9 +141,14 @@ def test_every_job_runs_environment_steps_in_the_product_pool_and_in_process() -
         job = defs.resolve_job_def(name)
         assert job.executor_def is dg.in_process_executor, name
         for step in create_execution_plan(job).steps:
-            stage = step.key.removeprefix(f"{slug}__")
-            pooled = step.key.startswith("verify_production_") or any(
-                stage == s or stage.startswith(f"{s}_") for s in POOLED_STAGES
-            )
+            pooled = step.key.startswith("verify_production_") or step.key.removeprefix(
+                f"{slug}__"
+            ) in set(POOLED_STAGES)
             assert step.pool == (pool if pooled else None), (name, step.key, step.pool)
-    assert set(POOLED_STAGES) == {"schema_migration_check", "staging_smoke", "canary", "promotion"}
+    assert pool in run_pools(defs.resolve_job_def(f"release_{slug}"))
+    assert pool in run_pools(defs.resolve_job_def(f"verify_production_job_{slug}"))
+    assert pool not in run_pools(defs.resolve_job_def(f"audit_{slug}"))
+    asset_job = defs.resolve_job_def("__ASSET_JOB")
+    for stage in ["build", *POOLED_STAGES, "audit"]:
+        subset = asset_job.get_subset(asset_selection={dg.AssetKey([PRODUCT, stage])})
+        assert (pool in run_pools(subset)) is (stage in POOLED_STAGES), stage
