@@ -34,4 +34,46 @@ def prepare_instance_home() -> Path:
 
 def get_instance() -> dg.DagsterInstance:
     prepare_instance_home()
-    return dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()
+    ensure_product_pools(instance)
+    return instance
+
+
+def ensure_product_pools(
+    instance: dg.DagsterInstance, products: list[str] | None = None
+) -> list[str]:
+    """Create each product's pool (`release-<product>`) at the instance's default limit if it
+    does not exist yet; returns the pools created. One read when they all exist.
+
+    The queue daemon initialises a pool it has not seen before it can count runs against it
+    (`_initialize_pool_limits` in dagster/_core/op_concurrency_limits_counter.py). On Postgres,
+    Dagster 1.13's re-initialisation of a pool that already exists aborts its own transaction
+    (dagster-io/dagster#33552: the INSERT conflict, then an UPDATE in the aborted transaction),
+    and the daemon then gives up counting pools for that pass. So pools are created here, once,
+    before any run needs them, and only when missing; a concurrent creator wins silently.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from assets.common import release_pool
+    from dagster_project.core.settings import list_products
+
+    storage = instance.event_log_storage
+    if (
+        not storage.supports_global_concurrency_limits
+        or instance.global_op_concurrency_default_limit is None
+    ):
+        return []
+    existing = storage.get_concurrency_keys()
+    created = []
+    for product in list_products() if products is None else products:
+        pool = release_pool(product)
+        if pool in existing:
+            continue
+        try:
+            storage.initialize_concurrency_limit_to_default(pool)
+        except SQLAlchemyError:
+            if pool not in storage.get_concurrency_keys():
+                raise
+        else:
+            created.append(pool)
+    return created

@@ -1,6 +1,7 @@
 """The automations (release sensor, nightly release train, post-deploy verification) through
-Dagster's test APIs and through the real daemon, and the product's concurrency pool on the launch
-paths: an in-process run (how the CLI runs) and the run queue (UI, backfill, schedule, sensor)."""
+Dagster's test APIs and through the real daemon, and the product's concurrency pool at run
+granularity: the run queue (UI, backfill, schedule, sensor) starts no run with the pool while a
+run that has it is in progress, a CLI run included."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -247,41 +247,166 @@ def test_verification_judges_the_post_deploy_smoke(
     assert result.success is passed
 
 
-# -- the product's pool on the launch paths ---------------------------------------------------
+# -- the product's pool at run granularity ---------------------------------------------------
 
 
-def test_instance_limits_each_pool_to_one_step_at_a_time() -> None:
+def test_instance_limits_each_pool_to_one_run_at_a_time() -> None:
     from dagster._core.instance.config import PoolGranularity
 
     from dagster_project.instance import get_instance
 
     instance = get_instance()
     config = instance.get_concurrency_config()
-    assert config.pool_config.pool_granularity == PoolGranularity.OP
+    assert config.pool_config.pool_granularity == PoolGranularity.RUN
     assert config.pool_config.default_pool_limit == 1
+    assert config.run_queue_config.should_block_op_concurrency_limited_runs
     assert {
         "key": PRODUCT_TAG,
         "value": {"applyLimitPerUniqueValue": True},
         "limit": 1,
     } in config.run_queue_config.tag_concurrency_limits
     assert instance.event_log_storage.supports_global_concurrency_limits
-    assert instance.run_monitoring_settings.get("free_slots_after_run_end_seconds")
+
+
+def test_get_instance_creates_each_product_pool_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every product's pool exists at the default limit before a run needs it, so the queue
+    daemon never initialises one (dagster-io/dagster#33552 on Postgres); existing pools are
+    never re-initialised, and a pool another process created meanwhile is no error."""
+    from dagster_project.core.settings import list_products
+    from dagster_project.instance import ensure_product_pools, get_instance
+
+    instance = get_instance()
+    storage = instance.event_log_storage
+    limits = {limit.name: limit for limit in storage.get_pool_limits()}
+    for product in list_products():
+        limit = limits[release_pool(product)]
+        assert (limit.limit, limit.from_default) == (1, True), limit
+
+    initialised: list[str] = []
+    initialise = type(storage).initialize_concurrency_limit_to_default
+
+    def spy(self: Any, key: str) -> bool:
+        initialised.append(key)
+        return initialise(self, key)
+
+    monkeypatch.setattr(type(storage), "initialize_concurrency_limit_to_default", spy)
+    new = f"zz-pool-{uuid.uuid4().hex[:8]}"
+    try:
+        assert ensure_product_pools(instance, [PRODUCT, new]) == [release_pool(new)]
+        assert ensure_product_pools(instance, [PRODUCT, new]) == []
+        assert initialised == [release_pool(new)]
+        assert storage.get_concurrency_info(release_pool(new)).slot_count == 1
+
+        # Another process created the pool between the read and the write: on Postgres the
+        # re-initialisation fails (#33552); either way the pool is there, at its limit.
+        real_keys = storage.get_concurrency_keys
+        stale = [set[str]()]  # the first read misses the pool; later reads are real
+        monkeypatch.setattr(
+            storage, "get_concurrency_keys", lambda: stale.pop() if stale else real_keys()
+        )
+        assert ensure_product_pools(instance, [new]) in ([], [release_pool(new)])
+        assert storage.get_concurrency_info(release_pool(new)).slot_count == 1
+    finally:
+        storage.delete_concurrency_limit(release_pool(new))
+
+
+def _start(instance: dg.DagsterInstance, run: Any) -> Any:
+    """Mark a run started, as `execute_job` does when the CLI runs it in-process."""
+    from dagster._core.events import DagsterEvent
+
+    instance.handle_run_event(
+        run.run_id,
+        DagsterEvent(event_type_value="PIPELINE_START", job_name=run.job_name, message="started"),
+    )
+    started = instance.get_run_by_id(run.run_id)
+    assert started and started.status == dg.DagsterRunStatus.STARTED
+    return started
+
+
+def _asset_run(instance: dg.DagsterInstance, stage: str, **kwargs: Any) -> Any:
+    """A run of one stage as a UI launch creates it: `__ASSET_JOB`, untagged; never executed."""
+    from dagster_project.definitions import defs
+
+    return instance.create_run_for_job(
+        defs.resolve_job_def("__ASSET_JOB"),
+        asset_selection={dg.AssetKey([PRODUCT, stage])},
+        **kwargs,
+    )
+
+
+def test_an_in_progress_run_with_the_pool_blocks_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release run in progress (as the CLI's in-process run is) has the product's pool; while
+    it is, the queue's pool counter (the daemon's, at the instance's granularity) holds a queued
+    UI launch of an environment stage and lets one of build through; once the run has ended,
+    the stage's launch may start. The pool exists already, so the counter initialises none."""
+    from dagster._core.op_concurrency_limits_counter import GlobalOpConcurrencyLimitsCounter
+    from dagster._core.storage.dagster_run import ACTIVE_RUN_STATUSES
+
+    from dagster_project.definitions import defs
+    from dagster_project.instance import get_instance
+
+    instance = get_instance()
+    storage = instance.event_log_storage
+    config = instance.get_concurrency_config()
+    pool = release_pool(PRODUCT)
+
+    def no_initialise(self: Any, key: str) -> bool:
+        raise AssertionError(f"the queue initialised pool {key}")
+
+    monkeypatch.setattr(type(storage), "initialize_concurrency_limit_to_default", no_initialise)
+    release = instance.create_run_for_job(
+        defs.resolve_job_def(release_job_name(PRODUCT)), tags={PRODUCT_TAG: PRODUCT}
+    )
+    # The launches the queue would consider. The counter reads only what a run records at
+    # creation (its pools); a QUEUED status would need a code location's origin.
+    canary, build = queued = [_asset_run(instance, stage) for stage in ("canary", "build")]
+    assert release.run_op_concurrency and pool in release.run_op_concurrency.all_pools
+    assert canary.run_op_concurrency and pool in canary.run_op_concurrency.all_pools
+    assert build.run_op_concurrency is None
+
+    def blocked() -> list[bool]:
+        """What the queue daemon decides (queued_run_coordinator_daemon.py, one pass)."""
+        in_progress = instance.get_run_records(
+            dg.RunsFilter(run_ids=[release.run_id], statuses=list(ACTIVE_RUN_STATUSES))
+        )
+        counter = GlobalOpConcurrencyLimitsCounter(
+            instance,
+            queued,
+            in_progress,
+            concurrency_keys=storage.get_concurrency_keys(),
+            pool_limits=storage.get_pool_limits(),
+            slot_count_offset=config.run_queue_config.op_concurrency_slot_buffer,
+            pool_granularity=config.pool_config.pool_granularity,
+        )
+        return [counter.is_blocked(run) for run in queued]
+
+    try:
+        assert blocked() == [False, False]  # created, not started: holds nothing
+        _start(instance, release)
+        assert blocked() == [True, False]
+        # No slot is claimed inside a run: nothing to leak when its process is killed.
+        assert not storage.get_concurrency_info(pool).claimed_slots
+        run = instance.get_run_by_id(release.run_id)
+        assert run
+        instance.report_run_failed(run, message="ended (test)")
+        assert blocked() == [False, False]
+    finally:
+        for run_id in (release.run_id, canary.run_id, build.run_id):
+            instance.delete_run(run_id)
 
 
 @contextlib.contextmanager
-def _pool_held(instance: dg.DagsterInstance, pool: str) -> Iterator[Callable[[], None]]:
-    """The product's only slot, claimed by another (fake) run; yields a function freeing it."""
-    storage = instance.event_log_storage
-    holder = f"pool-holder-{uuid.uuid4().hex}"
-    if pool not in storage.get_concurrency_keys():
-        # As the executor does on first use. (Only then: on Postgres, dagster 1.13.27 fails to
-        # re-initialise a pool that exists, its INSERT conflict aborting the transaction.)
-        storage.initialize_concurrency_limit_to_default(pool)
-    assert storage.get_concurrency_info(pool).slot_count == 1
-    assert storage.claim_concurrency_slot(pool, holder, "holder_step", 0).is_claimed
+def _pool_held(instance: dg.DagsterInstance) -> Iterator[Callable[[], None]]:
+    """The product's pool, held by an in-progress run (a UI launch of the canary, untagged, so
+    the tag limit plays no part); yields a function that ends the run, as `deploy` or the
+    reconciler mark a run failed whose process died."""
+    run = _start(instance, _asset_run(instance, "canary", tags={"test/pool-holder": "1"}))
+    assert run.run_op_concurrency and release_pool(PRODUCT) in run.run_op_concurrency.all_pools
 
     def free() -> None:
-        storage.free_concurrency_slots_for_run(holder)
+        current = instance.get_run_by_id(run.run_id)
+        if current and not current.is_finished:
+            instance.report_run_failed(current, message="pool holder ended (test)")
 
     try:
         yield free
@@ -291,78 +416,6 @@ def _pool_held(instance: dg.DagsterInstance, pool: str) -> Iterator[Callable[[],
 
 def _events(instance: dg.DagsterInstance, run_id: str) -> list[dg.EventLogEntry]:
     return list(instance.all_logs(run_id))
-
-
-@pytest.mark.parametrize("job_name", ["__ASSET_JOB", release_job_name(PRODUCT)])
-def test_an_in_process_run_waits_for_the_product_pool(job_name: str) -> None:
-    """`execute_job` in-process (the CLI's way; `__ASSET_JOB` is what the UI launches from the
-    asset graph) bypasses the run queue, yet its executor claims the pool slot before the stage's
-    step starts. The stage fails right after, on its missing input: nothing touches staging."""
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
-
-    from dagster_project.instance import get_instance
-
-    instance = get_instance()
-    pool = release_pool(PRODUCT)
-    release = f"0.0.0-pool-{uuid.uuid4().hex[:8]}"
-    register_release(instance, PRODUCT, release)
-    recon = ReconstructableRepository.for_module(
-        "dagster_project.definitions", "defs", working_directory=str(ROOT)
-    ).get_reconstructable_job(job_name)
-    invocation = uuid.uuid4().hex
-    outcome: dict[str, Any] = {}
-
-    def launch() -> None:
-        result = dg.execute_job(
-            recon,
-            instance=instance,
-            asset_selection=[dg.AssetKey([PRODUCT, "schema_migration_check"])],
-            tags={"dagster/partition": release, "test/invocation": invocation},
-            raise_on_error=False,
-        )
-        outcome["run_id"], outcome["success"] = result.run_id, result.success
-
-    step = f"{SLUG}__schema_migration_check"
-    runner = threading.Thread(target=launch, daemon=True)
-    with _pool_held(instance, pool) as free:
-        runner.start()
-        deadline = time.monotonic() + 60
-        run = _wait_for(
-            "the run",
-            lambda: next(
-                iter(instance.get_runs(dg.RunsFilter(tags={"test/invocation": invocation}))), None
-            ),
-            deadline,
-        )
-        blocked = _wait_for(
-            "the step to wait for the pool",
-            lambda: [
-                e
-                for e in _events(instance, run.run_id)
-                if e.step_key == step and f"blocked by limit for pool {pool}" in (e.message or "")
-            ],
-            deadline,
-        )
-        time.sleep(2)  # a few claim retries: still waiting
-        started = [
-            e
-            for e in _events(instance, run.run_id)
-            if e.is_dagster_event and e.dagster_event.is_step_start
-        ]
-        assert not started, "the step started while another run held the product's pool"
-        freed_at = time.time()
-        free()
-        runner.join(timeout=60)
-    assert not runner.is_alive()
-    assert outcome["run_id"] == run.run_id and outcome["success"] is False
-    starts = [
-        e
-        for e in _events(instance, run.run_id)
-        if e.is_dagster_event and e.dagster_event.is_step_start and e.step_key == step
-    ]
-    assert starts and starts[0].timestamp >= freed_at > blocked[0].timestamp
-    # The step gave its slot back when it ended: the pool is free for the next release.
-    assert not instance.event_log_storage.get_concurrency_info(pool).claimed_slots
 
 
 # -- one run each through the real daemon -----------------------------------------------------
@@ -407,7 +460,8 @@ def test_the_daemon_ticks_each_automation_and_queues_behind_the_pool(tmp_path: P
     """`dagster-daemon run` on the session's instance, the token absent from its environment:
     the release sensor registers the current source (or says it already is), the nightly train
     skips naming GUARDRAIL_TOKEN, and the verification schedule's run waits in the queue while
-    another run holds the product's pool, then runs and fails clearly (nothing deployed)."""
+    another run that has the product's pool is in progress, then, once that run has ended, runs
+    and fails clearly (nothing deployed)."""
     from dagster._core.scheduler.instigation import ScheduleInstigatorData, TickStatus
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import WorkspaceFileTarget
@@ -442,7 +496,7 @@ def test_the_daemon_ticks_each_automation_and_queues_behind_the_pool(tmp_path: P
         )
     log = tmp_path / "daemon.log"
     try:
-        with _pool_held(instance, release_pool(PRODUCT)) as free, _daemon(env, log):
+        with _pool_held(instance) as free, _daemon(env, log):
             deadline = time.monotonic() + 75
 
             sensor_tick = _wait_for(
