@@ -469,6 +469,49 @@ def test_reap_orphans_waits_for_an_operation_in_progress(
     deployed.rollback("production")
 
 
+def test_programs_get_their_environment_and_arguments_verbatim(
+    deployed: LocalPlatform, tmp_path: Path
+) -> None:
+    # supervisor's config syntax expands `%`, splits on commas and strips quotes: the
+    # platform's values must reach the process unchanged anyway.
+    env = {
+        "PERCENT": "100% of %(name)s and %s",
+        "COMMAS": "a,b=c,d",
+        "DOUBLE": 'say "hi" twice',
+        "SINGLE": "it's",
+        "SPACES": "  padded value ",
+        "SEMI": "x;y#z",
+        "EMPTY": "",
+    }
+    out = tmp_path / "seen.json"
+    code = "import json, os, sys, time; json.dump([dict(os.environ), sys.argv[1:]], open(sys.argv[1], 'w')); time.sleep(60)"  # noqa: E501
+    name = f"{PRODUCT}.staging.env-by-test"
+    # A value supervisor's syntax cannot carry is left out rather than breaking the config.
+    unwritable = {"MULTI_LINE": "one\ntwo"}
+    deployed.supervisor.add_program(
+        name,
+        [sys.executable, "-c", code, str(out), "50% off", "a b"],
+        env={**env, **unwritable},
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not out.is_file() or not out.read_text().endswith("]"):
+            assert time.monotonic() < deadline, processes_log(deployed, name)
+            time.sleep(0.05)
+        seen, argv = json.loads(out.read_text())
+    finally:
+        deployed.supervisor.remove_program(name)
+    assert {k: seen.get(k) for k in env} == env
+    assert "MULTI_LINE" not in seen
+    assert argv == [str(out), "50% off", "a b"]
+    assert "GUARDRAIL_TOKEN" not in seen
+
+
+def processes_log(platform: LocalPlatform, name: str) -> str:
+    return platform.supervisor.log_path(name).read_text(errors="replace")
+
+
 def test_down_leaves_no_platform_process(deployed: LocalPlatform) -> None:
     recorded = deployed.state.processes()
     assert {p.role for p in recorded} == {"edge", "api", "worker"}
@@ -484,6 +527,43 @@ def test_down_leaves_no_platform_process(deployed: LocalPlatform) -> None:
     status = deployed.status()
     assert all(not status[env]["healthy"] for env in ENVS)
     deployed.down()  # a second down is harmless
+
+
+def test_two_ups_at_once_start_one_supervisord_and_one_edge_per_environment(
+    platform: LocalPlatform,
+) -> None:
+    # After `down`, nothing runs; two processes bring the platform up at the same moment.
+    assert not platform.supervisor.is_running()
+    code = (
+        f"from dagster_project.core.platform import LocalPlatform; LocalPlatform({PRODUCT!r}).up()"
+    )
+    ups = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for up in ups:
+        _, err = up.communicate(timeout=180)
+        assert up.returncode == 0, err
+    config = str(platform.supervisor.config_path)
+    supervisords = [
+        proc.pid
+        for proc in psutil.process_iter(["cmdline"])
+        if config in " ".join(proc.info["cmdline"] or [])
+    ]
+    assert supervisords == [platform.supervisor.pid()]
+    edges = platform.state.processes(role="edge")
+    assert sorted(p.env for p in edges) == sorted(ENVS)
+    assert all(p.state == "RUNNING" and p.pid for p in edges)
+    assert set(platform.supervisor.all_info()) == {str(p.program) for p in edges}
+    assert all(platform.status()[env]["healthy"] for env in ENVS)
+    platform.down()
+    assert _processes_of(release_home()) == []
 
 
 @contextlib.contextmanager

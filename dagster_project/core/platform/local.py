@@ -249,9 +249,11 @@ class LocalPlatform:
             time.sleep(0.1)
 
     def _note_ready(self, records: list[ProcessRecord]) -> None:
-        """Remember which spawn was seen ready, so a later one shows as a restart."""
+        """Wait until supervisord counts each ready process as RUNNING (it may answer
+        before `startsecs`), and remember that spawn, so a later one shows as a restart."""
         starts = {}
         for proc in records:
+            self._wait_running(proc, proc.label)
             info = self.supervisor.info(str(proc.program))
             if info is not None and info.running and info.start is not None:
                 starts[proc.id] = info.start

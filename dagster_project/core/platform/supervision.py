@@ -405,7 +405,7 @@ def _check_name(name: str) -> None:
 def _value(text: str) -> str:
     """A config value as supervisor reads it back: `%` is an expansion, a `;` or `#` after
     whitespace starts a comment, a line break ends the value."""
-    if "\n" in text or "\r" in text or re.search(r"\s[;#]", text):
+    if _unwritable(text):
         raise ValueError(f"cannot be written to a supervisor config: {text!r}")
     return text.replace("%", "%%")
 
@@ -419,7 +419,7 @@ def _environment(env: Mapping[str, str]) -> str:
         if (
             not _ENV_NAME_RE.match(key)
             or (quote in value)
-            or re.search(r"[\n\r\0]|\s[;#]", value)
+            or _unwritable(value)
             or value.endswith(("'", '"'))  # supervisor strips quote characters at the ends
             or value.startswith(("'", '"'))
         ):
@@ -429,6 +429,12 @@ def _environment(env: Mapping[str, str]) -> str:
             continue
         pairs.append(f"{key}={quote}{value.replace('%', '%%')}{quote}")
     return ",".join(pairs)
+
+
+def _unwritable(text: str) -> bool:
+    # `%(here)s` is replaced by the config's directory before `%%` is unescaped, so even
+    # escaped it would not survive.
+    return bool(re.search(r"[\n\r\0]|\s[;#]", text)) or "%(here)s" in text
 
 
 def _supervisord_env() -> dict[str, str]:
@@ -451,17 +457,22 @@ def _write_private(path: Path, text: str) -> None:
 def _program_info(raw: dict[str, Any]) -> ProgramInfo:
     pid = int(raw.get("pid") or 0) or None
     start = float(raw["start"]) if raw.get("start") else None
-    if pid is not None and raw.get("statename") == "RUNNING":
-        # supervisord reports whole seconds; the process's own create time is finer.
-        with contextlib.suppress(psutil.Error):
-            start = psutil.Process(pid).create_time() + _boot_time_fraction()
+    state = str(raw["statename"])
+    description = str(raw.get("description") or "")
+    if pid is not None and state == "RUNNING":
+        if _pid_running(pid):
+            # supervisord reports whole seconds; the process's own create time is finer.
+            with contextlib.suppress(psutil.Error):
+                start = psutil.Process(pid).create_time() + _boot_time_fraction()
+        else:  # died a moment ago; supervisord has not reaped it yet
+            state, description = "EXITED", f"pid {pid} exited, not yet reaped by supervisord"
     return ProgramInfo(
         name=str(raw["name"]),
-        state=str(raw["statename"]),
+        state=state,
         pid=pid,
         start=start,
         now=float(raw.get("now") or time.time()),
-        description=str(raw.get("description") or ""),
+        description=description,
         exitstatus=int(raw.get("exitstatus") or 0),
         spawnerr=str(raw.get("spawnerr") or ""),
         log_path=str(raw.get("stdout_logfile") or ""),
