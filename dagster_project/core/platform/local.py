@@ -28,6 +28,7 @@ import httpx
 
 from dagster_project.core import database, registry
 from dagster_project.core.platform import processes
+from dagster_project.core.platform.errors import PlatformError
 from dagster_project.core.platform.state import (
     ENVIRONMENTS,
     PURGE_KEY_HEADER,
@@ -47,10 +48,6 @@ logger = logging.getLogger("release.platform")
 
 # Start times are precise to a clock tick (10 ms): a start within this of another is the same.
 START_TOLERANCE_SECONDS = 0.05
-
-
-class PlatformError(RuntimeError):
-    """A platform operation could not be done; the message says what and where."""
 
 
 class ArtifactLike(Protocol):
@@ -91,7 +88,10 @@ class LocalPlatform:
             self._note_ready(starting)
             for proc in self.state.processes(status="serving"):
                 if proc.role != "edge" and proc.program:
-                    self._revive(proc)
+                    try:
+                        self._revive(proc)
+                    except PlatformError as exc:  # status() lists it; the edges are up
+                        logger.warning("up: %s", exc)
         return self.status()
 
     def down(self) -> None:
@@ -548,7 +548,9 @@ class LocalPlatform:
         check_env(env)
         found: list[str] = []
         serving = self.state.processes(env, status="serving")
-        if self.state.environment(env) is not None and not any(p.role == "edge" for p in serving):
+        if self.state.environment(env) is None:
+            found.append(f"environment {env} of {self.product} is not up")
+        elif not any(p.role == "edge" for p in serving):
             found.append(f"edge of {env} has no process")
         for proc in serving:
             info = proc.info

@@ -35,6 +35,8 @@ from typing import Any
 import psutil
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
+from dagster_project.core.platform.errors import PlatformError
+
 logger = logging.getLogger("release.platform.supervision")
 
 # Seconds a program must stay up to count as started; short, readiness is probed over HTTP.
@@ -53,7 +55,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SUPERVISORD_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
 
 
-class SupervisorError(RuntimeError):
+class SupervisorError(PlatformError):
     """supervisord could not be started, reached or told to do something."""
 
 
@@ -290,8 +292,14 @@ class Supervisor:
         try:
             proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
             return getattr(proxy, method)(*args)
-        except xmlrpc.client.ProtocolError as exc:
-            raise SupervisorError(f"supervisord at {self.socket_path}: {exc}") from None
+        except (xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
+            raise SupervisorError(f"supervisord at {self.socket_path}: {exc!r}") from None
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode == Faults.SHUTDOWN_STATE:  # on its way out: as good as gone
+                raise SupervisorError(
+                    f"supervisord at {self.socket_path} is shutting down"
+                ) from None
+            raise
         finally:
             transport.close()
 
