@@ -8,8 +8,6 @@ version: checked in the platform state and by measuring through the edge.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -196,11 +194,12 @@ def test_metrics_endpoint_that_stops_answering_blocks_after_k_errors(
 ) -> None:
     previous = platform.current(ENV)["stable"]["version"]
     artifact = deploy_canary(platform, spec, "1.2.0-dies")
-    canary_api_pid = platform.status()[ENV]["tracks"]["canary"]["pids"]["api"]
+    (canary_api,) = platform.state.processes(ENV, track="canary", role="api", status="serving")
 
     def kill_canary_api(event: dict[str, Any]) -> None:
+        # Stopped through the supervisor, so it stays down (a killed one would be restarted).
         if event["event"] == "step_started" and event["step"] == 1:
-            os.kill(canary_api_pid, signal.SIGKILL)  # a process this test's platform started
+            platform.supervisor.stop(canary_api.program)
 
     k = spec.canary.max_consecutive_metric_errors
     report = run_canary(
