@@ -376,3 +376,31 @@ def test_release_rollback_returns_to_the_previous_version_and_is_audited(
     assert rolled and rolled[-1].release == before
     entry = audit.find(rolled[-1].change_id)
     assert entry is not None and entry.payload["outcome"] == "rolled_back"
+
+
+def test_a_failed_watch_returns_production_to_the_previous_version(
+    platform: object, release_home: Path
+) -> None:
+    """The new version's API dies while it serves 100% during the watch after promotion: the
+    previous version (kept running at 0%) takes production back, recorded as rolled_back."""
+    before = platform.current("production")["stable"]["version"]  # type: ignore[attr-defined]
+    version = _next_version()
+    log = release_home / f"deploy-{version}.log"
+    proc = _start_deploy(version, log=log)
+    _wait_for(
+        "the watch at 100%",
+        lambda: (
+            (owner := ownership.current(PRODUCT, "production")) is not None
+            and owner.phase == "promoting"
+            and _weights(platform).get("canary") == 100
+        ),
+        proc=proc,
+    )
+    os.kill(_pid(platform, "canary", "api"), signal.SIGKILL)
+    code = _finish(proc)
+    assert code == deploy_cli.EXIT_BLOCKED, log.read_text()[-3000:]
+    assert "post_deploy_smoke" in log.read_text()
+    assert production_is_whole(platform, release_home) == before
+    recorded = changes.for_release(PRODUCT, version)
+    assert [c.outcome for c in recorded] == ["rolled_back"], recorded
+    assert recorded[0].details["restored_release"] == before
