@@ -20,8 +20,9 @@ die() {
 
 command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH: install Python 3.11 or newer"
 # The real interpreter, not a pyenv/asdf shim: uv recreates .venv when the path it is given is
-# not the one .venv was made from, and a shim's path never is.
-PY="$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null)" ||
+# not the one .venv was made from, and a shim's path never is. Inside a virtual environment
+# (a ./run.sh started by a command of another one, with .venv/bin first on PATH) its base.
+PY="$(python3 -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))' 2>/dev/null)" ||
   die "python3 does not start: install Python 3.11 or newer"
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   die "$PY is Python $(python3 -c 'import sys; print(*sys.version_info[:3], sep=".")'); install Python 3.11 or newer"
@@ -60,6 +61,10 @@ fresh() {
 }
 
 if ! fresh; then
+  # A ./run.sh started by a command of another one: the parent holds .venv (shared lock) for
+  # its whole life, so waiting for it would never end.
+  [ -z "${RUN_SH_ACTIVE:-}" ] ||
+    die ".venv needs a sync, but this ./run.sh runs inside another one that is using it: run it on its own"
   if ! flock -x -n 9; then
     echo "run.sh: .venv needs a sync; waiting for the other ./run.sh commands using it to finish..." >&2
     flock -x -w 1800 9 || die "still in use after 30 minutes: stop the other ./run.sh commands (or run them later) so .venv can be synced"
@@ -74,6 +79,7 @@ fi
 # Shared for the command's lifetime (fd 9 stays open across exec): a sync waits for it.
 flock -s 9
 
+export RUN_SH_ACTIVE=1
 export VIRTUAL_ENV="$PWD/.venv"
 export PATH="$VIRTUAL_ENV/bin:$PATH"
 cmd="${1:-}"

@@ -96,7 +96,7 @@ def canary_asset(
                 ENV,
                 artifact_sha256=artifact["sha256"],
                 previous_artifact_sha256=(stable or {}).get("artifact_sha"),
-                phase="canary",
+                phase="preparing",  # traffic has not moved: a death here records no change
             )
             report = _owned_canary(context, artifact, local, registry, metrics)
         report["approver"] = approver
@@ -108,13 +108,7 @@ def canary_asset(
         context: dg.AssetExecutionContext, artifact: dict[str, Any], stable: Any
     ) -> dict[str, Any] | None:
         """Already live or superseded: decided without owning production (None: go on)."""
-        report: dict[str, Any] = {
-            "version": artifact["version"],
-            "artifact_sha256": artifact["sha256"],
-            "previous": stable,
-            "steps": [],
-            "snapshots": [],
-        }
+        report = _new_report(artifact, stable)
         if stable and stable.get("artifact_sha") == artifact["sha256"]:
             report.update(outcome="already_live", passed=True, reason="already serving 100%")
             return report
@@ -143,24 +137,25 @@ def canary_asset(
         if report is not None:
             release_environment(context, spec, ENV)
             return report
-        report = {
-            "version": artifact["version"],
-            "artifact_sha256": artifact["sha256"],
-            "previous": stable,
-            "steps": [],
-            "snapshots": [],
-        }
+        report = _new_report(artifact, stable)
         try:
             _run_canary(context, artifact, local, registry, metrics, report)
         except BaseException as exc:
             # The step loop already rolled back whatever it started; an error outside it (a
             # deploy that failed half-way, snapshots) still must not leave a canary running.
-            # If Postgres is gone this raises too, and the reconciler finishes the job later.
-            if "canary" in local.current(ENV):
-                local.rollback(ENV)
-            if report.get("deployed"):
-                _record_abort(context, artifact, stable, report, f"{type(exc).__name__}: {exc}")
-            release_environment(context, spec, ENV)
+            # If that fails too (Postgres gone), the ownership stays for the reconciler and the
+            # original error is the one reported.
+            try:
+                if "canary" in local.current(ENV):
+                    local.rollback(ENV)
+                if report.get("deployed"):
+                    _record_abort(context, artifact, stable, report, f"{type(exc).__name__}: {exc}")
+                release_environment(context, spec, ENV)
+            except Exception as cleanup:
+                context.log.error(
+                    f"cleanup after the canary's error failed ({type(cleanup).__name__}: "
+                    f"{cleanup}); the reconciler will return production to stable"
+                )
             raise
         if report["outcome"] == "passed":
             ownership.set_phase(spec.product, ENV, context.run.run_id, "parked")
@@ -202,6 +197,7 @@ def canary_asset(
 
         fetched = registry.fetch(artifact["sha256"])
         report["deployed"] = True  # from here on production may carry the canary's traffic
+        ownership.set_phase(spec.product, ENV, context.run.run_id, "canary")
         local.deploy(ENV, "canary", fetched)
         context.log.info(f"canary {artifact['version']} started beside stable {_v(stable)}")
         result = run_canary(
@@ -213,7 +209,7 @@ def canary_asset(
             bake_scale=bake_scale(),
             baseline=stable is not None,
             on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
-            step_guard=lambda since: _step_problems(local, since),
+            step_guard=lambda since: step_problems(spec, local, since),
         )
         result_dict = result.to_dict()
         result_dict["steps"] = result_dict.pop("rows", [])
@@ -229,18 +225,6 @@ def canary_asset(
         else:
             report["outcome"] = "aborted"
             context.log.error(f"canary aborted, all traffic back to stable: {report.get('reason')}")
-
-    def _step_problems(local: Any, since_epoch: float) -> list[str]:
-        """Why the current step cannot pass: this run lost production, or the edge or a track
-        was down during it."""
-        problems = []
-        lost = ownership.lost(spec.product, ENV)
-        if lost:
-            problems.append(f"this run no longer owns production ({lost})")
-        outages = getattr(local, "outages", None)
-        if outages is not None:
-            problems += outages(ENV, since_epoch)
-        return problems
 
     def _record_abort(
         context: dg.AssetExecutionContext,
@@ -266,6 +250,27 @@ def canary_asset(
         report["change_id"] = change.change_id
 
     return canary
+
+
+def step_problems(spec: ProductSpec, local: Any, since_epoch: float) -> list[str]:
+    """Why the current step (of a canary, or of the watch after promotion) cannot pass: this
+    run lost production, or the edge or a track was down during it."""
+    problems = []
+    lost = ownership.lost(spec.product, ENV)
+    if lost:
+        problems.append(f"this run no longer owns production ({lost})")
+    problems += local.outages(ENV, since_epoch)
+    return problems
+
+
+def _new_report(artifact: dict[str, Any], stable: Any) -> dict[str, Any]:
+    return {
+        "version": artifact["version"],
+        "artifact_sha256": artifact["sha256"],
+        "previous": stable,
+        "steps": [],
+        "snapshots": [],
+    }
 
 
 def _snapshot_dir(artifact: dict[str, Any], context: dg.AssetExecutionContext) -> Any:

@@ -204,7 +204,12 @@ def own_environment(
             f"{spec.production.owner_wait_seconds:.0f}s"
         ),
     )
-    ownership.start_heartbeat(spec.product, env, context.run.run_id)
+    ownership.start_heartbeat(
+        spec.product,
+        env,
+        context.run.run_id,
+        lost_after=spec.production.owner_heartbeat_timeout_seconds / 2,
+    )
 
 
 def release_environment(context: dg.AssetExecutionContext, spec: ProductSpec, env: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.canary import bake_scale, describe_event
+from assets.canary import bake_scale, describe_event, step_problems
 from assets.common import (
     behind_production,
     group_name,
@@ -75,12 +75,22 @@ def promotion_asset(
             previous_artifact_sha256=(stable or {}).get("artifact_sha"),
             phase="promoting",
         )
+        progress = {"watched": False}  # set once traffic moved to the new version
         try:
-            report = _promote(context, artifact, canary, local, metrics, approver, gate_rows)
+            report = _promote(
+                context, artifact, canary, local, metrics, approver, gate_rows, progress
+            )
         except BaseException as exc:
-            # If settling fails too (Postgres gone), the ownership stays for the reconciler.
-            _settle_after_error(context, artifact, canary, local, stable, approver, exc)
-            release_environment(context, spec, ENV)
+            try:
+                _settle_after_error(
+                    context, artifact, canary, local, stable, approver, exc, progress["watched"]
+                )
+                release_environment(context, spec, ENV)
+            except Exception as cleanup:  # Postgres gone: the ownership stays for the reconciler
+                context.log.error(
+                    f"settling production after the promotion's error failed "
+                    f"({type(cleanup).__name__}: {cleanup}); the reconciler will finish it"
+                )
             raise
         release_environment(context, spec, ENV)
         report["seconds"] = round(time.monotonic() - started, 3)
@@ -109,7 +119,9 @@ def promotion_asset(
         metrics: MetricsResource,
         approver: str,
         gate_rows: list[dict[str, str]],
+        progress: dict[str, bool],
     ) -> dict[str, Any]:
+        from dagster_project.core import ownership
         from dagster_project.core.contract import changed_surrogate_keys
         from dagster_project.core.smoke import post_deploy_smoke
 
@@ -145,14 +157,24 @@ def promotion_asset(
                 )
             urls = local.api_urls(ENV)
             changed = changed_surrogate_keys(spec, urls["stable"], urls["canary"]) if stable else []
+            progress["watched"] = True
             watch = _watch(context, artifact, local, metrics)
             report["watch"] = watch
             if not watch["passed"]:
                 # Production is back on the previous version (kept running through the watch).
                 report["outcome"] = "rolled_back"
                 report["post_deploy_smoke"] = watch["smoke"]
-                report["change_id"] = _record_watch_rollback(context, artifact, stable, watch)
+                report["change_id"] = _record_watch_rollback(
+                    context, artifact, stable, watch["reason"], watch
+                )
                 return report
+            # Still ours, still this artifact: a run that lost production never promotes.
+            owner = ownership.current(spec.product, ENV)
+            serving = local.current(ENV).get("canary") or {}
+            if owner is None or owner.run_id != context.run.run_id:
+                raise PromotionRefused(description="this run lost production during the watch")
+            if serving.get("artifact_sha") != artifact["sha256"]:
+                raise PromotionRefused(description="the canary serving is not this release's")
             local.promote(ENV)
             for item in changed:
                 for key in item["surrogate_keys"]:
@@ -205,7 +227,7 @@ def promotion_asset(
             baseline=False,
             single_step_seconds=spec.production.watch_seconds,
             on_event=lambda event: context.log.info(f"watch: {describe_event(event)}"),
-            step_guard=lambda since: local.outages(ENV, since) if hasattr(local, "outages") else [],
+            step_guard=lambda since: step_problems(spec, local, since),
         )
         smoke = post_deploy_smoke(spec, local, artifact["version"]) if result.passed else None
         smoke_passed = smoke is not None and smoke.passed("smoke")
@@ -220,6 +242,7 @@ def promotion_asset(
         )
         return {
             "passed": bool(result.passed and smoke_passed),
+            "smoke_passed": smoke_passed,
             "verdict": result.verdict.value,
             "reason": reason,
             "seconds": round(watch_seconds, 3),
@@ -231,9 +254,12 @@ def promotion_asset(
         context: dg.AssetExecutionContext,
         artifact: dict[str, Any],
         stable: Any,
-        watch: dict[str, Any],
+        reason: str,
+        watch: dict[str, Any] | None = None,
     ) -> str:
-        # Recorded under this release (its run made the change); the entry names what serves now.
+        """The new version took 100% and production went back to the previous one. Recorded
+        under this release (its run made the change); the entry names what serves now."""
+        watch = watch or {}
         return changes.record(
             product=spec.product,
             release=artifact["version"],
@@ -242,12 +268,13 @@ def promotion_asset(
             previous_artifact_sha256=(stable or {}).get("artifact_sha"),
             run_id=context.run.run_id,
             details={
-                "reason": f"watch after promoting {artifact['version']} failed: {watch['reason']}",
+                "reason": f"watch after promoting {artifact['version']} failed: {reason}",
                 "from_release": artifact["version"],
                 "restored_release": (stable or {}).get("version"),
-                "slo_verdict": watch["verdict"],
-                "slo_steps": watch["steps"],
-                "smoke_verdict": "passed" if watch["smoke"].get("rows") else "not run",
+                "restored_artifact_sha256": (stable or {}).get("artifact_sha"),
+                "slo_verdict": watch.get("verdict", "not judged"),
+                "slo_steps": watch.get("steps", []),
+                "smoke_verdict": "passed" if watch.get("smoke_passed") else "failed or not run",
             },
         ).change_id
 
@@ -259,11 +286,12 @@ def promotion_asset(
         stable_before: Any,
         approver: str,
         exc: BaseException,
+        watched: bool,
     ) -> None:
         """Whatever failed, production ends on one ready version with its change recorded:
         promoted if the switch happened, else back to stable and the canary's abort."""
         if isinstance(exc, PromotionRefused):
-            return  # refused before touching anything
+            return  # refused before touching anything, or production is another run's now
         now_stable = (local.current(ENV).get("stable") or {}).get("artifact_sha")
         before = (stable_before or {}).get("artifact_sha")
         reason = f"promotion failed: {type(exc).__name__}: {str(exc)[:300]}"
@@ -284,6 +312,9 @@ def promotion_asset(
             return
         if "canary" in local.current(ENV):
             local.rollback(ENV)
+        if watched:  # the new version had taken 100% before the error sent it back
+            _record_watch_rollback(context, artifact, stable_before, reason)
+        elif canary.get("outcome") == "passed":  # its canary had carried traffic
             _record(
                 context,
                 artifact,

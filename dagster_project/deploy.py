@@ -199,15 +199,17 @@ def deploy(
 
     register_release(instance, spec.product, version)
     echo(f"releasing {spec.product} {version} (artifact sha256 {expected.sha256[:12]})")
-    run_id, result = _execute(instance, spec, version, "release", settings, echo)
-    outcome = classify(instance, spec, version, run_id, result_success=result)
-
-    if outcome.exit_code == EXIT_BLOCKED and _has_unaudited_change(spec, version):
-        # The canary carried production traffic before it was aborted: that change is audited too.
-        echo("auditing the aborted canary (production carried its traffic)")
-        audit_run_id, _ = _execute(instance, spec, version, "audit", {}, echo)
-        outcome.audit_run_id = audit_run_id
-    _reconcile(spec, instance, echo)  # whatever this run still holds is released, and audited
+    try:
+        run_id, result = _execute(instance, spec, version, "release", settings, echo)
+        outcome = classify(instance, spec, version, run_id, result_success=result)
+        if outcome.exit_code == EXIT_BLOCKED and _has_unaudited_change(spec, version):
+            # Production carried this release's traffic before it was sent back: audited too.
+            echo("auditing the production change (production carried this release's traffic)")
+            audit_run_id, _ = _execute(instance, spec, version, "audit", {}, echo)
+            outcome.audit_run_id = audit_run_id
+    finally:
+        # Whatever this run still holds (Ctrl-C, an error) is released, and audited.
+        _reconcile(spec, instance, echo)
     return outcome
 
 

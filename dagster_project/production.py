@@ -62,7 +62,8 @@ def fail_dead_runs(product: str, instance: dg.DagsterInstance) -> list[str]:
     )
     for run in runs:
         tags = run.tags
-        if tags.get(HOST_TAG) != host or PID_TAG not in tags:
+        # A re-execution copies its parent's tags, but a daemon run worker executes it.
+        if tags.get(HOST_TAG) != host or PID_TAG not in tags or "dagster/parent_run_id" in tags:
             continue
         alive = process_alive(int(tags[PID_TAG]), float(tags.get(PID_STARTED_TAG, "0")))
         if not alive and mark_run_failed(instance, run.run_id, "its process died"):

@@ -37,20 +37,26 @@ def test_owner_liveness_table(facts: OwnerFacts, alive: bool, why: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("owner", "previous", "stable", "outcome"),
+    ("phase", "owner", "previous", "stable", "outcome"),
     [
-        ("new", "old", "old", "aborted"),  # died during the canary: stable untouched
-        ("new", "old", "new", "promoted"),  # died after the promotion switched
-        ("new", None, None, "aborted"),  # first release died before promotion
-        ("new", None, "new", "promoted"),  # first release died after promotion
-        ("same", "same", "same", "aborted"),  # nothing changed hands
+        ("canary", "new", "old", "old", "aborted"),  # died during the canary: stable untouched
+        ("parked", "new", "old", "old", "aborted"),  # died with its canary parked
+        ("promoting", "new", "old", "new", "promoted"),  # died after the promotion switched
+        ("promoting", "new", "old", "old", "aborted"),  # died in the watch, before the switch
+        ("canary", "new", None, None, "aborted"),  # first release died before promotion
+        ("promoting", "new", None, "new", "promoted"),  # first release died after promotion
+        ("preparing", "new", "old", "old", None),  # drift checks, migrations: nothing moved
+        ("promoting", "same", "same", "same", None),  # already live: nothing changed hands
+        ("rollback", "target", "live", "target", "rolled_back"),  # rollback died after promote
+        ("rollback", "target", "live", "live", "aborted"),  # rollback died mid-shift
+        ("staging", "new", None, None, None),
     ],
 )
-def test_what_a_dead_production_owner_did(
-    owner: str, previous: str | None, stable: str | None, outcome: str
+def test_what_a_dead_owner_did(
+    phase: str, owner: str, previous: str | None, stable: str | None, outcome: str | None
 ) -> None:
     decided = production_decision(
-        owner_artifact=owner, owner_previous=previous, stable_artifact=stable
+        phase=phase, owner_artifact=owner, owner_previous=previous, stable_artifact=stable
     )
     assert decided == outcome
 

@@ -11,7 +11,9 @@ from dagster_project.core.changes import ProductionChange
 from dagster_project.core.rollback import RollbackRefused, choose_target
 
 
-def _change(i: int, release: str, sha: str, outcome: str = "promoted") -> ProductionChange:
+def _change(
+    i: int, release: str, sha: str, outcome: str = "promoted", **details: str
+) -> ProductionChange:
     return ProductionChange(
         i,
         f"p/{release}/{outcome}/{i}",
@@ -22,6 +24,18 @@ def _change(i: int, release: str, sha: str, outcome: str = "promoted") -> Produc
         None,
         f"r{i}",
         datetime(2026, 1, 1, tzinfo=UTC),
+        details,
+    )
+
+
+def _rollback(i: int, removed: str, removed_sha: str, restored: str, restored_sha: str):
+    return _change(
+        i,
+        removed,
+        removed_sha,
+        "rolled_back",
+        restored_release=restored,
+        restored_artifact_sha256=restored_sha,
     )
 
 
@@ -38,7 +52,11 @@ HISTORY = [
     [
         (HISTORY, "c", None, ("1.1.0", "b")),  # the previous promoted release
         (HISTORY, "c", "1.0.0", ("1.0.0", "a")),  # a named, previously promoted release
-        ([*HISTORY, _change(5, "1.1.0", "b", "rolled_back")], "b", None, ("1.2.0", "c")),
+        # `release rollback` to 1.1.0: rolling back again returns to 1.2.0
+        ([*HISTORY, _rollback(5, "1.1.0", "b", "1.1.0", "b")], "b", None, ("1.2.0", "c")),
+        # 1.3.0 failed its watch and 1.2.0 took production back: 1.3.0 is never a target
+        ([*HISTORY, _rollback(5, "1.3.0", "d", "1.2.0", "c")], "c", None, ("1.1.0", "b")),
+        ([*HISTORY, _rollback(5, "1.3.0", "d", "1.2.0", "c")], "c", "1.3.0", RollbackRefused),
         (HISTORY[:2], "a", None, RollbackRefused),  # nothing earlier was promoted
         (HISTORY, "c", "9.9.9", RollbackRefused),  # never promoted
         (HISTORY, "c", "1.2.0", RollbackRefused),  # already live

@@ -8,7 +8,6 @@ sensor reads this table with an id cursor, so it never rescans history.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -160,9 +159,18 @@ def since(after_id: int, *, limit: int) -> list[ProductionChange]:
         return [ProductionChange(*row) for row in cur.fetchall()]
 
 
-def unaudited(product: str, audited: Callable[[str], bool]) -> list[ProductionChange]:
-    """The product's changes that have no audit entry yet, oldest first."""
-    return [c for c in history(product) if not audited(c.change_id)]
+def unaudited(product: str) -> list[ProductionChange]:
+    """The product's changes with no entry in the audit trail yet, oldest first (one query:
+    the reconcile sensor asks every few seconds). Needs the audit schema to exist."""
+    ensure_schema()
+    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
+        cur.execute(
+            f"SELECT {_COLUMNS} FROM platform.production_changes c WHERE product = %s "
+            "AND NOT EXISTS (SELECT 1 FROM audit.entries e WHERE e.change_id = c.change_id) "
+            "ORDER BY id",
+            (product,),
+        )
+        return [ProductionChange(*row) for row in cur.fetchall()]
 
 
 def audit_payload(change: ProductionChange, *, audited_by: str, token: str) -> dict[str, Any]:

@@ -166,13 +166,6 @@ def current(product: str, env: str) -> Owner | None:
     return Owner(*row) if row else None
 
 
-def all_owners() -> list[Owner]:
-    ensure_schema()
-    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
-        cur.execute(_SELECT + " ORDER BY product, env")
-        return [Owner(*row) for row in cur.fetchall()]
-
-
 def _try_insert(
     product: str,
     env: str,
@@ -248,6 +241,7 @@ def acquire(
             assert owner is not None
             return owner
         if holder is None:  # released between the insert and the read: try again
+            time.sleep(0.1)
             continue
         verdict = judge_owner(
             facts_for(holder, run_in_progress(holder.run_id)),
@@ -307,23 +301,39 @@ def release(product: str, env: str, run_id: str) -> bool:
 
 
 class Heartbeat(threading.Thread):
-    """Refreshes the owner's heartbeat while this process acts for it. A heartbeat that finds
-    the row gone (taken over) or cannot reach Postgres sets `lost`: the owner must stop."""
+    """Refreshes the owner's heartbeat while this process acts for it.
 
-    def __init__(self, product: str, env: str, run_id: str) -> None:
+    `lost` says why the owner must stop: its row is gone (taken over), or no beat has gone
+    through for `lost_after` seconds (Postgres unreachable: the reconciler may soon judge the
+    owner dead). A single failed beat is not a loss; the next good one clears it."""
+
+    def __init__(self, product: str, env: str, run_id: str, lost_after: float) -> None:
         super().__init__(daemon=True, name=f"owner-heartbeat-{product}-{env}")
         self.product, self.env, self.run_id = product, env, run_id
+        self.lost_after = lost_after
         self._stop = threading.Event()
-        self.lost: str | None = None
+        self._taken_over = False
+        self._last_ok = time.monotonic()
+        self._last_error = ""
+
+    @property
+    def lost(self) -> str | None:
+        if self._taken_over:
+            return "ownership was taken over by the reconciler"
+        silent = time.monotonic() - self._last_ok
+        if silent > self.lost_after:
+            return f"no heartbeat went through for {silent:.0f}s ({self._last_error})"
+        return None
 
     def run(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL_SECONDS):
             try:
                 if not heartbeat(self.product, self.env, self.run_id):
-                    self.lost = "ownership was taken over by the reconciler"
+                    self._taken_over = True
                     return
-            except Exception as exc:  # Postgres down: the owner cannot prove it is alive
-                self.lost = f"heartbeat failed: {type(exc).__name__}: {str(exc)[:120]}"
+                self._last_ok = time.monotonic()
+            except Exception as exc:  # Postgres down: tolerated for `lost_after` seconds
+                self._last_error = f"{type(exc).__name__}: {str(exc)[:120]}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -333,15 +343,16 @@ _heartbeats: dict[tuple[str, str], Heartbeat] = {}
 _heartbeats_lock = threading.Lock()
 
 
-def start_heartbeat(product: str, env: str, run_id: str) -> Heartbeat:
-    """One heartbeat per (product, env) in this process; kept across the stages of a run."""
+def start_heartbeat(product: str, env: str, run_id: str, *, lost_after: float = 15.0) -> Heartbeat:
+    """One heartbeat per (product, env) in this process; kept across the stages of a run.
+    `lost_after` should stay below the spec's heartbeat timeout (callers pass half of it)."""
     with _heartbeats_lock:
         beat = _heartbeats.get((product, env))
         if beat is not None and beat.run_id == run_id and beat.is_alive():
             return beat
         if beat is not None:
             beat.stop()
-        beat = Heartbeat(product, env, run_id)
+        beat = Heartbeat(product, env, run_id, lost_after)
         beat.start()
         _heartbeats[(product, env)] = beat
         return beat
@@ -361,8 +372,10 @@ def lost(product: str, env: str) -> str | None:
 
 
 @contextlib.contextmanager
-def heartbeat_while(product: str, env: str, run_id: str) -> Iterator[Heartbeat]:
-    beat = start_heartbeat(product, env, run_id)
+def heartbeat_while(
+    product: str, env: str, run_id: str, *, lost_after: float = 15.0
+) -> Iterator[Heartbeat]:
+    beat = start_heartbeat(product, env, run_id, lost_after=lost_after)
     try:
         yield beat
     finally:

@@ -66,10 +66,6 @@ class Reconciliation:
     failed_runs: list[str] = field(default_factory=list)  # Dagster runs whose process died
     problems: list[str] = field(default_factory=list)
 
-    @property
-    def dead_run_ids(self) -> list[str]:
-        return [t.owner_run_id for t in self.take_overs]
-
     def lines(self) -> list[str]:
         out = [
             f"{t.env}: owner {t.owner_release} (run {t.owner_run_id[:8]}) was dead ({t.why}); "
@@ -88,12 +84,16 @@ class Reconciliation:
 
 
 def production_decision(
-    *, owner_artifact: str, owner_previous: str | None, stable_artifact: str | None
-) -> str:
-    """What a dead production owner's change was: `promoted` when its artifact already serves
-    as stable (and was not stable before it took production), else `aborted` (pure)."""
+    *, phase: str, owner_artifact: str, owner_previous: str | None, stable_artifact: str | None
+) -> str | None:
+    """What a dead production owner's change was (pure), or None when traffic never moved:
+    - still preparing (drift checks, migrations) or nothing changing hands (already live): None;
+    - its artifact serves as stable now: `promoted` (`rolled_back` for a rollback);
+    - otherwise its canary carried traffic and is stopped: `aborted`."""
+    if phase in ("preparing", "staging") or owner_previous == owner_artifact:
+        return None
     if stable_artifact is not None and stable_artifact == owner_artifact:
-        return "promoted" if owner_previous != owner_artifact else "aborted"
+        return "rolled_back" if phase == "rollback" else "promoted"
     return "aborted"
 
 
@@ -141,46 +141,67 @@ def take_over(
     never act twice on one owner."""
     with _reconcile_lock(spec.product, owner.env):
         still = ownership.current(spec.product, owner.env)
-        if still is None or still.run_id != owner.run_id:
-            return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False)
-        if owner.env != "production":
-            ownership.release(spec.product, owner.env, owner.run_id)
-            logger.warning("staging owner %s was dead (%s): released", owner.label, why)
+        if still is None or still.run_id != owner.run_id or _beat_since(owner, still, why):
             return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False)
         local = platform or _platform(spec.product)
         stable = (local.current("production").get("stable") or {}).get("artifact_sha")  # type: ignore[attr-defined]
-        outcome = production_decision(
-            owner_artifact=owner.artifact_sha256,
-            owner_previous=owner.previous_artifact_sha256,
-            stable_artifact=stable,
+        outcome = (
+            production_decision(
+                phase=owner.phase,
+                owner_artifact=owner.artifact_sha256,
+                owner_previous=owner.previous_artifact_sha256,
+                stable_artifact=stable,
+            )
+            if owner.env == "production"
+            else None
         )
-        # Traffic first: back to the last ready stable (the platform waits for its readiness
-        # and keeps the last ready routing if it cannot get it), canary stopped.
-        local.rollback("production")  # type: ignore[attr-defined]
-        change = changes.record(
-            product=spec.product,
-            release=owner.release,
-            outcome=outcome,
-            artifact_sha256=owner.artifact_sha256,
-            previous_artifact_sha256=owner.previous_artifact_sha256,
-            run_id=owner.run_id,
-            details={
-                "reason": f"reconciled: the owning run {owner.run_id} was dead ({why}) "
-                f"during {owner.phase}; "
-                + (
-                    "its release already served as stable"
-                    if outcome == "promoted"
-                    else "traffic returned to the last ready stable"
-                ),
-                "slo_verdict": "not judged (run died)",
-                "reconciled": True,
-                "phase": owner.phase,
-            },
-        )
+        if owner.env == "production" and (
+            outcome is not None or "canary" in local.current("production")
+        ):  # type: ignore[attr-defined]
+            # Traffic first: back to the last ready stable (the platform waits for its
+            # readiness and keeps the last ready routing if it cannot get it), canary stopped.
+            local.rollback("production")  # type: ignore[attr-defined]
+        change = None
+        if outcome is not None:
+            change = changes.record(
+                product=spec.product,
+                release=owner.release,
+                outcome=outcome,
+                artifact_sha256=owner.artifact_sha256,
+                previous_artifact_sha256=owner.previous_artifact_sha256,
+                run_id=owner.run_id,
+                details={
+                    "reason": f"reconciled: the owning run {owner.run_id} was dead ({why}) "
+                    f"during {owner.phase}; "
+                    + (
+                        "its release already served as stable"
+                        if outcome != "aborted"
+                        else "traffic returned to the last ready stable"
+                    ),
+                    "slo_verdict": "not judged (run died)",
+                    "reconciled": True,
+                    "phase": owner.phase,
+                    **(
+                        {
+                            "restored_release": owner.release,
+                            "restored_artifact_sha256": owner.artifact_sha256,
+                        }
+                        if outcome == "rolled_back"
+                        else {}
+                    ),
+                },
+            )
         ownership.release(spec.product, owner.env, owner.run_id)
-        logger.warning("production owner %s was dead (%s): %s", owner.label, why, outcome)
+        logger.warning("%s owner %s was dead (%s): %s", owner.env, owner.label, why, outcome)
+    if change is None:
+        return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False)
     audited = change.change_id in audit_pending(spec, only=[change])
     return TakeOver(owner.env, owner.release, owner.run_id, why, outcome, change.change_id, audited)
+
+
+def _beat_since(judged: Owner, now: Owner, why: str) -> bool:
+    """A heartbeat went through since the owner was judged stale: it is alive after all."""
+    return "heartbeat" in why and now.heartbeat_at > judged.heartbeat_at
 
 
 def audit_pending(
@@ -198,11 +219,8 @@ def audit_pending(
         token = guardrail.verify(token, spec.guardrail.token_sha256)
     except guardrail.ApprovalRefused:
         return []
-    pending = (
-        only
-        if only is not None
-        else changes.unaudited(spec.product, lambda change_id: audit.find(change_id) is not None)
-    )
+    audit.ensure_audit_schema()
+    pending = only if only is not None else changes.unaudited(spec.product)
     done = []
     for change in pending:
         payload = changes.audit_payload(change, audited_by=approver_identity(), token=token)

@@ -58,26 +58,39 @@ class RollbackResult:
 def choose_target(
     history: Sequence[changes.ProductionChange], live_sha: str | None, to_version: str | None
 ) -> RollbackTarget:
-    """The release to return to: `to_version` if it was ever promoted, else the newest
-    promoted (or rolled-back-to) release whose artifact differs from the live one."""
-    served = [c for c in history if c.outcome in ("promoted", "rolled_back")]
+    """The release to return to: `to_version` if it ever served production, else the newest
+    release that served production whose artifact differs from the live one. A promotion
+    served its own release; a rollback served the release it restored (never the one it
+    removed, so a release whose watch failed is not a target)."""
+    served = [s for s in map(served_by, history) if s is not None]
     if live_sha is None:
         raise RollbackRefused("nothing is live in production: there is nothing to roll back")
     if to_version is not None:
-        named = [c for c in served if c.release == to_version]
+        named = [t for t in served if t.release == to_version]
         if not named:
-            known = sorted({c.release for c in served}) or ["none"]
+            known = sorted({t.release for t in served}) or ["none"]
             raise RollbackRefused(
                 f"release {to_version!r} was never promoted to production; promoted releases: "
                 f"{', '.join(known)}"
             )
         if named[-1].artifact_sha256 == live_sha:
             raise RollbackRefused(f"release {to_version} is already live in production")
-        return RollbackTarget(named[-1].release, named[-1].artifact_sha256)
-    for change in reversed(served):
-        if change.artifact_sha256 != live_sha:
-            return RollbackTarget(change.release, change.artifact_sha256)
+        return named[-1]
+    for target in reversed(served):
+        if target.artifact_sha256 != live_sha:
+            return target
     raise RollbackRefused("no earlier promoted release to roll back to")
+
+
+def served_by(change: changes.ProductionChange) -> RollbackTarget | None:
+    """The release a production change left serving, if it left one."""
+    if change.outcome == "promoted":
+        return RollbackTarget(change.release, change.artifact_sha256)
+    restored = change.details.get("restored_release")
+    restored_sha = change.details.get("restored_artifact_sha256")
+    if change.outcome == "rolled_back" and restored and restored_sha:
+        return RollbackTarget(restored, restored_sha)
+    return None
 
 
 def rollback(
@@ -125,7 +138,16 @@ def rollback(
         on_wait=lambda owner: echo(f"waiting for {owner.label}, which owns production"),
     )
     try:
-        with ownership.heartbeat_while(product, ENV, run_id):
+        with ownership.heartbeat_while(
+            product, ENV, run_id, lost_after=spec.production.owner_heartbeat_timeout_seconds / 2
+        ):
+            # Re-read now that production is ours: another release may have moved it while
+            # this one waited, and the choice must be made against what is live now.
+            now = (platform.current(ENV).get("stable") or {}).get("artifact_sha")
+            if now != live_sha:
+                raise RollbackRefused(
+                    "production changed while the rollback waited for it; run it again"
+                )
             echo(f"rolling {product} back from {live['version']} to {target.release}")
             _shift(platform, spec, artifact, echo)
             smoke = post_deploy_smoke(spec, platform, target.release)
@@ -140,6 +162,8 @@ def rollback(
                     "approver": actor,
                     "reason": f"rolled back from {live['version']}: {reason}",
                     "from_release": live["version"],
+                    "restored_release": target.release,
+                    "restored_artifact_sha256": target.artifact_sha256,
                     "smoke_verdict": "passed" if smoke.passed("smoke") else "failed",
                     "slo_verdict": "not judged (rollback)",
                 },
@@ -148,7 +172,10 @@ def rollback(
                 change.change_id, changes.audit_payload(change, audited_by=actor, token=token)
             )
     finally:
-        ownership.release(product, ENV, run_id)
+        try:
+            ownership.release(product, ENV, run_id)
+        except Exception as exc:  # the original error matters more; the reconciler frees it
+            logger.error("releasing production after the rollback failed: %s", exc)
     return RollbackResult(
         product=product,
         from_release=live["version"],
@@ -179,8 +206,11 @@ def _shift(
         platform.promote(ENV)
         echo(f"  {artifact.version} at 100%, promoted")
     except BaseException as exc:
-        if "canary" in platform.current(ENV):
-            platform.rollback(ENV)
+        try:
+            if "canary" in platform.current(ENV):
+                platform.rollback(ENV)
+        except Exception as cleanup:  # report the original error; the reconciler finishes
+            logger.error("returning production to the live version failed: %s", cleanup)
         if isinstance(exc, RollbackFailed) or not isinstance(exc, Exception):
             raise
         raise RollbackFailed(

@@ -280,6 +280,12 @@ def run_canary(
                 step_report.judgement = judgement
                 previous = action
                 action = step_decision(judgement.verdict, elapsed, bake_s, extension_s)
+                if action == StepAction.PASS and step_guard is not None:
+                    # The look's window ends now: an outage during it still fails the step.
+                    outage = step_guard(step_started_epoch)
+                    if outage:
+                        action = StepAction.FAIL
+                        break
                 if action == StepAction.EXTEND and previous != StepAction.EXTEND:
                     step_report.extended = True
                     emit(
