@@ -26,6 +26,12 @@ def release_home() -> Iterator[Path]:
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
     if os.environ.get("RELEASE_DATABASE_URL"):
         os.environ["RELEASE_DB_PREFIX"] = f"t{os.getpid()}_"
+    # Resolve the code location once, up front: Dagster's definitions load context keeps a weak
+    # reference to the instance that was current when it is first built, and a test's
+    # short-lived instance would leave later tests with a dead one.
+    from dagster_project.definitions import defs
+
+    defs.get_repository_def()
     yield home
     _teardown(home)
 
@@ -59,3 +65,15 @@ def _teardown(home: Path) -> None:
 def guardrail_token(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("GUARDRAIL_TOKEN", GUARDRAIL_TOKEN)
     return GUARDRAIL_TOKEN
+
+
+# The longest files first, so two workers finish together (pytest-xdist `--dist loadfile`).
+_LONGEST_FIRST = ("test_production_faults.py", "test_release_e2e.py", "test_automations.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
