@@ -212,6 +212,18 @@ def own_environment(
     )
 
 
+def own_staging(context: dg.AssetExecutionContext, spec: ProductSpec, artifact_sha256: str) -> None:
+    """Staging belongs to one release at a time, from its migrations to its canary."""
+    own_environment(
+        context,
+        spec,
+        "staging",
+        artifact_sha256=artifact_sha256,
+        previous_artifact_sha256=None,
+        phase="staging",
+    )
+
+
 def release_environment(context: dg.AssetExecutionContext, spec: ProductSpec, env: str) -> None:
     from dagster_project.core import ownership
 

@@ -15,7 +15,7 @@ import dagster as dg
 from assets.common import (
     group_name,
     md_table,
-    own_environment,
+    own_staging,
     release_pool,
     run_actor,
     stage_input,
@@ -101,15 +101,7 @@ def schema_migration_asset(
     def schema_migration_check(
         context: dg.AssetExecutionContext, artifact: dict[str, Any], registry: RegistryResource
     ) -> dg.Output[dict[str, Any]]:
-        # Staging belongs to one release at a time, from its migrations to its canary.
-        own_environment(
-            context,
-            spec,
-            ENV,
-            artifact_sha256=artifact["sha256"],
-            previous_artifact_sha256=None,
-            phase="staging",
-        )
+        own_staging(context, spec, artifact["sha256"])
         migrations_dir = registry.unpacked(artifact["sha256"]) / spec.migrations_dir
         report = migration_gate_report(ENV, migrations_dir, run_actor(context), apply=True)
         report["migrations_dir"] = str(migrations_dir)

@@ -10,7 +10,7 @@ import dagster as dg
 from assets.common import (
     group_name,
     md_table,
-    own_environment,
+    own_staging,
     release_pool,
     stage_input,
     stage_key,
@@ -42,15 +42,7 @@ def staging_smoke_asset(
     ) -> dg.Output[dict[str, Any]]:
         from dagster_project.core.smoke import run_smoke
 
-        # Staging belongs to one release at a time, from its migrations to its canary.
-        own_environment(
-            context,
-            spec,
-            ENV,
-            artifact_sha256=artifact["sha256"],
-            previous_artifact_sha256=None,
-            phase="staging",
-        )
+        own_staging(context, spec, artifact["sha256"])
         started = time.monotonic()
         local = platform.for_product(spec.product)
         local.up()

@@ -59,19 +59,8 @@ _COLUMNS = (
 )
 
 
-_ensured: set[str] = set()  # servers whose table is known to exist (DDL once per process)
-
-
 def ensure_schema() -> None:
-    key = database.server().dsn(database.CONTROL_DB)
-    if key in _ensured:
-        return
-    database.ensure_database(database.CONTROL_DB)
-    with database.connection(database.CONTROL_DB, autocommit=False) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('platform.production_changes'))")
-        cur.execute(_DDL)
-        conn.commit()
-    _ensured.add(key)
+    database.ensure_ddl("platform.production_changes", _DDL)
 
 
 def change_id_for(product: str, release: str, outcome: str, run_id: str) -> str:

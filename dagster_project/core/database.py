@@ -178,6 +178,23 @@ def ensure_database(database: str) -> str:
     return name
 
 
+_ddl_done: set[tuple[str, str]] = set()  # (server dsn, name): DDL known applied in this process
+
+
+def ensure_ddl(name: str, ddl: str, database: str = CONTROL_DB) -> None:
+    """Apply idempotent DDL once per process and server, serialised across processes by a
+    transaction-scoped advisory lock on `name` (CREATE ... IF NOT EXISTS races on the catalog)."""
+    key = (server().dsn(database), name)
+    if key in _ddl_done:
+        return
+    ensure_database(database)
+    with connection(database, autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
+        cur.execute(ddl)
+        conn.commit()
+    _ddl_done.add(key)
+
+
 def drop_database(database: str) -> None:
     name = physical_name(database)
     with connection("postgres") as conn, conn.cursor() as cur:

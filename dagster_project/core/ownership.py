@@ -135,19 +135,9 @@ def this_process() -> tuple[str, int, float]:
 
 # -- storage -------------------------------------------------------------------------------
 
-_ensured: set[str] = set()
-
 
 def ensure_schema() -> None:
-    key = database.server().dsn(database.CONTROL_DB)
-    if key in _ensured:
-        return
-    database.ensure_database(database.CONTROL_DB)
-    with database.connection(database.CONTROL_DB, autocommit=False) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('platform.owners'))")
-        cur.execute(_DDL)
-        conn.commit()
-    _ensured.add(key)
+    database.ensure_ddl("platform.owners", _DDL)
 
 
 _SELECT = """
@@ -264,23 +254,22 @@ def acquire(
 
 
 def set_phase(product: str, env: str, run_id: str, phase: str) -> bool:
+    """Record what the owner is doing now (decides what the reconciler records if it dies)."""
     ensure_schema()
-    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
-        cur.execute(
-            "UPDATE platform.owners SET phase = %s, heartbeat_at = now() "
-            "WHERE product = %s AND env = %s AND run_id = %s",
-            (phase, product, env, run_id),
-        )
-        return bool(cur.rowcount)
+    return _touch(product, env, run_id, phase)
 
 
 def heartbeat(product: str, env: str, run_id: str) -> bool:
     """Refresh the heartbeat; False when `run_id` no longer owns env (it was taken over)."""
+    return _touch(product, env, run_id, None)
+
+
+def _touch(product: str, env: str, run_id: str, phase: str | None) -> bool:
     with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
         cur.execute(
-            "UPDATE platform.owners SET heartbeat_at = now() "
+            "UPDATE platform.owners SET heartbeat_at = now(), phase = coalesce(%s, phase) "
             "WHERE product = %s AND env = %s AND run_id = %s",
-            (product, env, run_id),
+            (phase, product, env, run_id),
         )
         return bool(cur.rowcount)
 
