@@ -244,7 +244,10 @@ def _execute(
     echo: Callable[[str], None],
 ) -> tuple[str, bool]:
     import dagster as dg
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    # Known exception to the layer contract, still to be replaced (issue 11): a public
+    # dg.build_reconstructable_job would do, but changes how the run's job is rebuilt.
+    from dagster._core.definitions.reconstruct import ReconstructableRepository  # noqa: TID251
 
     from dagster_project.core.settings import PROJECT_ROOT
     from dagster_project.jobs import PRODUCT_TAG
