@@ -180,8 +180,7 @@ def test_failures_accumulate_across_steps(config: JudgeConfig) -> None:
     ledger.record(3, judge(side(rng, 2000, 0.0), side(rng, 400, 0.0), config))
     assert ledger.entries[-1][1].verdict == Verdict.PASS
     assert ledger.verdict == Verdict.FAIL  # the later pass did not erase step 2
-    first = ledger.first_failure()
-    assert first is not None and first[0] == 2
+    assert [step for step, j in ledger.entries if j.verdict == Verdict.FAIL] == [2]
 
 
 def test_metric_source_errors_fail_closed_after_k() -> None:

@@ -141,18 +141,6 @@ class DataQualityReport:
             )
         return "\n".join(lines)
 
-    def as_metadata(self) -> dict[str, Any]:
-        return {
-            "suite": self.suite,
-            "version": self.version,
-            "success": self.success,
-            "evaluated": self.evaluated,
-            "rows": dict(self.rows),
-            "reasons": list(self.reasons),
-            "results": list(self.results),
-            "seconds": round(self.seconds, 3),
-        }
-
 
 # --------------------------------------------------------------------------------------------
 # Validation

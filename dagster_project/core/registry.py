@@ -279,19 +279,6 @@ def verify(sha256: str) -> bool:
     return path.is_file() and _sha256_file(path) == sha256
 
 
-def list_artifacts(product: str | None = None) -> list[dict[str, Any]]:
-    """Index rows, newest first (for status output and the integrity check's metadata)."""
-    ensure_index()
-    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT sha256, product, version, size_bytes, pushed_at FROM registry.artifacts "
-            "WHERE %(product)s::TEXT IS NULL OR product = %(product)s ORDER BY pushed_at DESC",
-            {"product": product},
-        )
-        columns = [c.name for c in cur.description]
-        return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-
-
 # --- extract ----------------------------------------------------------------------------------
 
 

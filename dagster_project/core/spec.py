@@ -8,7 +8,6 @@ zero bake time fails here, before any work, not in a later stage.
 from __future__ import annotations
 
 import re
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -165,10 +164,6 @@ class ProductSpec(_Model):
     @property
     def service_path(self) -> Path:
         return self.root / self.service_dir
-
-    @cached_property
-    def ttl_by_path(self) -> dict[str, int]:
-        return {e.path: self.ttl_classes[e.ttl_class] for e in self.endpoints}
 
 
 def validate_product_id(product_id: object) -> str:

@@ -143,10 +143,6 @@ class CanaryReport:
     def passed(self) -> bool:
         return self.verdict == Verdict.PASS
 
-    @property
-    def step_boundaries(self) -> list[tuple[int, int, float, float]]:
-        return [(s.index, s.weight, s.started_at, s.ended_at) for s in self.steps]
-
     def rows(self) -> list[dict[str, Any]]:
         """Per step, per metric: baseline, canary, threshold, p-value, verdict, reason."""
         return [row for step in self.steps for row in step.rows()]

@@ -430,6 +430,3 @@ class VerdictLedger:
         if not self.entries:
             return Verdict.INCONCLUSIVE
         return self.entries[-1][1].verdict
-
-    def first_failure(self) -> tuple[int, Judgement] | None:
-        return next(((s, j) for s, j in self.entries if j.verdict == Verdict.FAIL), None)

@@ -232,9 +232,6 @@ class LoadGenerator:
         with self._lock:
             return list(self._records)
 
-    def records_since(self, t: float) -> list[RequestRecord]:
-        return [r for r in self.records() if r.t >= t]
-
     def elapsed(self) -> float:
         end = self._stopped_at if self._stopped_at is not None else time.monotonic()
         return max(0.0, end - self._started_at) if self._started_at else 0.0

@@ -60,12 +60,6 @@ class SchemaSnapshot:
     def __len__(self) -> int:
         return len(self.objects)
 
-    def count_by_kind(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for kind, _name in self.objects:
-            counts[kind] = counts.get(kind, 0) + 1
-        return dict(sorted(counts.items()))
-
 
 @dataclass(frozen=True)
 class DriftItem:
@@ -94,10 +88,6 @@ class DriftReport:
     seconds: float
     applied_migrations: list[str] = field(default_factory=list)
 
-    @property
-    def has_drift(self) -> bool:
-        return bool(self.items)
-
     def summary(self) -> str:
         if not self.items:
             return (
@@ -125,18 +115,6 @@ class DriftReport:
                 f"{_md_cell(expected)} | {_md_cell(actual)} |"
             )
         return "\n".join(lines)
-
-    def as_metadata(self) -> dict[str, Any]:
-        """JSON-able summary for check metadata and the audit entry."""
-        return {
-            "env": self.env,
-            "drift_count": len(self.items),
-            "expected_objects": self.expected_count,
-            "actual_objects": self.actual_count,
-            "seconds": round(self.seconds, 3),
-            "applied_migrations": list(self.applied_migrations),
-            "items": [i.as_dict() for i in self.items],
-        }
 
 
 _CHANGE_ORDER = ("missing", "unexpected", "changed")
@@ -695,15 +673,6 @@ def apply_sql_files(db: str, files: Sequence[Path]) -> None:
                     f"migration {path}{where} failed in the scratch database "
                     f"{database.physical_name(db)!r}: {str(exc).strip()}"
                 ) from exc
-
-
-def expected_schema(
-    env: str,
-    migrations_dir: Path | str,
-    exclude_schemas: Iterable[str] = DEFAULT_EXCLUDED_SCHEMAS,
-) -> SchemaSnapshot:
-    """The schema the environment should have: its applied migrations, rebuilt in scratch."""
-    return _build_expected(env, Path(migrations_dir), tuple(exclude_schemas))[0]
 
 
 def _build_expected(
