@@ -11,7 +11,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import group_name, md_table, stage_key
+from assets.common import group_name, stage_key, table
 from dagster_project.core import changes
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import ApprovalResource, AuditResource
@@ -54,7 +54,7 @@ def audit_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
         context.log.info(f"audit trail: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
         return dg.Output(
             {"release": release, "entries": entries},
-            metadata={"entries": md_table(entries), "count": len(entries)},
+            metadata={"entries": table(entries), "count": len(entries)},
         )
 
     return audit

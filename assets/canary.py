@@ -23,9 +23,9 @@ from typing import Any
 import dagster as dg
 
 from assets.common import (
+    GATE_COLUMNS,
     behind_production,
     group_name,
-    md_table,
     own_environment,
     release_environment,
     release_pool,
@@ -34,6 +34,7 @@ from assets.common import (
     run_in_progress,
     stage_input,
     stage_key,
+    table,
 )
 from assets.schema_migration import drift_as_dict, migration_gate_report
 from dagster_project.core import changes, ownership
@@ -318,8 +319,8 @@ def _metadata(report: dict[str, Any]) -> dict[str, Any]:
         "version": report["version"],
         "artifact_sha256": report["artifact_sha256"],
         "previous_version": _v(report.get("previous")),
-        "gate": md_table(report.get("gate", [])),
-        "steps": md_table(report.get("steps", [])),
-        "snapshots": md_table(report.get("snapshots", [])),
+        "gate": table(report.get("gate", []), GATE_COLUMNS),
+        "steps": table(report.get("steps", [])),
+        "snapshots": table(report.get("snapshots", [])),
         "seconds": report.get("seconds", 0.0),
     }

@@ -1,5 +1,6 @@
 """Small helpers shared by the stage modules: keys, metadata tables, the gate on promotion."""
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,18 +37,41 @@ def stage_input(spec: ProductSpec, stage: str) -> dg.AssetIn:
     return dg.AssetIn(key=stage_key(spec, stage))
 
 
-def md_table(
+def table(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
 ) -> dg.MetadataValue:
-    """A markdown table for the UI; an empty table says so instead of rendering nothing."""
-    if not rows:
-        return dg.MetadataValue.md("_(no rows)_")
-    cols = list(columns or rows[0].keys())
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = [str(row.get(c, "")).replace("|", "\\|").replace("\n", " ") for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return dg.MetadataValue.md("\n".join(lines))
+    """A sortable table for the UI. Columns are `columns`, else every key in order of first
+    appearance; an empty table keeps its columns. Values other than str/int/float/bool/None
+    are stringified (a TableRecord holds nothing else)."""
+    cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    types = {c: _column_type([row.get(c) for row in rows]) for c in cols}
+    records = [dg.TableRecord({c: _cell(row.get(c), types[c]) for c in cols}) for row in rows]
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, types[c]) for c in cols])
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def _column_type(values: Sequence[Any]) -> str:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return "bool"
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    # Non-finite floats (NaN, inf) are shown as text: metadata is stored as JSON.
+    if present and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in present
+    ):
+        return "float"
+    return "string"
+
+
+def _cell(value: Any, column_type: str) -> str | int | float | bool | None:
+    if value is None:
+        return None
+    if column_type == "float":
+        return float(value)
+    if column_type in ("int", "bool"):
+        return value
+    return value if isinstance(value, str) else str(value)
 
 
 def run_actor(context: dg.AssetExecutionContext) -> str:
@@ -75,6 +99,9 @@ class GateNotPassed(dg.Failure):
     and artifact."""
 
 
+GATE_COLUMNS = ("check", "status")  # the rows of gate_rows
+
+
 def require_checks_passed(
     context: dg.AssetExecutionContext,
     check_keys: Iterable[dg.AssetCheckKey],
@@ -98,7 +125,7 @@ def require_checks_passed(
                 f"{artifact_sha256[:12]}): blocking checks upstream did not pass: "
                 f"{', '.join(not_passed)}; production is unchanged"
             ),
-            metadata={"gate": md_table(rows)},
+            metadata={"gate": table(rows, GATE_COLUMNS)},
         )
     return rows
 

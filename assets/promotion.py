@@ -19,15 +19,16 @@ import dagster as dg
 
 from assets.canary import bake_scale, describe_event, step_problems
 from assets.common import (
+    GATE_COLUMNS,
     behind_production,
     group_name,
-    md_table,
     own_environment,
     release_environment,
     release_pool,
     require_checks_passed,
     stage_input,
     stage_key,
+    table,
 )
 from dagster_project.core import changes
 from dagster_project.core.spec import ProductSpec
@@ -103,9 +104,9 @@ def promotion_asset(
                 "artifact_sha256": artifact["sha256"],
                 "approver": approver,
                 "previous_version": (report["previous"] or {}).get("version", "(none)"),
-                "gate": md_table(gate_rows),
-                "purged": md_table(report["purged"]),
-                "post_deploy_smoke": md_table(report["post_deploy_smoke"].get("rows", [])),
+                "gate": table(gate_rows, GATE_COLUMNS),
+                "purged": table(report["purged"]),
+                "post_deploy_smoke": table(report["post_deploy_smoke"].get("rows", [])),
                 "edge_url": dg.MetadataValue.url(local.edge_url(ENV)),
                 "seconds": report["seconds"],
             },

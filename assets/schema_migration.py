@@ -14,12 +14,12 @@ import dagster as dg
 
 from assets.common import (
     group_name,
-    md_table,
     own_staging,
     release_pool,
     run_actor,
     stage_input,
     stage_key,
+    table,
 )
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import RegistryResource
@@ -116,8 +116,8 @@ def schema_migration_asset(
             metadata={
                 "environment": ENV,
                 "artifact_sha256": artifact["sha256"],
-                "applied": md_table([{"file": f} for f in report["applied"]]),
-                "pending_before": md_table([{"file": f} for f in report["plan"]["pending"]]),
+                "applied": table([{"file": f} for f in report["applied"]], ["file"]),
+                "pending_before": table([{"file": f} for f in report["plan"]["pending"]], ["file"]),
                 "blocked_by": ", ".join(report["blocked_by"]) or "nothing",
                 "seconds": report["seconds"],
             },

@@ -9,11 +9,11 @@ import dagster as dg
 
 from assets.common import (
     group_name,
-    md_table,
     own_staging,
     release_pool,
     stage_input,
     stage_key,
+    table,
 )
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import PlatformResource, RegistryResource
@@ -59,7 +59,7 @@ def staging_smoke_asset(
                 "edge_url": dg.MetadataValue.url(value["edge_url"]),
                 "version": artifact["version"],
                 "artifact_sha256": artifact["sha256"],
-                "results": md_table(value["rows"], ["section", "name", "passed", "detail"]),
+                "results": table(value["rows"], ["section", "name", "passed", "detail"]),
                 "seconds": value["seconds"],
             },
         )

@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import md_table
+from assets.common import table
 
 
 def rows_result(
@@ -31,7 +31,7 @@ def rows_result(
         + ("" if passed else f"; failed: {names}"),
         metadata={
             "verdict": "pass" if passed else "fail",
-            "results": md_table(rows, columns),
+            "results": table(rows, columns),
             **(extra or {}),
         },
     )

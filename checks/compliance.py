@@ -11,7 +11,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import md_table, stage_key
+from assets.common import stage_key, table
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import AuditResource, RegistryResource
 
@@ -44,7 +44,7 @@ def compliance_check(
                 if rows
                 else "no audit entry to check: inconclusive"
             ),
-            metadata={"checklist": md_table(rows, ["change", "item", "passed", "detail"])},
+            metadata={"checklist": table(rows, ["change", "item", "passed", "detail"])},
         )
 
     return compliance

@@ -3,7 +3,7 @@ workers wrote back during the smoke run. GE is imported only when the check runs
 
 import dagster as dg
 
-from assets.common import md_table, stage_key
+from assets.common import stage_key, table
 from dagster_project.core.spec import ProductSpec
 
 
@@ -30,7 +30,7 @@ def data_quality_check(
                 + (f"; failed: {', '.join(r['expectation'] for r in failed[:5])}" if failed else "")
                 + ("" if report.evaluated else " (nothing evaluated: inconclusive)")
             ),
-            metadata={"results": md_table(report.results), "suite": str(suite)},
+            metadata={"results": table(report.results), "suite": str(suite)},
         )
 
     return data_quality

@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import md_table, stage_key
+from assets.common import stage_key, table
 from assets.schema_migration import drift_as_dict
 from dagster_project.core.spec import ProductSpec
 
@@ -35,7 +35,7 @@ def migration_checks(
             passed=not findings,
             description=f"{len(findings)} finding(s) in {len(lint['files'])} file(s)",
             metadata={
-                "findings": md_table(findings, ["file", "line", "rule", "description"]),
+                "findings": table(findings, ["file", "line", "rule", "description"]),
                 "files": len(lint["files"]),
                 "cached": lint["cached"],
             },
@@ -105,10 +105,10 @@ def safety_result(report: dict[str, Any]) -> dg.AssetCheckResult:
             + "\n".join(finding_lines(findings, errors))
         ),
         metadata={
-            "pending": md_table([{"file": f} for f in report["plan"]["pending"]]),
-            "findings": md_table(findings),
-            "errors": md_table([{"error": e} for e in errors]),
-            "waivers": md_table(safety.get("waivers", [])),
+            "pending": table([{"file": f} for f in report["plan"]["pending"]], ["file"]),
+            "findings": table(findings),
+            "errors": table([{"error": e} for e in errors], ["error"]),
+            "waivers": table(safety.get("waivers", [])),
         },
     )
 

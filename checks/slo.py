@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import md_table, stage_key
+from assets.common import stage_key, table
 from dagster_project.core.spec import ProductSpec
 
 
@@ -34,8 +34,8 @@ def slo_regression_check(
             ),
             metadata={
                 "verdict": canary.get("verdict", outcome or "inconclusive"),
-                "steps": md_table(steps),
-                "snapshots": md_table(canary.get("snapshots", [])),
+                "steps": table(steps),
+                "snapshots": table(canary.get("snapshots", [])),
             },
         )
 

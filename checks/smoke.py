@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import md_table, stage_key
+from assets.common import stage_key, table
 from checks.common import rows_result
 from dagster_project.core.spec import ProductSpec
 
@@ -56,7 +56,7 @@ def post_deploy_smoke_check(
                 passed=False,
                 description=f"watch after promotion failed, production rolled back to the "
                 f"previous version: {watch.get('reason', '')}",
-                metadata={"verdict": "fail", "watch": md_table(watch.get("steps", []))},
+                metadata={"verdict": "fail", "watch": table(watch.get("steps", []))},
             )
         return rows_result(
             section_rows(report, "smoke"),

@@ -152,3 +152,20 @@ def test_every_job_runs_environment_steps_in_the_product_pool_and_in_process() -
     for stage in ["build", *POOLED_STAGES, "audit"]:
         subset = asset_job.get_subset(asset_selection={dg.AssetKey([PRODUCT, stage])})
         assert (pool in run_pools(subset)) is (stage in POOLED_STAGES), stage
+
+
+def test_gate_tables_are_native_sortable_tables() -> None:
+    from assets.common import GATE_COLUMNS, table
+
+    empty = table([], GATE_COLUMNS)
+    assert empty.records == []
+    assert [c.name for c in empty.schema.columns] == ["check", "status"]
+    value = table([{"n": 1, "p": 0.5, "ok": True, "why": ["a"]}, {"n": 2, "p": float("nan")}])
+    assert [(c.name, c.type) for c in value.schema.columns] == [
+        ("n", "int"),
+        ("p", "string"),
+        ("ok", "bool"),
+        ("why", "string"),
+    ]
+    assert value.records[0].data == {"n": 1, "p": "0.5", "ok": True, "why": "['a']"}
+    assert value.records[1].data == {"n": 2, "p": "nan", "ok": None, "why": None}
