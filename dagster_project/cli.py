@@ -136,12 +136,21 @@ def _add_platform(commands: argparse._SubParsersAction) -> None:
 
 def _reconciled(product: str) -> list[str]:
     """Every command that looks at or touches production reconciles first (core/reconcile.py):
-    traffic a dead release left is returned to stable and recorded. Without the Dagster
-    instance (kept out of quick commands) a dead owner is known by its process and heartbeat;
-    the daemon's reconcile sensor and `deploy` also mark its run failed."""
+    traffic a dead release left is returned to stable and recorded. The Dagster instance is
+    kept out of quick commands: a dead owner is known by its process and heartbeat, and the
+    instance is loaded only when one was taken over, to mark its run failed."""
     from dagster_project.core.reconcile import reconcile
 
-    return reconcile(product).lines()
+    result = reconcile(product)
+    if result.take_overs:
+        from dagster_project.instance import get_instance
+        from dagster_project.production import mark_run_failed
+
+        instance = get_instance()
+        for taken in result.take_overs:
+            if mark_run_failed(instance, taken.owner_run_id, f"its {taken.env} owner was dead"):
+                result.failed_runs.append(taken.owner_run_id)
+    return result.lines()
 
 
 def _release_status(args: argparse.Namespace) -> int:

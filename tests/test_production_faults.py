@@ -197,15 +197,11 @@ def test_sigkill_of_deploy_at_25_percent(platform: object, release_home: Path) -
     assert production_is_whole(platform, release_home) == before
     aborted = [c for c in changes.for_release(PRODUCT, version) if c.outcome == "aborted"]
     assert len(aborted) == 1 and aborted[0].details["reconciled"] is True
-    # The Dagster run the killed process left STARTED is marked failed by the daemon's
-    # reconcile sensor (or the next deploy), which know the instance; `release status` stays
-    # quick and does not load it.
+    # The Dagster run the killed process left STARTED was marked failed by the reconciliation
+    # of the next command (`release status` in production_is_whole).
     from dagster_project.instance import get_instance
-    from dagster_project.production import reconcile_product
 
     instance = get_instance()
-    assert instance.get_run_by_id(aborted[0].run_id).status.value == "STARTED"
-    assert aborted[0].run_id in reconcile_product(PRODUCT, instance).failed_runs
     assert instance.get_run_by_id(aborted[0].run_id).status.value == "FAILURE"
 
 
