@@ -26,7 +26,7 @@ from assets.common import (
     GATE_COLUMNS,
     behind_production,
     group_name,
-    own_environment,
+    own_production,
     release_environment,
     release_pool,
     require_checks_passed,
@@ -88,17 +88,11 @@ def canary_asset(
             spec.product, run_in_progress=run_in_progress(context.instance)
         ).lines():
             context.log.warning(f"reconciled before the canary: {line}")
-        report = _quick_outcome(context, artifact, local.current(ENV).get("stable"))
+        stable = local.current(ENV).get("stable")
+        report = _quick_outcome(context, artifact, stable)
         if report is None:
-            stable = local.current(ENV).get("stable")
-            own_environment(
-                context,
-                spec,
-                ENV,
-                artifact_sha256=artifact["sha256"],
-                previous_artifact_sha256=(stable or {}).get("artifact_sha"),
-                phase="preparing",  # traffic has not moved: a death here records no change
-            )
+            # Phase `preparing`: traffic has not moved, so a death here records no change.
+            own_production(context, spec, artifact["sha256"], stable, "preparing")
             report = _owned_canary(context, artifact, local, registry, metrics)
         report["approver"] = approver
         report["gate"] = gate

@@ -252,6 +252,24 @@ def own_staging(context: dg.AssetExecutionContext, spec: ProductSpec, artifact_s
     )
 
 
+def own_production(
+    context: dg.AssetExecutionContext,
+    spec: ProductSpec,
+    artifact_sha256: str,
+    stable: Mapping[str, Any] | None,
+    phase: str,
+) -> None:
+    """Production belongs to one release at a time; `stable` is what serves before it acts."""
+    own_environment(
+        context,
+        spec,
+        "production",
+        artifact_sha256=artifact_sha256,
+        previous_artifact_sha256=(stable or {}).get("artifact_sha"),
+        phase=phase,
+    )
+
+
 def release_environment(context: dg.AssetExecutionContext, spec: ProductSpec, env: str) -> None:
     from dagster_project.core import ownership
 

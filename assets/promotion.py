@@ -22,7 +22,7 @@ from assets.common import (
     GATE_COLUMNS,
     behind_production,
     group_name,
-    own_environment,
+    own_production,
     release_environment,
     release_pool,
     require_checks_passed,
@@ -68,14 +68,7 @@ def promotion_asset(
         local = platform.for_product(spec.product)
         stable = local.current(ENV).get("stable")
         # Re-entrant for the run whose canary is parked; any other release waits or is refused.
-        own_environment(
-            context,
-            spec,
-            ENV,
-            artifact_sha256=artifact["sha256"],
-            previous_artifact_sha256=(stable or {}).get("artifact_sha"),
-            phase="promoting",
-        )
+        own_production(context, spec, artifact["sha256"], stable, "promoting")
         progress = {"watched": False}  # set once traffic moved to the new version
         try:
             report = _promote(
