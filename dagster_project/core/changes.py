@@ -12,26 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from dagster_project.core import database
-
-_DDL = """
-CREATE SCHEMA IF NOT EXISTS platform;
-CREATE TABLE IF NOT EXISTS platform.production_changes (
-    id bigserial PRIMARY KEY,
-    change_id text NOT NULL UNIQUE,
-    product text NOT NULL,
-    release text NOT NULL,
-    outcome text NOT NULL,
-    artifact_sha256 text NOT NULL,
-    previous_artifact_sha256 text,
-    run_id text NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT now(),
-    details jsonb NOT NULL DEFAULT '{}'::jsonb
-);
-ALTER TABLE platform.production_changes DROP CONSTRAINT IF EXISTS production_changes_outcome_check;
-ALTER TABLE platform.production_changes ADD CONSTRAINT production_changes_outcome_check
-    CHECK (outcome IN ('promoted', 'aborted', 'rolled_back'));
-"""
+from dagster_project.core import control_schema, database
 
 # What a production change can be: a release promoted to 100%; a canary aborted after it carried
 # traffic (by its gate, an error, a dead run found by the reconciler, or displaced while parked);
@@ -60,7 +41,7 @@ _COLUMNS = (
 
 
 def ensure_schema() -> None:
-    database.ensure_ddl("platform.production_changes", _DDL)
+    control_schema.ensure()  # sql/control/0003_production_changes.sql
 
 
 def change_id_for(product: str, release: str, outcome: str, run_id: str) -> str:

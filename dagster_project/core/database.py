@@ -10,6 +10,7 @@ through its unix socket. When `RELEASE_DATABASE_URL` is set, that server is used
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 from collections.abc import Iterator
@@ -178,24 +179,38 @@ def ensure_database(database: str) -> str:
     return name
 
 
-_ddl_done: set[tuple[str, str]] = set()  # (server dsn, name): DDL known applied in this process
+def advisory_key(name: str) -> int:
+    """The one advisory-lock key scheme of the project: a named lock's bigint key (the first 8
+    bytes of the name's SHA-256, signed). Every `pg_advisory_*lock` call takes its key from
+    here; the locks are per database, so the same name in two databases does not collide."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-def ensure_ddl(name: str, ddl: str, database: str = CONTROL_DB) -> None:
-    """Apply idempotent DDL once per process and server, serialised across processes by a
-    transaction-scoped advisory lock on `name` (CREATE ... IF NOT EXISTS races on the catalog)."""
-    key = (server().dsn(database), name)
-    if key in _ddl_done:
-        return
-    ensure_database(database)
-    with connection(database, autocommit=False) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
-        cur.execute(ddl)
-        conn.commit()
-    _ddl_done.add(key)
+def advisory_xact_lock(cur: psycopg2.extensions.cursor, name: str) -> None:
+    """Take the lock `name` until the cursor's transaction ends (waits for other holders)."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(name),))
+
+
+@contextlib.contextmanager
+def advisory_lock(name: str, database: str = CONTROL_DB) -> Iterator[None]:
+    """Hold the session-level lock `name` in `database` for the block (on its own connection,
+    so it is released when the block ends or the process dies)."""
+    with connection(database) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (advisory_key(name),))
+        try:
+            yield
+        finally:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(name),))
+
+
+# (server dsn of a database, schema set): applied in this process by `control_schema.ensure`,
+# so it runs once per process; forgotten when the database is dropped here.
+applied_schemas: set[tuple[str, str]] = set()
 
 
 def drop_database(database: str) -> None:
     name = physical_name(database)
     with connection("postgres") as conn, conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    dsn = server().dsn(database)
+    applied_schemas.difference_update({key for key in applied_schemas if key[0] == dsn})

@@ -25,26 +25,7 @@ from datetime import datetime
 
 import psutil
 
-from dagster_project.core import database
-
-_DDL = """
-CREATE SCHEMA IF NOT EXISTS platform;
-CREATE TABLE IF NOT EXISTS platform.owners (
-    product                  text        NOT NULL,
-    env                      text        NOT NULL,
-    run_id                   text        NOT NULL,
-    release                  text        NOT NULL,
-    artifact_sha256          text        NOT NULL,
-    previous_artifact_sha256 text,
-    phase                    text        NOT NULL,
-    host                     text        NOT NULL,
-    pid                      integer     NOT NULL,
-    pid_started              double precision NOT NULL,
-    acquired_at              timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at             timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (product, env)
-);
-"""
+from dagster_project.core import control_schema, database
 
 HEARTBEAT_INTERVAL_SECONDS = 2.0
 
@@ -137,7 +118,7 @@ def this_process() -> tuple[str, int, float]:
 
 
 def ensure_schema() -> None:
-    database.ensure_ddl("platform.owners", _DDL)
+    control_schema.ensure()  # platform.owners: sql/control/0002_owners.sql
 
 
 _SELECT = """

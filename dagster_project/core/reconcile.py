@@ -232,12 +232,8 @@ def audit_pending(
 
 @contextlib.contextmanager
 def _reconcile_lock(product: str, env: str) -> Iterator[None]:
-    with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"reconcile:{product}:{env}",))
-        try:
-            yield
-        finally:
-            cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"reconcile:{product}:{env}",))
+    with database.advisory_lock(f"reconcile:{product}:{env}"):
+        yield
 
 
 def _platform(product: str) -> object:

@@ -6,7 +6,8 @@ archive is byte-for-byte reproducible (sorted entries, zeroed mtimes and owners,
 modes, gzip mtime 0), so the same source and manifest always give the same SHA-256.
 
 `push` stores it under `$RELEASE_HOME/registry/staging/sha256/<sha>.tar.gz` and indexes it in
-`release_control.registry.artifacts`; `fetch`, `verify` and `extract` read it back.
+`release_control.registry.artifacts`; `fetch`, `verify` and `extract` read it back, and
+`unpacked` extracts it once into the state directory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from dagster_project.core import database, knobs
+from dagster_project.core import control_schema, database, knobs
 from dagster_project.core.settings import release_home, validate_release_key
 from dagster_project.core.spec import ProductSpec
 
@@ -181,31 +182,6 @@ def _checked_sha(sha256: str) -> str:
     return sha256
 
 
-_INDEX_DDL = """
-CREATE SCHEMA IF NOT EXISTS registry;
-CREATE TABLE IF NOT EXISTS registry.artifacts (
-    sha256 TEXT PRIMARY KEY,
-    product TEXT NOT NULL,
-    version TEXT NOT NULL,
-    manifest JSONB NOT NULL,
-    size_bytes BIGINT NOT NULL,
-    pushed_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-"""
-
-
-def ensure_index() -> None:
-    """Create the index table if missing (serialised: concurrent CREATE IF NOT EXISTS races)."""
-    database.ensure_database(database.CONTROL_DB)
-    with (
-        database.connection(database.CONTROL_DB, autocommit=False) as conn,
-        conn,  # one transaction: the lock is held until the DDL commits
-        conn.cursor() as cur,
-    ):
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('registry.artifacts'))")
-        cur.execute(_INDEX_DDL)
-
-
 def push(artifact: Artifact) -> Artifact:
     """Store the artifact content-addressed and index it; pushing the same SHA again is a no-op.
 
@@ -223,7 +199,7 @@ def push(artifact: Artifact) -> Artifact:
         tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
         shutil.copyfile(artifact.path, tmp)
         os.replace(tmp, target)  # atomic: readers never see a half-written artifact
-    ensure_index()
+    control_schema.ensure()  # registry.artifacts: sql/control/0004_registry.sql
     with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO registry.artifacts (sha256, product, version, manifest, size_bytes) "
@@ -248,7 +224,7 @@ def push(artifact: Artifact) -> Artifact:
 def fetch(sha256: str) -> Artifact:
     """The indexed artifact with this SHA-256; ArtifactNotFound naming the SHA otherwise."""
     _checked_sha(sha256)
-    ensure_index()
+    control_schema.ensure()
     with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT product, version, manifest FROM registry.artifacts WHERE sha256 = %s",
@@ -270,7 +246,7 @@ def verify(sha256: str) -> bool:
     Raises ArtifactNotFound if the SHA was never pushed (nothing to verify is not a pass).
     """
     path = stored_path(sha256)
-    ensure_index()
+    control_schema.ensure()
     with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM registry.artifacts WHERE sha256 = %s", (sha256,))
         indexed = cur.fetchone() is not None
@@ -308,3 +284,37 @@ def extract(artifact: Artifact, dest: Path | str) -> Path:
         # The "data" filter re-checks the same rules inside the standard library.
         tar.extractall(dest, members=members, filter="data")
     return dest
+
+
+def unpack_dir() -> Path:
+    return release_home() / "deployments"
+
+
+def unpacked(sha256: str) -> Path:
+    """The pushed artifact's files, extracted once per state directory into
+    `$RELEASE_HOME/deployments/<sha>/` (read-only use: migrations are read from it and the
+    platform runs services in it). The SHA-256 is checked before extracting, into a temporary
+    sibling that is renamed into place, so the directory is complete whenever it exists; a
+    concurrent extraction that loses the rename discards its copy."""
+    target = unpack_dir() / _checked_sha(sha256)
+    if target.is_dir():
+        return target
+    artifact = fetch(sha256)  # only pushed artifacts
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{sha256}.", suffix=".partial", dir=target.parent))
+    try:
+        extract(artifact, partial)
+        if not (partial / MANIFEST_NAME).is_file():
+            raise UnsafeArtifact(
+                f"artifact {artifact.path}: no {MANIFEST_NAME} at the archive root"
+            )
+        partial.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # another process renamed its copy into place first: use that one
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
+    return target

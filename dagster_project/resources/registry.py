@@ -31,10 +31,5 @@ class RegistryResource(dg.ConfigurableResource):
     def unpacked(self, sha256: str) -> Path:
         """The artifact's files, extracted once under the state directory (read-only use)."""
         from dagster_project.core import registry
-        from dagster_project.core.settings import release_home
 
-        dest = release_home() / "unpacked" / sha256
-        if not (dest / ".complete").exists():
-            registry.extract(registry.fetch(sha256), dest)
-            (dest / ".complete").touch()
-        return dest
+        return registry.unpacked(sha256)

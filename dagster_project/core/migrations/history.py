@@ -21,7 +21,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from dagster_project.core import database
+from dagster_project.core import control_schema, database
 
 # `0001_create_orders.sql`: a numeric version, an underscore, a description.
 MIGRATION_NAME_RE = re.compile(r"^(?P<version>\d{4,})_(?P<description>[a-z0-9][a-z0-9_]*)\.sql$")
@@ -34,26 +34,10 @@ NO_TRANSACTION_MARKER = "-- migration: no-transaction"
 HISTORY_SCHEMA = "release_meta"
 HISTORY_TABLE = f"{HISTORY_SCHEMA}.migration_history"
 
-# Any constant works; it only has to be the same for every applier of every environment
-# database (advisory locks are per database, so environments do not block each other).
-_ADVISORY_LOCK_KEY = 0x4D494752  # "MIGR"
-
-_HISTORY_DDL = f"""
-CREATE SCHEMA IF NOT EXISTS {HISTORY_SCHEMA};
-CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (
-    id bigserial PRIMARY KEY,
-    version text NOT NULL,
-    filename text NOT NULL,
-    sha256 text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now(),
-    actor text NOT NULL,
-    outcome text NOT NULL CHECK (outcome IN ('applied', 'failed')),
-    duration_ms integer NOT NULL DEFAULT 0,
-    error text
-);
-CREATE UNIQUE INDEX IF NOT EXISTS migration_history_applied_version
-    ON {HISTORY_TABLE} (version) WHERE outcome = 'applied';
-"""
+# The advisory lock every applier of an environment database takes (`database.advisory_key`;
+# locks are per database, so environments do not block each other). The table itself is
+# created by core/control_schema.py from sql/environment/0001_migration_history.sql.
+_LOCK_NAME = "migrations"
 
 
 class MigrationError(RuntimeError):
@@ -143,29 +127,10 @@ def read_migrations(migrations_dir: Path | str) -> list[MigrationFile]:
     return sorted(files, key=lambda f: int(f.version))
 
 
-def _ensure_env_database(env: str) -> None:
-    """`database.ensure_database`, tolerating the race where two processes create the same
-    database at once (Postgres then reports a unique violation on pg_database, not
-    DuplicateDatabase)."""
-    try:
-        database.ensure_database(env)
-    except psycopg2.errors.UniqueViolation:
-        database.ensure_database(env)  # the other creator won; now it simply exists
-
-
-def ensure_history_table(conn: psycopg2.extensions.connection) -> None:
-    """Create schema, table and index if missing. Concurrent `CREATE ... IF NOT EXISTS` can
-    still collide in the catalog, so the DDL runs under the advisory lock (a multi-statement
-    query is one transaction even in autocommit mode, so the xact lock covers all of it)."""
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK_KEY});" + _HISTORY_DDL)
-
-
 def applied_migrations(env: str) -> list[AppliedMigration]:
     """The applied rows of `env`, oldest version first (creates the table on demand)."""
-    _ensure_env_database(env)
+    control_schema.ensure_environment(env)  # the database and its history table
     with database.connection(env) as conn:
-        ensure_history_table(conn)
         return _applied_rows(conn)
 
 
@@ -181,9 +146,8 @@ def _applied_rows(conn: psycopg2.extensions.connection) -> list[AppliedMigration
 
 def history(env: str) -> list[dict[str, Any]]:
     """Every recorded attempt (applied and failed), oldest first, JSON-able."""
-    _ensure_env_database(env)
+    control_schema.ensure_environment(env)
     with database.connection(env) as conn, conn.cursor() as cur:
-        ensure_history_table(conn)
         cur.execute(
             f"SELECT version, filename, sha256, applied_at, actor, outcome, duration_ms, error "
             f"FROM {HISTORY_TABLE} ORDER BY id"
@@ -243,14 +207,12 @@ def apply_pending(env: str, migrations_dir: Path | str, actor: str) -> list[dict
     if not actor:
         raise MigrationError("apply_pending needs an actor (who applies the migrations)")
     files = read_migrations(migrations_dir)
-    _ensure_env_database(env)
+    control_schema.ensure_environment(env)
     applied_now: list[dict[str, Any]] = []
     with database.connection(env, autocommit=False) as conn:
-        ensure_history_table(conn)
-        conn.commit()
         while True:
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK_KEY,))
+                database.advisory_xact_lock(cur, _LOCK_NAME)
             current = compare(env, files, _applied_rows(conn))
             if current.problems:
                 conn.rollback()
@@ -301,7 +263,7 @@ def _apply_one_without_transaction(
     """Run a no-transaction file statement by statement; other appliers stay queued behind a
     session-level advisory lock (the transaction-level one ends with the first commit)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+        cur.execute("SELECT pg_advisory_lock(%s)", (database.advisory_key(_LOCK_NAME),))
     conn.commit()
     conn.autocommit = True
     started = time.monotonic()
@@ -322,7 +284,7 @@ def _apply_one_without_transaction(
         applied_at = _record(conn, migration, actor, "applied", duration_ms, None)
     finally:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
+            cur.execute("SELECT pg_advisory_unlock(%s)", (database.advisory_key(_LOCK_NAME),))
         conn.autocommit = False
     return _applied_summary(env, migration, actor, applied_at, duration_ms)
 

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,8 +97,7 @@ class LocalPlatform:
         """Stop every process of the product (edges, APIs, workers) through supervisord and
         clear the state; supervisord itself exits once no product has a program left.
         Postgres keeps running."""
-        database.ensure_database(database.CONTROL_DB)
-        self.state.ensure_schema()
+        self.state.ensure_schema()  # creates the control database if missing
         with self.state.lock():
             records = self.state.processes()
             seen = [(p.pid, p.create_time, p.label) for p in records if p.pid]
@@ -646,8 +644,7 @@ class LocalPlatform:
         """Per environment: edge, weights, tracks, supervisord's view of every process
         (state, pid, uptime, restarts), problems; `healthy` only when the edge answers and
         every serving process runs (and every API is ready)."""
-        database.ensure_database(database.CONTROL_DB)
-        self.state.ensure_schema()
+        self.state.ensure_schema()  # creates the control database if missing
         supervisor = {
             "running": self.supervisor.is_running(),
             "pid": self.supervisor.pid(),
@@ -794,20 +791,5 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def materialize(artifact: ArtifactLike) -> Path:
-    """Fetch the artifact from the registry (so only pushed artifacts are deployed) and
-    extract it, verified, into `$RELEASE_HOME/deployments/<sha>/` once."""
-    target = release_home() / "deployments" / artifact.sha256
-    if (target / "manifest.json").is_file():
-        return target
-    stored = registry.fetch(artifact.sha256)
-    partial = target.with_name(f".{artifact.sha256}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    registry.extract(stored, partial)
-    if not (partial / "manifest.json").is_file():
-        shutil.rmtree(partial, ignore_errors=True)
-        raise PlatformError(f"artifact {stored.path}: no manifest.json at the archive root")
-    try:
-        partial.rename(target)
-    except OSError:  # another process extracted it first
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    """The pushed artifact's files (`registry.unpacked`: verified, extracted once, atomically)."""
+    return registry.unpacked(artifact.sha256)

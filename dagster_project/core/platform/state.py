@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-import psycopg2.extensions
 import psycopg2.extras
 
-from dagster_project.core import database
+from dagster_project.core import control_schema, database
 
 if TYPE_CHECKING:
     from dagster_project.core.platform.supervision import ProgramInfo
@@ -37,49 +35,7 @@ PURGE_KEY_HEADER = "X-Purge-Key"
 
 DEFAULT_WEIGHTS: dict[str, int] = {"stable": 100, "canary": 0}
 
-_DDL = """
-CREATE SCHEMA IF NOT EXISTS platform;
-CREATE TABLE IF NOT EXISTS platform.environments (
-    product           text        NOT NULL,
-    env               text        NOT NULL,
-    edge_port         integer,
-    purge_key         text        NOT NULL,
-    weights           jsonb       NOT NULL,
-    routes_generation bigint      NOT NULL DEFAULT 1,
-    updated_at        timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (product, env)
-);
-CREATE TABLE IF NOT EXISTS platform.processes (
-    id               bigserial   PRIMARY KEY,
-    product          text        NOT NULL,
-    env              text        NOT NULL,
-    track            text        CHECK (track IN ('stable', 'canary')),
-    role             text        NOT NULL CHECK (role IN ('api', 'worker', 'edge')),
-    status           text        NOT NULL CHECK (status IN ('starting', 'serving', 'retiring')),
-    program          text,
-    -- start time of the process seen ready; a later start is a restart by supervisord
-    ready_start      double precision,
-    port             integer,
-    version          text,
-    artifact_sha     text,
-    deploy_dir       text,
-    log_path         text        NOT NULL,
-    command          text        NOT NULL,
-    started_at       timestamptz NOT NULL DEFAULT now()
-);
--- Tables from before supervision recorded pids; those rows keep no program (status reports
--- them, `down` forgets them).
-DO $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'platform'
-               AND table_name = 'processes' AND column_name = 'pid') THEN
-        ALTER TABLE platform.processes DROP COLUMN pid, DROP COLUMN create_time,
-            ADD COLUMN IF NOT EXISTS program text,
-            ADD COLUMN IF NOT EXISTS ready_start double precision;
-        ALTER TABLE platform.environments DROP COLUMN IF EXISTS edge_pid;
-    END IF;
-END $$;
-"""
+# The tables: sql/control/0001_platform.sql (core/control_schema.py creates them).
 
 
 class UnknownEnvironment(ValueError):
@@ -158,41 +114,24 @@ class PlatformState:
     ) -> None:
         self.product = product
         self._live = live
-        self._schema_ready = False
 
     @contextlib.contextmanager
     def _cursor(self) -> Iterator[psycopg2.extras.RealDictCursor]:
-        with database.connection(database.CONTROL_DB) as conn:
-            if not self._schema_ready:
-                self._ensure_schema(conn)
-            with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-                yield cur
-
-    def _ensure_schema(self, conn: psycopg2.extensions.connection) -> None:
-        with conn.cursor() as cur:
-            # Serialise concurrent first use: CREATE ... IF NOT EXISTS races on the catalog.
-            cur.execute("SELECT pg_advisory_lock(%s)", (_lock_id("platform-ddl"),))
-            try:
-                cur.execute(_DDL)
-            finally:
-                cur.execute("SELECT pg_advisory_unlock(%s)", (_lock_id("platform-ddl"),))
-        self._schema_ready = True
+        control_schema.ensure()  # once per process
+        with (
+            database.connection(database.CONTROL_DB) as conn,
+            conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
+        ):
+            yield cur
 
     def ensure_schema(self) -> None:
-        database.ensure_database(database.CONTROL_DB)
-        with self._cursor():
-            pass
+        control_schema.ensure()
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Serialise platform operations on this product across processes (session lock)."""
-        with database.connection(database.CONTROL_DB) as conn, conn.cursor() as cur:
-            key = _lock_id(f"platform:{self.product}")
-            cur.execute("SELECT pg_advisory_lock(%s)", (key,))
-            try:
-                yield
-            finally:
-                cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        with database.advisory_lock(f"platform:{self.product}"):
+            yield
 
     # -- environments --------------------------------------------------------------------
 
@@ -399,11 +338,6 @@ class PlatformState:
             "weights": record.weights if record else dict(DEFAULT_WEIGHTS),
             "upstreams": upstreams,
         }
-
-
-def _lock_id(name: str) -> int:
-    # pg advisory locks take a bigint; a stable hash of the name keeps processes in agreement.
-    return zlib.crc32(name.encode())
 
 
 def _environment(row: dict[str, Any]) -> EnvironmentRecord:
