@@ -7,12 +7,11 @@ recorded), plus run id, verdicts and monitoring snapshots. Idempotent: re-runnin
 a release, or a backfill of audits, returns the existing entries. Gate: `compliance`.
 """
 
-from typing import Any
-
 import dagster as dg
 
 from assets.common import group_name, stage_key, table
 from dagster_project.core import changes
+from dagster_project.core.contracts import AuditEntryRef, AuditReport
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import ApprovalResource, AuditResource
 
@@ -27,7 +26,7 @@ def audit_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
     )
     def audit(
         context: dg.AssetExecutionContext, approval: ApprovalResource, audit_trail: AuditResource
-    ) -> dg.Output[dict[str, Any]]:
+    ) -> dg.Output[AuditReport]:
         release = context.partition_key
         found = changes.for_release(spec.product, release)
         if not found:
@@ -43,17 +42,17 @@ def audit_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
                 changes.audit_payload(change, audited_by=approved.approver, token=approved.token),
             )
             entries.append(
-                {
-                    "seq": entry.seq,
-                    "change_id": change.change_id,
-                    "outcome": change.outcome,
-                    "entry_hash": entry.entry_hash,
-                    "created": entry.created,
-                }
+                AuditEntryRef(
+                    seq=entry.seq,
+                    change_id=change.change_id,
+                    outcome=change.outcome,  # type: ignore[arg-type]
+                    entry_hash=entry.entry_hash,
+                    created=entry.created,
+                )
             )
         context.log.info(f"audit trail: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
         return dg.Output(
-            {"release": release, "entries": entries},
+            AuditReport(release=release, entries=entries),
             metadata={"entries": table(entries), "count": len(entries)},
         )
 

@@ -2,12 +2,12 @@
 SHA-256 and push it to the staging registry (content-addressed)."""
 
 import time
-from typing import Any
 
 import dagster as dg
 
 from assets.common import group_name, stage_key
 from dagster_project.core import knobs
+from dagster_project.core.contracts import ArtifactRecord
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import RegistryResource
 
@@ -33,7 +33,7 @@ def build_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
     )
     def build(
         context: dg.AssetExecutionContext, config: BuildConfig, registry: RegistryResource
-    ) -> dg.Output[dict[str, Any]]:
+    ) -> dg.Output[ArtifactRecord]:
         started = time.monotonic()
         try:
             settings = parse_settings(config.settings)
@@ -41,13 +41,15 @@ def build_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
             # The message names the key and what is expected; no traceback of this asset.
             raise dg.Failure(description=str(exc)) from None
         artifact = registry.build_and_push(spec, context.partition_key, settings)
-        value = {
-            "product": artifact.product,
-            "version": artifact.version,
-            "sha256": artifact.sha256,
-            "path": str(artifact.path),
-            "settings": settings,
-        }
+        value = ArtifactRecord(
+            product=artifact.product,
+            version=artifact.version,
+            sha256=artifact.sha256,
+            path=str(artifact.path),
+            size_bytes=artifact.path.stat().st_size,
+            settings=settings,
+            seconds=round(time.monotonic() - started, 3),
+        )
         context.log.info(f"built {spec.product} {artifact.version}: sha256 {artifact.sha256}")
         return dg.Output(
             value,
@@ -55,9 +57,9 @@ def build_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
                 "version": artifact.version,
                 "sha256": artifact.sha256,
                 "artifact": dg.MetadataValue.path(str(artifact.path)),
-                "size_bytes": artifact.path.stat().st_size,
+                "size_bytes": value.size_bytes,
                 "settings": dg.MetadataValue.json(settings),
-                "seconds": round(time.monotonic() - started, 3),
+                "seconds": value.seconds,
             },
         )
 

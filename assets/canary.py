@@ -18,26 +18,39 @@ records the abort. Gates: `slo_regression`, `schema_drift`.
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from assets.common import (
     GATE_COLUMNS,
-    behind_production,
+    approve,
+    gate_results,
     group_name,
+    live_track,
     own_production,
+    refuse,
     release_environment,
+    release_facts,
     release_pool,
-    require_checks_passed,
     run_actor,
     run_in_progress,
     stage_input,
     stage_key,
     table,
 )
-from assets.schema_migration import drift_as_dict, migration_gate_report
 from dagster_project.core import changes, ownership
+from dagster_project.core.contracts import (
+    ArtifactRecord,
+    CanaryStageReport,
+    ChangeEvidence,
+    MetricRow,
+    Snapshot,
+    TrackRef,
+)
+from dagster_project.core.decisions import Decision, ReleaseFacts, decide_canary
 from dagster_project.core.settings import release_home
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import (
@@ -70,17 +83,26 @@ def canary_asset(
     )
     def canary(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
+        artifact: ArtifactRecord,
         platform: PlatformResource,
         registry: RegistryResource,
         metrics: MetricsResource,
         approval: ApprovalResource,
-    ) -> dg.Output[dict[str, Any]]:
+    ) -> dg.Output[CanaryStageReport]:
         from dagster_project.core.reconcile import reconcile
 
         started = time.monotonic()
-        approver = approval.approve(spec).approver  # refuses before production is touched
-        gate = require_checks_passed(context, staging_gates, artifact["sha256"])
+        approver, refused = approve(approval, spec)
+        facts = release_facts(
+            context,
+            artifact_sha256=artifact.sha256,
+            live=None,
+            gates=gate_results(context, staging_gates, artifact.sha256),
+            approval_refused=refused,
+        )
+        decision = decide_canary(facts)  # token and gates: before production is looked at
+        if decision.refused:
+            refuse(decision)
         release_environment(context, spec, "staging")  # this run's staging phase is over
         local = platform.for_product(spec.product)
         local.up()
@@ -88,113 +110,83 @@ def canary_asset(
             spec.product, run_in_progress=run_in_progress(context.instance)
         ).lines():
             context.log.warning(f"reconciled before the canary: {line}")
-        stable = local.current(ENV).get("stable")
-        report = _quick_outcome(context, artifact, stable)
-        if report is None:
+        facts = replace(facts, live=live_track(local.current(ENV)))
+        decision = decide_canary(facts)
+        if decision.proceed:
             # Phase `preparing`: traffic has not moved, so a death here records no change.
-            own_production(context, spec, artifact["sha256"], stable, "preparing")
-            report = _owned_canary(context, artifact, local, registry, metrics)
-        report["approver"] = approver
-        report["gate"] = gate
-        report["seconds"] = round(time.monotonic() - started, 3)
+            own_production(context, spec, artifact.sha256, facts.live, "preparing")
+            report = _owned_canary(context, artifact, facts, local, registry, metrics, approver)
+        else:
+            report = _ended(artifact, facts, decision, approver)
+        report = report.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
         return dg.Output(report, metadata=_metadata(report))
-
-    def _quick_outcome(
-        context: dg.AssetExecutionContext, artifact: dict[str, Any], stable: Any
-    ) -> dict[str, Any] | None:
-        """Already live or superseded: decided without owning production (None: go on)."""
-        report = _new_report(artifact, stable)
-        if stable and stable.get("artifact_sha") == artifact["sha256"]:
-            report.update(outcome="already_live", passed=True, reason="already serving 100%")
-            return report
-        if behind_production(context, (stable or {}).get("version")):
-            report.update(
-                outcome="superseded",
-                passed=False,
-                reason=f"release {artifact['version']} is older than {stable['version']}, "
-                "live in production: production is never moved backwards (not touched)",
-            )
-            context.log.warning(report["reason"])
-            return report
-        return None
 
     def _owned_canary(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
+        artifact: ArtifactRecord,
+        facts: ReleaseFacts,
         local: Any,
         registry: RegistryResource,
         metrics: MetricsResource,
-    ) -> dict[str, Any]:
+        approver: str,
+    ) -> CanaryStageReport:
         """The canary while this run owns production. Ownership is kept only by a parked,
         passed canary (for promotion); every other end releases it."""
-        stable = local.current(ENV).get("stable")  # re-read: it may have moved while we waited
-        report = _quick_outcome(context, artifact, stable)
-        if report is not None:
+        facts = replace(facts, live=live_track(local.current(ENV)))  # it may have moved
+        decision = decide_canary(facts)
+        if not decision.proceed:
             release_environment(context, spec, ENV)
-            return report
-        report = _new_report(artifact, stable)
+            return _ended(artifact, facts, decision, approver)
+        progress = {"deployed": False}
         try:
-            _run_canary(context, artifact, local, registry, metrics, report)
+            report = _run_canary(
+                context, artifact, facts, local, registry, metrics, approver, progress
+            )
         except BaseException as exc:
-            # The step loop already rolled back whatever it started; an error outside it (a
-            # deploy that failed half-way, snapshots) still must not leave a canary running.
-            # If that fails too (Postgres gone), the ownership stays for the reconciler and the
-            # original error is the one reported.
-            try:
-                if "canary" in local.current(ENV):
-                    local.rollback(ENV)
-                if report.get("deployed"):
-                    _record_abort(context, artifact, stable, report, f"{type(exc).__name__}: {exc}")
-                release_environment(context, spec, ENV)
-            except Exception as cleanup:
-                context.log.error(
-                    f"cleanup after the canary's error failed ({type(cleanup).__name__}: "
-                    f"{cleanup}); the reconciler will return production to stable"
-                )
+            _settle_after_error(context, artifact, facts, local, progress, exc)
             raise
-        if report["outcome"] == "passed":
+        if report.passed:
             ownership.set_phase(spec.product, ENV, context.run.run_id, "parked")
-        else:
-            if report.get("deployed"):
-                _record_abort(context, artifact, stable, report, report.get("reason", ""))
-            release_environment(context, spec, ENV)
+            return report
+        if report.deployed:
+            report = report.model_copy(
+                update={"change_id": _record_abort(context, artifact, facts, report, report.reason)}
+            )
+        release_environment(context, spec, ENV)
         return report
 
     def _run_canary(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
+        artifact: ArtifactRecord,
+        facts: ReleaseFacts,
         local: Any,
         registry: RegistryResource,
         metrics: MetricsResource,
-        report: dict[str, Any],
-    ) -> None:
-        """Fills `report`; `deployed` is set once the canary track runs (production touched)."""
+        approver: str,
+        progress: dict[str, bool],
+    ) -> CanaryStageReport:
+        """Gather the facts one by one, deciding after each; `progress` says how far it got
+        (`deployed`: the canary track runs, production may carry its traffic)."""
         from dagster_project.core.canary.analysis import run_canary
         from dagster_project.core.migrations.drift import check_drift
+        from dagster_project.core.migrations.gate import migration_gate_report, schema_drift
 
-        stable = report["previous"]
-        migrations_dir = registry.unpacked(artifact["sha256"]) / spec.migrations_dir
-        drift = check_drift(ENV, migrations_dir)
-        report["drift"] = drift_as_dict(drift)
-        if drift.items:
-            report.update(outcome="blocked", passed=False, reason="production schema drift")
-            context.log.error(f"production schema drift: {len(drift.items)} difference(s)")
-            return
+        migrations_dir = registry.unpacked(artifact.sha256) / spec.migrations_dir
+        drift = schema_drift(check_drift(ENV, migrations_dir))
+        decision = decide_canary(facts, drift_differences=len(drift.differences))
+        if not decision.proceed:
+            context.log.error(decision.reason)
+            return _ended(artifact, facts, decision, approver, drift=drift)
         gate = migration_gate_report(ENV, migrations_dir, run_actor(context), apply=True)
-        report["migrations"] = gate
-        if gate["blocked_by"]:
-            report.update(
-                outcome="blocked",
-                passed=False,
-                reason=f"production migrations blocked by {', '.join(gate['blocked_by'])}",
-            )
-            return
+        decision = decide_canary(facts, drift_differences=0, migrations_blocked_by=gate.blocked_by)
+        if not decision.proceed:
+            return _ended(artifact, facts, decision, approver, drift=drift, migrations=gate)
 
-        fetched = registry.fetch(artifact["sha256"])
-        report["deployed"] = True  # from here on production may carry the canary's traffic
+        fetched = registry.fetch(artifact.sha256)
         ownership.set_phase(spec.product, ENV, context.run.run_id, "canary")
+        progress["deployed"] = True  # from here on production may carry the canary's traffic
         local.deploy(ENV, "canary", fetched)
-        context.log.info(f"canary {artifact['version']} started beside stable {_v(stable)}")
+        context.log.info(f"canary {artifact.version} started beside stable {_v(facts.live)}")
         result = run_canary(
             local,
             spec,
@@ -202,49 +194,113 @@ def canary_asset(
             artifact=fetched,
             metrics=metrics.source(local.api_urls(ENV)),
             bake_scale=bake_scale(),
-            baseline=stable is not None,
+            baseline=facts.live is not None,
             on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
             step_guard=lambda since: step_problems(spec, local, since),
         )
-        result_dict = result.to_dict()
-        result_dict["steps"] = result_dict.pop("rows", [])
-        report.update(result_dict)
-        report["snapshots"] = render_snapshots(result, _snapshot_dir(artifact, context))
-        report["passed"] = bool(result.passed)
-        if result.passed:
+        snapshots = render_snapshots(result, _snapshot_dir(artifact, context))
+        decision = decide_canary(
+            facts,
+            drift_differences=0,
+            migrations_blocked_by=(),
+            canary_verdict=result.verdict.value,
+            canary_reason=result.reason,
+        )
+        if decision.outcome == "passed" and facts.live is not None:
             # Parked at 0%: promotion moves traffic only once the gates are confirmed. A first
             # release has nothing to park behind: it keeps the traffic it was judged on.
-            if stable is not None:
-                local.set_weights(ENV, {"stable": 100, "canary": 0})
-            report["outcome"] = "passed"
-        else:
-            report["outcome"] = "aborted"
-            context.log.error(f"canary aborted, all traffic back to stable: {report.get('reason')}")
+            local.set_weights(ENV, {"stable": 100, "canary": 0})
+        elif decision.outcome == "aborted":
+            context.log.error(f"canary aborted, all traffic back to stable: {result.reason}")
+        return _ended(
+            artifact,
+            facts,
+            decision,
+            approver,
+            drift=drift,
+            migrations=gate,
+            deployed=True,
+            verdict=result.verdict.value,
+            steps=metric_rows(result),
+            snapshots=snapshots,
+            rollback_seconds=result.rollback_seconds,
+        )
+
+    def _settle_after_error(
+        context: dg.AssetExecutionContext,
+        artifact: ArtifactRecord,
+        facts: ReleaseFacts,
+        local: Any,
+        progress: dict[str, bool],
+        exc: BaseException,
+    ) -> None:
+        """An error inside the canary: production back to stable and the abort recorded if
+        traffic may have moved. If this
+        fails too (Postgres gone), the ownership stays for the reconciler and the original
+        error is the one reported."""
+        from dagster_project.core.reconcile import return_to_stable
+
+        try:
+            # A no-op when the step loop already rolled back; else a deploy that failed
+            # half-way, or an error after the loop (snapshots, parking).
+            return_to_stable(local, ENV)
+            if progress["deployed"]:
+                _record_abort(context, artifact, facts, None, f"{type(exc).__name__}: {exc}")
+            release_environment(context, spec, ENV)
+        except Exception as cleanup:
+            context.log.error(
+                f"cleanup after the canary's error failed ({type(cleanup).__name__}: "
+                f"{cleanup}); the reconciler will return production to stable"
+            )
 
     def _record_abort(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
-        stable: Any,
-        report: dict[str, Any],
+        artifact: ArtifactRecord,
+        facts: ReleaseFacts,
+        report: CanaryStageReport | None,
         reason: str,
-    ) -> None:
-        change = changes.record(
+    ) -> str:
+        return changes.record(
             product=spec.product,
-            release=artifact["version"],
+            release=artifact.version,
             outcome="aborted",
-            artifact_sha256=artifact["sha256"],
-            previous_artifact_sha256=(stable or {}).get("artifact_sha"),
+            artifact_sha256=artifact.sha256,
+            previous_artifact_sha256=facts.live.artifact_sha256 if facts.live else None,
             run_id=context.run.run_id,
-            details={
-                "slo_verdict": report.get("verdict", "fail"),
-                "reason": reason,
-                "steps": report.get("steps"),
-                "snapshots": report.get("snapshots"),
-            },
-        )
-        report["change_id"] = change.change_id
+            details=ChangeEvidence(
+                reason=reason,
+                slo_verdict=report.verdict if report else "fail",
+                slo_steps=report.steps if report else [],
+                snapshots=report.snapshots if report else [],
+            ),
+        ).change_id
 
     return canary
+
+
+def _ended(
+    artifact: ArtifactRecord,
+    facts: ReleaseFacts,
+    decision: Decision,
+    approver: str,
+    **evidence: Any,
+) -> CanaryStageReport:
+    """The stage's report for a decision that ends it."""
+    return CanaryStageReport(
+        version=artifact.version,
+        artifact_sha256=artifact.sha256,
+        previous=facts.live,
+        outcome=decision.outcome,  # type: ignore[arg-type]
+        reason=decision.reason,
+        approver=approver,
+        gate=list(facts.gates),
+        **evidence,
+    )
+
+
+def metric_rows(result: Any) -> list[MetricRow]:
+    """The canary analysis' per-step, per-metric rows as contracts."""
+    return [MetricRow.model_validate(row) for row in result.rows()]
 
 
 def step_problems(spec: ProductSpec, local: Any, since_epoch: float) -> list[str]:
@@ -258,24 +314,10 @@ def step_problems(spec: ProductSpec, local: Any, since_epoch: float) -> list[str
     return problems
 
 
-def _new_report(artifact: dict[str, Any], stable: Any) -> dict[str, Any]:
-    return {
-        "version": artifact["version"],
-        "artifact_sha256": artifact["sha256"],
-        "previous": stable,
-        "steps": [],
-        "snapshots": [],
-    }
-
-
-def _snapshot_dir(artifact: dict[str, Any], context: dg.AssetExecutionContext) -> Any:
+def _snapshot_dir(artifact: ArtifactRecord, context: dg.AssetExecutionContext) -> Path:
     # Per run: a second canary of the same version never overwrites the first one's evidence.
     return (
-        release_home()
-        / "snapshots"
-        / artifact["product"]
-        / artifact["version"]
-        / context.run.run_id[:8]
+        release_home() / "snapshots" / artifact.product / artifact.version / context.run.run_id[:8]
     )
 
 
@@ -297,24 +339,24 @@ def describe_event(event: dict[str, Any]) -> str:
     return f"{kind}: {event.get('reason', '')}".strip()
 
 
-def render_snapshots(result: Any, directory: Any) -> list[dict[str, str]]:
+def render_snapshots(result: Any, directory: Path) -> list[Snapshot]:
     from dagster_project.core.canary.snapshots import render_snapshots as render
 
-    return render(result, directory)
+    return [Snapshot.model_validate(s) for s in render(result, directory)]
 
 
-def _v(track: dict[str, Any] | None) -> str:
-    return track["version"] if track else "(none: first release)"
+def _v(track: TrackRef | None) -> str:
+    return track.version if track else "(none: first release)"
 
 
-def _metadata(report: dict[str, Any]) -> dict[str, Any]:
+def _metadata(report: CanaryStageReport) -> dict[str, Any]:
     return {
-        "outcome": report["outcome"],
-        "version": report["version"],
-        "artifact_sha256": report["artifact_sha256"],
-        "previous_version": _v(report.get("previous")),
-        "gate": table(report.get("gate", []), GATE_COLUMNS),
-        "steps": table(report.get("steps", [])),
-        "snapshots": table(report.get("snapshots", [])),
-        "seconds": report.get("seconds", 0.0),
+        "outcome": report.outcome,
+        "version": report.version,
+        "artifact_sha256": report.artifact_sha256,
+        "previous_version": _v(report.previous),
+        "gate": table(report.gate, GATE_COLUMNS),
+        "steps": table(report.steps),
+        "snapshots": table(report.snapshots),
+        "seconds": report.seconds,
     }

@@ -2,10 +2,14 @@
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import dagster as dg
+from pydantic import BaseModel
 
+from dagster_project.core.contracts import GateResult, TrackRef
+from dagster_project.core.decisions import Decision, ReleaseFacts
+from dagster_project.core.guardrail import ApprovalRefused
 from dagster_project.core.spec import ProductSpec
 
 STAGES = (
@@ -38,11 +42,12 @@ def stage_input(spec: ProductSpec, stage: str) -> dg.AssetIn:
 
 
 def table(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+    rows: Sequence[Mapping[str, Any] | BaseModel], columns: Sequence[str] | None = None
 ) -> dg.MetadataValue:
-    """A sortable table for the UI. Columns are `columns`, else every key in order of first
-    appearance; an empty table keeps its columns. Values other than str/int/float/bool/None
-    are stringified (a TableRecord holds nothing else)."""
+    """A sortable table for the UI, from contracts or mappings. Columns are `columns`, else
+    every field in order of first appearance; an empty table keeps its columns. Values other
+    than str/int/float/bool/None are stringified (a TableRecord holds nothing else)."""
+    rows = [r.model_dump(mode="json") if isinstance(r, BaseModel) else r for r in rows]
     cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
     types = {c: _column_type([row.get(c) for row in rows]) for c in cols}
     records = [dg.TableRecord({c: _cell(row.get(c), types[c]) for c in cols}) for row in rows]
@@ -78,56 +83,85 @@ def run_actor(context: dg.AssetExecutionContext) -> str:
     return f"dagster-run:{context.run.run_id}"
 
 
-def behind_production(context: dg.AssetExecutionContext, live_version: str | None) -> bool:
-    """True when this release was registered before the one live in production.
-
-    Backfills re-run old partitions; production must never move backwards through them. A
-    release registered later (even with a lower version number) is a deliberate new intent.
-    """
-    partitions_def = context.assets_def.partitions_def
-    if not live_version or live_version == context.partition_key:
-        return False
-    assert isinstance(partitions_def, dg.DynamicPartitionsDefinition)
-    keys = context.instance.get_dynamic_partitions(partitions_def.name)
-    if live_version not in keys or context.partition_key not in keys:
-        return False
-    return keys.index(context.partition_key) < keys.index(live_version)
-
-
 class GateNotPassed(dg.Failure):
     """A stage refuses to act because a blocking check upstream did not pass for its partition
     and artifact."""
 
 
-GATE_COLUMNS = ("check", "status")  # the rows of gate_rows
+class StageRefused(dg.Failure):
+    """A release rule stops the stage before it changes production; production is unchanged."""
 
 
-def require_checks_passed(
+GATE_COLUMNS = ("check", "status")
+
+
+def gate_results(
     context: dg.AssetExecutionContext,
     check_keys: Iterable[dg.AssetCheckKey],
     artifact_sha256: str,
-) -> list[dict[str, str]]:
-    """Refuse unless every given check's latest evaluation for this partition passed, on a
-    materialization of the same artifact.
+) -> list[GateResult]:
+    """The latest evaluation of each given blocking check for this partition, PASSED only when
+    it passed on a materialization of this very artifact.
 
     Blocking checks stop downstream steps only inside the same run; a UI launch of one asset,
     a backfill or a re-execution would walk past an earlier failure, so every stage that
-    touches production enforces the gate itself. No evaluation at all (never ran, only
-    planned) is not a pass, and neither is a pass on another build of the release: the
-    evaluated materialization must carry this artifact's SHA-256.
+    touches production reads them itself (and `core/decisions.py` refuses on anything but
+    PASSED). No evaluation at all (never ran, only planned) is not a pass, and neither is a pass
+    on another build of the release: the evaluated materialization must carry this artifact's
+    SHA-256.
     """
-    rows = gate_rows(context.instance, list(check_keys), context.partition_key, artifact_sha256)
-    not_passed = [f"{r['check']} ({r['status']})" for r in rows if r["status"] != "PASSED"]
-    if not_passed:
+    return gate_rows(context.instance, list(check_keys), context.partition_key, artifact_sha256)
+
+
+def release_facts(
+    context: dg.AssetExecutionContext,
+    *,
+    artifact_sha256: str,
+    live: TrackRef | None,
+    gates: Sequence[GateResult],
+    approval_refused: str | None,
+) -> ReleaseFacts:
+    """The facts `core/decisions.py` decides on, as this run sees them."""
+    partitions_def = context.assets_def.partitions_def
+    assert isinstance(partitions_def, dg.DynamicPartitionsDefinition)
+    return ReleaseFacts(
+        release=context.partition_key,
+        artifact_sha256=artifact_sha256,
+        live=live,
+        registered=tuple(context.instance.get_dynamic_partitions(partitions_def.name)),
+        gates=tuple(gates),
+        approval_refused=approval_refused,
+    )
+
+
+def refuse(decision: Decision) -> NoReturn:
+    """Apply a refusal: raise what the CLI maps to its exit code (approval 4, the rest 3)."""
+    if decision.rule == "approval":
+        raise ApprovalRefused(decision.reason)
+    if decision.rule == "gates":
         raise GateNotPassed(
-            description=(
-                f"refusing to act for release {context.partition_key} (artifact "
-                f"{artifact_sha256[:12]}): blocking checks upstream did not pass: "
-                f"{', '.join(not_passed)}; production is unchanged"
-            ),
-            metadata={"gate": table(rows, GATE_COLUMNS)},
+            description=decision.reason,
+            metadata={"gate": table(list(decision.not_passed), GATE_COLUMNS)},
         )
-    return rows
+    raise StageRefused(description=decision.reason)
+
+
+def approve(approval: Any, spec: ProductSpec) -> tuple[str, str | None]:
+    """(approver, None), or ("", why the token was refused): a fact for the decision."""
+    try:
+        return approval.approve(spec).approver, None
+    except ApprovalRefused as exc:
+        return "", str(exc)
+
+
+def live_track(
+    current: Mapping[str, Mapping[str, str | None]], track: str = "stable"
+) -> TrackRef | None:
+    """A track of `LocalPlatform.current(env)` as a contract (None when nothing serves on it)."""
+    found = current.get(track)
+    if not found or not found.get("version") or not found.get("artifact_sha"):
+        return None
+    return TrackRef(version=str(found["version"]), artifact_sha256=str(found["artifact_sha"]))
 
 
 def gate_rows(
@@ -135,8 +169,8 @@ def gate_rows(
     keys: Sequence[dg.AssetCheckKey],
     partition: str,
     artifact_sha256: str,
-) -> list[dict[str, str]]:
-    """One row per check: PASSED, or why not (the one place a private Dagster API is read)."""
+) -> list[GateResult]:
+    """One result per check: PASSED, or why not (the one place a private Dagster API is read)."""
     # The layer contract's one allowed private import (tests/test_layers.py pins it).
     from dagster._core.event_api import PartitionKeyFilter  # noqa: TID251
     from dagster._core.storage.asset_check_execution_record import (  # noqa: TID251
@@ -160,7 +194,7 @@ def gate_rows(
                 if evaluated == artifact_sha256
                 else f"PASSED_ON_OTHER_ARTIFACT {str(evaluated)[:12]}"
             )
-        rows.append({"check": key.to_user_string(), "status": status})
+        rows.append(GateResult(check=key.to_user_string(), status=status))
     return rows
 
 
@@ -256,7 +290,7 @@ def own_production(
     context: dg.AssetExecutionContext,
     spec: ProductSpec,
     artifact_sha256: str,
-    stable: Mapping[str, Any] | None,
+    stable: TrackRef | None,
     phase: str,
 ) -> None:
     """Production belongs to one release at a time; `stable` is what serves before it acts."""
@@ -265,7 +299,7 @@ def own_production(
         spec,
         "production",
         artifact_sha256=artifact_sha256,
-        previous_artifact_sha256=(stable or {}).get("artifact_sha"),
+        previous_artifact_sha256=stable.artifact_sha256 if stable else None,
         phase=phase,
     )
 

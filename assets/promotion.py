@@ -13,32 +13,42 @@ Gate: `post_deploy_smoke` (judged by the audit's compliance sign-off).
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import dagster as dg
 
-from assets.canary import bake_scale, describe_event, step_problems
+from assets.canary import bake_scale, describe_event, metric_rows, step_problems
 from assets.common import (
     GATE_COLUMNS,
-    behind_production,
+    StageRefused,
+    approve,
+    gate_results,
     group_name,
+    live_track,
     own_production,
+    refuse,
     release_environment,
+    release_facts,
     release_pool,
-    require_checks_passed,
     stage_input,
     stage_key,
     table,
 )
-from dagster_project.core import changes
+from dagster_project.core import changes, decisions
+from dagster_project.core.contracts import (
+    ArtifactRecord,
+    CanaryStageReport,
+    ChangeEvidence,
+    PromotionReport,
+    PurgedEndpoint,
+    WatchReport,
+)
+from dagster_project.core.decisions import ReleaseFacts, decide_promotion
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import ApprovalResource, MetricsResource, PlatformResource
 
 ENV = "production"
-
-
-class PromotionRefused(dg.Failure):
-    """Promotion cannot proceed; production is unchanged."""
 
 
 def promotion_asset(
@@ -56,29 +66,33 @@ def promotion_asset(
     )
     def promotion(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
-        canary: dict[str, Any],
+        artifact: ArtifactRecord,
+        canary: CanaryStageReport,
         platform: PlatformResource,
         approval: ApprovalResource,
         metrics: MetricsResource,
-    ) -> dg.Output[dict[str, Any]]:
+    ) -> dg.Output[PromotionReport]:
         started = time.monotonic()
-        gate_rows = require_checks_passed(context, upstream_blocking_checks, artifact["sha256"])
-        approver = approval.approve(spec).approver
+        approver, refused = approve(approval, spec)
         local = platform.for_product(spec.product)
-        stable = local.current(ENV).get("stable")
+        facts = release_facts(
+            context,
+            artifact_sha256=artifact.sha256,
+            live=live_track(local.current(ENV)),
+            gates=gate_results(context, upstream_blocking_checks, artifact.sha256),
+            approval_refused=refused,
+        )
+        entry = decide_promotion(facts)  # gates and token before anything
+        if entry.refused and entry.rule in ("gates", "approval"):
+            refuse(entry)
         # Re-entrant for the run whose canary is parked; any other release waits or is refused.
-        own_production(context, spec, artifact["sha256"], stable, "promoting")
+        own_production(context, spec, artifact.sha256, facts.live, "promoting")
         progress = {"watched": False}  # set once traffic moved to the new version
         try:
-            report = _promote(
-                context, artifact, canary, local, metrics, approver, gate_rows, progress
-            )
+            report = _promote(context, artifact, canary, facts, local, metrics, approver, progress)
         except BaseException as exc:
             try:
-                _settle_after_error(
-                    context, artifact, canary, local, stable, approver, exc, progress["watched"]
-                )
+                _settle_after_error(context, artifact, canary, facts, local, exc, progress)
                 release_environment(context, spec, ENV)
             except Exception as cleanup:  # Postgres gone: the ownership stays for the reconciler
                 context.log.error(
@@ -87,131 +101,146 @@ def promotion_asset(
                 )
             raise
         release_environment(context, spec, ENV)
-        report["seconds"] = round(time.monotonic() - started, 3)
-        context.log.info(f"{spec.product} {artifact['version']}: {report['outcome']}")
+        report = report.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+        context.log.info(f"{spec.product} {artifact.version}: {report.outcome}")
+        smoke_rows = report.post_deploy_smoke.rows if report.post_deploy_smoke else []
         return dg.Output(
             report,
             metadata={
-                "outcome": report["outcome"],
-                "version": artifact["version"],
-                "artifact_sha256": artifact["sha256"],
+                "outcome": report.outcome,
+                "version": artifact.version,
+                "artifact_sha256": artifact.sha256,
                 "approver": approver,
-                "previous_version": (report["previous"] or {}).get("version", "(none)"),
-                "gate": table(gate_rows, GATE_COLUMNS),
-                "purged": table(report["purged"]),
-                "post_deploy_smoke": table(report["post_deploy_smoke"].get("rows", [])),
+                "previous_version": report.previous.version if report.previous else "(none)",
+                "gate": table(report.gate, GATE_COLUMNS),
+                "purged": table(report.purged, ["path", "surrogate_keys"]),
+                "post_deploy_smoke": table(smoke_rows, ["section", "name", "passed", "detail"]),
                 "edge_url": dg.MetadataValue.url(local.edge_url(ENV)),
-                "seconds": report["seconds"],
+                "seconds": report.seconds,
             },
         )
 
     def _promote(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
-        canary: dict[str, Any],
+        artifact: ArtifactRecord,
+        canary: CanaryStageReport,
+        facts: ReleaseFacts,
         local: Any,
         metrics: MetricsResource,
         approver: str,
-        gate_rows: list[dict[str, str]],
         progress: dict[str, bool],
-    ) -> dict[str, Any]:
+    ) -> PromotionReport:
         from dagster_project.core import ownership
         from dagster_project.core.contract import changed_surrogate_keys
         from dagster_project.core.smoke import post_deploy_smoke
 
         current = local.current(ENV)  # re-read now that this run owns production
-        stable, waiting = current.get("stable"), current.get("canary")
-        report: dict[str, Any] = {
-            "version": artifact["version"],
-            "artifact_sha256": artifact["sha256"],
-            "approver": approver,
-            "gate": gate_rows,
-            "previous": stable,
-            "purged": [],
-        }
-        changed: list[dict[str, Any]] = []
-        if stable and stable.get("artifact_sha") == artifact["sha256"]:
-            report["outcome"] = "already_live"
-        elif behind_production(context, stable["version"] if stable else None):
-            raise PromotionRefused(
-                description=(
-                    f"refusing to promote {artifact['version']}: {stable['version']} is "
-                    "newer and live; production is never moved backwards (unchanged)"
-                )
+        facts = replace(facts, live=live_track(current))
+        waiting = live_track(current, "canary")
+        canary_artifact = waiting.artifact_sha256 if waiting else None
+        decision = decide_promotion(facts, canary_artifact=canary_artifact)
+        report = PromotionReport(
+            version=artifact.version,
+            artifact_sha256=artifact.sha256,
+            approver=approver,
+            previous=facts.live,
+            outcome="already_live",
+            gate=list(facts.gates),
+        )
+        if decision.refused:
+            refuse(decision)
+        if decision.outcome == "already_live":
+            smoke = post_deploy_smoke(spec, local, artifact.version)
+            return report.model_copy(update={"post_deploy_smoke": smoke})
+
+        urls = local.api_urls(ENV)
+        changed = [
+            PurgedEndpoint.model_validate(item)
+            for item in (
+                changed_surrogate_keys(spec, urls["stable"], urls["canary"]) if facts.live else []
             )
-        else:
-            if not waiting or waiting.get("artifact_sha") != artifact["sha256"]:
-                raise PromotionRefused(
-                    description=(
-                        f"refusing to promote {artifact['version']}: its canary is not "
-                        "running in production (a canary is promoted in the run that judged "
-                        "it; materialize canary and promotion together); production is "
-                        "unchanged"
-                    )
-                )
-            urls = local.api_urls(ENV)
-            changed = changed_surrogate_keys(spec, urls["stable"], urls["canary"]) if stable else []
-            progress["watched"] = True
-            watch = _watch(context, artifact, local, metrics)
-            report["watch"] = watch
-            if not watch["passed"]:
-                # Production is back on the previous version (kept running through the watch).
-                report["outcome"] = "rolled_back"
-                report["post_deploy_smoke"] = watch["smoke"]
-                report["change_id"] = _record_watch_rollback(
-                    context, artifact, stable, watch["reason"], watch
-                )
-                return report
-            # Still ours, still this artifact: a run that lost production never promotes.
-            owner = ownership.current(spec.product, ENV)
-            serving = local.current(ENV).get("canary") or {}
-            if owner is None or owner.run_id != context.run.run_id:
-                raise PromotionRefused(description="this run lost production during the watch")
-            if serving.get("artifact_sha") != artifact["sha256"]:
-                raise PromotionRefused(description="the canary serving is not this release's")
-            local.promote(ENV)
-            for item in changed:
-                for key in item["surrogate_keys"]:
-                    local.purge(ENV, surrogate_key=key)
-            report["purged"] = changed
-            report["outcome"] = "promoted"
-        smoke_report = post_deploy_smoke(spec, local, artifact["version"])
-        report["post_deploy_smoke"] = smoke_report.to_dict()
-        if report["outcome"] == "promoted":
-            report["change_id"] = _record(
-                context,
-                artifact,
-                stable,
-                "promoted",
-                {
-                    "approver": approver,
-                    "smoke_verdict": "passed" if smoke_report.passed("smoke") else "failed",
-                    "slo_verdict": canary.get("verdict"),
-                    "slo_steps": canary.get("steps"),
-                    "snapshots": canary.get("snapshots", []),
-                    "staging_checks": gate_rows,
-                    "purged": changed,
-                    # Safety rules waived for the migrations this release applied.
-                    "waivers": canary.get("migrations", {}).get("safety", {}).get("waivers", []),
-                    "watch": {k: v for k, v in report.get("watch", {}).items() if k != "smoke"},
-                },
+        ]
+        progress["watched"] = True
+        watch = _watch(context, artifact, local, metrics)
+        decision = decide_promotion(
+            facts,
+            canary_artifact=canary_artifact,
+            watch_passed=watch.passed,
+            watch_reason=watch.reason,
+        )
+        if decision.outcome == "rolled_back":
+            # Production is back on the previous version (kept running through the watch).
+            change_id = _record_watch_rollback(context, artifact, facts, decision.reason, watch)
+            return report.model_copy(
+                update={
+                    "outcome": "rolled_back",
+                    "watch": watch,
+                    "post_deploy_smoke": watch.smoke,
+                    "change_id": change_id,
+                }
             )
-        return report
+        # Still ours, still this artifact: a run that lost production never promotes.
+        owner = ownership.current(spec.product, ENV)
+        serving = live_track(local.current(ENV), "canary")
+        decision = decide_promotion(
+            facts,
+            canary_artifact=canary_artifact,
+            watch_passed=True,
+            watch_reason=watch.reason,
+            still_owner=owner is not None and owner.run_id == context.run.run_id,
+            serving_artifact=serving.artifact_sha256 if serving else None,
+        )
+        if decision.refused:
+            refuse(decision)
+        local.promote(ENV)
+        for item in changed:
+            for key in item.surrogate_keys:
+                local.purge(ENV, surrogate_key=key)
+        smoke = post_deploy_smoke(spec, local, artifact.version)
+        change_id = _record(
+            context,
+            artifact,
+            facts,
+            "promoted",
+            ChangeEvidence(
+                reason=decision.reason,
+                approver=approver,
+                smoke_verdict="passed" if smoke.passed("smoke") else "failed",
+                slo_verdict=canary.verdict,
+                slo_steps=canary.steps,
+                snapshots=canary.snapshots,
+                staging_checks=list(facts.gates),
+                purged=changed,
+                # Safety rules waived for the migrations this release applied.
+                waivers=canary.migrations.waivers if canary.migrations else [],
+                watch=watch.model_copy(update={"smoke": None}),
+            ),
+        )
+        return report.model_copy(
+            update={
+                "outcome": "promoted",
+                "purged": changed,
+                "watch": watch,
+                "post_deploy_smoke": smoke,
+                "change_id": change_id,
+            }
+        )
 
     def _watch(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
+        artifact: ArtifactRecord,
         local: Any,
         metrics: MetricsResource,
-    ) -> dict[str, Any]:
+    ) -> WatchReport:
         """The new version at 100% for the spec's watch window, the previous one still running
         at 0%: judged on the absolute SLOs (a step of the canary mechanism, which returns
         traffic to the previous version on a fail) and on the post-deploy smoke."""
         from dagster_project.core.canary.analysis import run_canary
+        from dagster_project.core.reconcile import return_to_stable
         from dagster_project.core.smoke import post_deploy_smoke
 
         watch_seconds = spec.production.watch_seconds * bake_scale()
-        context.log.info(f"watch: {artifact['version']} at 100% for {watch_seconds:.0f}s")
+        context.log.info(f"watch: {artifact.version} at 100% for {watch_seconds:.0f}s")
         result = run_canary(
             local,
             spec,
@@ -223,10 +252,10 @@ def promotion_asset(
             on_event=lambda event: context.log.info(f"watch: {describe_event(event)}"),
             step_guard=lambda since: step_problems(spec, local, since),
         )
-        smoke = post_deploy_smoke(spec, local, artifact["version"]) if result.passed else None
+        smoke = post_deploy_smoke(spec, local, artifact.version) if result.passed else None
         smoke_passed = smoke is not None and smoke.passed("smoke")
         if result.passed and not smoke_passed:
-            local.rollback(ENV)  # the smoke failed at 100%: back to the previous version
+            return_to_stable(local, ENV)  # the smoke failed at 100%: back to the previous one
         reason = (
             result.reason
             if not result.passed
@@ -234,108 +263,114 @@ def promotion_asset(
             if not smoke_passed
             else f"absolute SLOs and post-deploy smoke held for {watch_seconds:.0f}s"
         )
-        return {
-            "passed": bool(result.passed and smoke_passed),
-            "smoke_passed": smoke_passed,
-            "verdict": result.verdict.value,
-            "reason": reason,
-            "seconds": round(watch_seconds, 3),
-            "steps": result.to_dict()["rows"],
-            "smoke": smoke.to_dict() if smoke is not None else {"rows": []},
-        }
+        return WatchReport(
+            passed=bool(result.passed and smoke_passed),
+            smoke_passed=smoke_passed,
+            verdict=result.verdict.value,
+            reason=reason,
+            seconds=round(watch_seconds, 3),
+            steps=metric_rows(result),
+            smoke=smoke,
+        )
 
     def _record_watch_rollback(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
-        stable: Any,
+        artifact: ArtifactRecord,
+        facts: ReleaseFacts,
         reason: str,
-        watch: dict[str, Any] | None = None,
+        watch: WatchReport | None = None,
     ) -> str:
         """The new version took 100% and production went back to the previous one. Recorded
         under this release (its run made the change); the entry names what serves now."""
-        watch = watch or {}
-        return changes.record(
-            product=spec.product,
-            release=artifact["version"],
-            outcome="rolled_back",
-            artifact_sha256=artifact["sha256"],
-            previous_artifact_sha256=(stable or {}).get("artifact_sha"),
-            run_id=context.run.run_id,
-            details={
-                "reason": f"watch after promoting {artifact['version']} failed: {reason}",
-                "from_release": artifact["version"],
-                "restored_release": (stable or {}).get("version"),
-                "restored_artifact_sha256": (stable or {}).get("artifact_sha"),
-                "slo_verdict": watch.get("verdict", "not judged"),
-                "slo_steps": watch.get("steps", []),
-                "smoke_verdict": "passed" if watch.get("smoke_passed") else "failed or not run",
-            },
-        ).change_id
+        return _record(
+            context,
+            artifact,
+            facts,
+            "rolled_back",
+            ChangeEvidence(
+                reason=reason,
+                from_release=artifact.version,
+                restored_release=facts.live.version if facts.live else None,
+                restored_artifact_sha256=facts.live.artifact_sha256 if facts.live else None,
+                slo_verdict=watch.verdict if watch else "not judged",
+                slo_steps=watch.steps if watch else [],
+                smoke_verdict="passed" if watch and watch.smoke_passed else "failed or not run",
+            ),
+        )
 
     def _settle_after_error(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
-        canary: dict[str, Any],
+        artifact: ArtifactRecord,
+        canary: CanaryStageReport,
+        facts: ReleaseFacts,
         local: Any,
-        stable_before: Any,
-        approver: str,
         exc: BaseException,
-        watched: bool,
+        progress: dict[str, bool],
     ) -> None:
-        """Whatever failed, production ends on one ready version with its change recorded:
-        promoted if the switch happened, else back to stable and the canary's abort."""
-        if isinstance(exc, PromotionRefused):
-            return  # refused before touching anything, or production is another run's now
-        now_stable = (local.current(ENV).get("stable") or {}).get("artifact_sha")
-        before = (stable_before or {}).get("artifact_sha")
+        """Whatever failed, production ends on one ready version with its change recorded
+        (`decisions.settle_after_error`): promoted if the switch happened, else back to stable
+        and the canary's abort (or the watch's rollback) recorded."""
+        from dagster_project.core.reconcile import return_to_stable
+
+        stable_now = live_track(local.current(ENV))
+        settlement = decisions.settle_after_error(
+            # A refusal inside the stage: before the watch nothing moved; after it, production
+            # is another run's (lost ownership) and must not be touched by this one.
+            refused=isinstance(exc, StageRefused),
+            artifact_sha256=artifact.sha256,
+            stable_before=facts.live.artifact_sha256 if facts.live else None,
+            stable_now=stable_now.artifact_sha256 if stable_now else None,
+            traffic_moved=progress["watched"] or canary.passed,
+        )
         reason = f"promotion failed: {type(exc).__name__}: {str(exc)[:300]}"
-        if now_stable == artifact["sha256"] and before != artifact["sha256"]:
+        if settlement == "nothing":
+            return  # refused before touching anything
+        if settlement == "record_promoted":
             _record(
                 context,
                 artifact,
-                stable_before,
+                facts,
                 "promoted",
-                {
-                    "approver": approver,
-                    "smoke_verdict": "not run",
-                    "reason": reason,
-                    "slo_verdict": canary.get("verdict"),
-                    "snapshots": canary.get("snapshots", []),
-                },
+                ChangeEvidence(
+                    reason=reason,
+                    approver=canary.approver or None,
+                    smoke_verdict="not run",
+                    slo_verdict=canary.verdict,
+                    snapshots=canary.snapshots,
+                ),
             )
             return
-        if "canary" in local.current(ENV):
-            local.rollback(ENV)
-        if watched:  # the new version had taken 100% before the error sent it back
-            _record_watch_rollback(context, artifact, stable_before, reason)
-        elif canary.get("outcome") == "passed":  # its canary had carried traffic
+        return_to_stable(local, ENV)
+        if settlement == "rollback_only":
+            return
+        if progress["watched"]:  # the new version had taken 100% before the error
+            _record_watch_rollback(context, artifact, facts, reason)
+        else:  # its parked canary had carried traffic
             _record(
                 context,
                 artifact,
-                stable_before,
+                facts,
                 "aborted",
-                {
-                    "reason": reason,
-                    "slo_verdict": canary.get("verdict"),
-                    "snapshots": canary.get("snapshots", []),
-                },
+                ChangeEvidence(
+                    reason=reason, slo_verdict=canary.verdict, snapshots=canary.snapshots
+                ),
             )
 
     def _record(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
-        stable: Any,
+        artifact: ArtifactRecord,
+        facts: ReleaseFacts,
         outcome: str,
-        details: dict[str, Any],
+        evidence: ChangeEvidence,
     ) -> str:
         return changes.record(
             product=spec.product,
-            release=artifact["version"],
+            release=artifact.version,
             outcome=outcome,
-            artifact_sha256=artifact["sha256"],
-            previous_artifact_sha256=(stable or {}).get("artifact_sha"),
+            artifact_sha256=artifact.sha256,
+            previous_artifact_sha256=facts.live.artifact_sha256 if facts.live else None,
             run_id=context.run.run_id,
-            details=details,
+            details=evidence,
         ).change_id
 
     return promotion

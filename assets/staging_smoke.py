@@ -3,7 +3,6 @@ health and readiness, the contract of each endpoint, edge TTLs and purge, worker
 dead-letter handling. Gates: `smoke`, `edge_cache`, `worker_dlq`, `data_quality`."""
 
 import time
-from typing import Any
 
 import dagster as dg
 
@@ -15,6 +14,7 @@ from assets.common import (
     stage_key,
     table,
 )
+from dagster_project.core.contracts import ArtifactRecord, StagingSmokeReport
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import PlatformResource, RegistryResource
 
@@ -36,31 +36,35 @@ def staging_smoke_asset(
     )
     def staging_smoke(
         context: dg.AssetExecutionContext,
-        artifact: dict[str, Any],
+        artifact: ArtifactRecord,
         platform: PlatformResource,
         registry: RegistryResource,
-    ) -> dg.Output[dict[str, Any]]:
+    ) -> dg.Output[StagingSmokeReport]:
         from dagster_project.core.smoke import run_smoke
 
-        own_staging(context, spec, artifact["sha256"])
+        own_staging(context, spec, artifact.sha256)
         started = time.monotonic()
         local = platform.for_product(spec.product)
         local.up()
-        local.deploy(ENV, "stable", registry.fetch(artifact["sha256"]))
-        context.log.info(f"deployed {artifact['version']} to {ENV}; running the smoke suite")
-        report = run_smoke(spec, local, ENV, artifact["version"])
-        value = report.to_dict()
-        value["edge_url"] = local.edge_url(ENV)
-        value["seconds"] = round(time.monotonic() - started, 3)
+        local.deploy(ENV, "stable", registry.fetch(artifact.sha256))
+        context.log.info(f"deployed {artifact.version} to {ENV}; running the smoke suite")
+        smoke = run_smoke(spec, local, ENV, artifact.version)
+        value = StagingSmokeReport(
+            version=artifact.version,
+            artifact_sha256=artifact.sha256,
+            edge_url=local.edge_url(ENV),
+            smoke=smoke,
+            seconds=round(time.monotonic() - started, 3),
+        )
         return dg.Output(
             value,
             metadata={
                 "environment": ENV,
-                "edge_url": dg.MetadataValue.url(value["edge_url"]),
-                "version": artifact["version"],
-                "artifact_sha256": artifact["sha256"],
-                "results": table(value["rows"], ["section", "name", "passed", "detail"]),
-                "seconds": value["seconds"],
+                "edge_url": dg.MetadataValue.url(value.edge_url),
+                "version": artifact.version,
+                "artifact_sha256": artifact.sha256,
+                "results": table(smoke.rows, ["section", "name", "passed", "detail"]),
+                "seconds": value.seconds,
             },
         )
 

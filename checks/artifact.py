@@ -1,10 +1,9 @@
 """Gate on `build`: the artifact in the registry is the one that was built."""
 
-from typing import Any
-
 import dagster as dg
 
 from assets.common import stage_key
+from dagster_project.core.contracts import ArtifactRecord
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import RegistryResource
 
@@ -20,14 +19,14 @@ def artifact_integrity_check(
         description="The registry's copy hashes to the SHA-256 recorded at build time.",
     )
     def artifact_integrity(
-        build: dict[str, Any], registry: RegistryResource
+        build: ArtifactRecord, registry: RegistryResource
     ) -> dg.AssetCheckResult:
-        sha = build["sha256"]
+        sha = build.sha256
         ok = registry.verify(sha)
         return dg.AssetCheckResult(
             passed=ok,
             description=f"registry copy {'matches' if ok else 'does NOT match'} sha256 {sha}",
-            metadata={"sha256": sha, "path": dg.MetadataValue.path(build["path"])},
+            metadata={"sha256": sha, "path": dg.MetadataValue.path(build.path)},
         )
 
     return artifact_integrity

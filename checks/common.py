@@ -1,22 +1,29 @@
-"""Helpers for the gates: a verdict from report rows that never passes on no data."""
+"""Helpers for the gates: a verdict from smoke rows that never passes on no data."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 
 from assets.common import table
+from dagster_project.core.contracts import SmokeReport, SmokeRow
+
+COLUMNS = ["name", "passed", "detail"]
+
+
+def section_rows(report: SmokeReport | None, section: str) -> list[SmokeRow]:
+    return report.section_rows(section) if report is not None else []
 
 
 def rows_result(
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[SmokeRow],
     *,
     what: str,
-    columns: Sequence[str] | None = None,
-    extra: dict[str, Any] | None = None,
+    columns: Sequence[str] | None = COLUMNS,
+    extra: Mapping[str, Any] | None = None,
 ) -> dg.AssetCheckResult:
     """Pass only when there is at least one row and every row passed."""
-    failed = [r for r in rows if not r.get("passed")]
+    failed = [r for r in rows if not r.passed]
     if not rows:
         return dg.AssetCheckResult(
             passed=False,
@@ -24,7 +31,7 @@ def rows_result(
             metadata={"verdict": "inconclusive", **(extra or {})},
         )
     passed = not failed
-    names = ", ".join(str(r.get("name", "?")) for r in failed[:5])
+    names = ", ".join(r.name for r in failed[:5])
     return dg.AssetCheckResult(
         passed=passed,
         description=f"{what}: {len(rows) - len(failed)}/{len(rows)} passed"

@@ -2,13 +2,11 @@
 refuses purges without the environment's key (the note's "validate edge cache TTLs and purge
 rules")."""
 
-from typing import Any
-
 import dagster as dg
 
 from assets.common import stage_key
-from checks.common import rows_result
-from checks.smoke import COLUMNS, section_rows
+from checks.common import rows_result, section_rows
+from dagster_project.core.contracts import StagingSmokeReport
 from dagster_project.core.spec import ProductSpec
 
 
@@ -22,9 +20,7 @@ def edge_cache_check(
         partitions_def=partitions_def,
         description="Edge TTL per endpoint class, HIT/MISS and Age, purge by URL and key.",
     )
-    def edge_cache(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
-        return rows_result(
-            section_rows(staging_smoke, "edge_cache"), what="edge cache", columns=COLUMNS
-        )
+    def edge_cache(staging_smoke: StagingSmokeReport) -> dg.AssetCheckResult:
+        return rows_result(section_rows(staging_smoke.smoke, "edge_cache"), what="edge cache")
 
     return edge_cache

@@ -1,11 +1,10 @@
 """Gate on the canary: canary judged against the stable baseline at every step (error rate,
 latency, absolute SLOs). Inconclusive is never a pass; an earlier failed step is never erased."""
 
-from typing import Any
-
 import dagster as dg
 
 from assets.common import stage_key, table
+from dagster_project.core.contracts import CanaryStageReport
 from dagster_project.core.spec import ProductSpec
 
 
@@ -19,24 +18,26 @@ def slo_regression_check(
         partitions_def=partitions_def,
         description="Canary vs stable per step: error rate, latency (Mann-Whitney), absolute SLOs.",
     )
-    def slo_regression(canary: dict[str, Any]) -> dg.AssetCheckResult:
-        outcome = canary.get("outcome")
-        if outcome == "already_live":
-            return dg.AssetCheckResult(passed=True, description="release already live at 100%")
-        steps = canary.get("steps", [])
-        passed = outcome == "passed" and bool(steps)
-        return dg.AssetCheckResult(
-            passed=passed,
-            description=(
-                f"canary passed {len({s.get('step') for s in steps})} step(s)"
-                if passed
-                else f"canary {outcome or 'not run'}: {canary.get('reason') or 'no steps judged'}"
-            ),
-            metadata={
-                "verdict": canary.get("verdict", outcome or "inconclusive"),
-                "steps": table(steps),
-                "snapshots": table(canary.get("snapshots", [])),
-            },
-        )
+    def slo_regression(canary: CanaryStageReport) -> dg.AssetCheckResult:
+        return judge_slo(canary)
 
     return slo_regression
+
+
+def judge_slo(canary: CanaryStageReport) -> dg.AssetCheckResult:
+    if canary.outcome == "already_live":
+        return dg.AssetCheckResult(passed=True, description="release already live at 100%")
+    passed = canary.passed and bool(canary.steps)
+    return dg.AssetCheckResult(
+        passed=passed,
+        description=(
+            f"canary passed {len({s.step for s in canary.steps})} step(s)"
+            if passed
+            else f"canary {canary.outcome}: {canary.reason or 'no steps judged'}"
+        ),
+        metadata={
+            "verdict": canary.verdict if canary.deployed else canary.outcome,
+            "steps": table(canary.steps),
+            "snapshots": table(canary.snapshots, ["name", "path", "sha256"]),
+        },
+    )

@@ -1,19 +1,12 @@
 """Gates from the smoke suite: `smoke` on staging (blocking) and `post_deploy_smoke` on
 production after promotion (judged again by the audit's compliance sign-off)."""
 
-from typing import Any
-
 import dagster as dg
 
 from assets.common import stage_key, table
-from checks.common import rows_result
+from checks.common import rows_result, section_rows
+from dagster_project.core.contracts import PromotionReport, StagingSmokeReport
 from dagster_project.core.spec import ProductSpec
-
-COLUMNS = ["name", "passed", "detail"]
-
-
-def section_rows(report: dict[str, Any], section: str) -> list[dict[str, Any]]:
-    return [row for row in report.get("rows", []) if row.get("section") == section]
 
 
 def smoke_check(
@@ -26,15 +19,18 @@ def smoke_check(
         partitions_def=partitions_def,
         description="Health, readiness and every endpoint's contract through the staging edge.",
     )
-    def smoke(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
-        return rows_result(
-            section_rows(staging_smoke, "smoke"),
-            what="staging smoke",
-            columns=COLUMNS,
-            extra={"retried_after_5xx": dg.MetadataValue.json(staging_smoke.get("retries", []))},
-        )
+    def smoke(staging_smoke: StagingSmokeReport) -> dg.AssetCheckResult:
+        return judge_smoke(staging_smoke)
 
     return smoke
+
+
+def judge_smoke(staging_smoke: StagingSmokeReport) -> dg.AssetCheckResult:
+    return rows_result(
+        section_rows(staging_smoke.smoke, "smoke"),
+        what="staging smoke",
+        extra={"retried_after_5xx": dg.MetadataValue.json(staging_smoke.smoke.retries)},
+    )
 
 
 def post_deploy_smoke_check(
@@ -48,21 +44,23 @@ def post_deploy_smoke_check(
         description="The watch after promotion (absolute SLOs at 100%) and the smoke suite on "
         "production; a failed watch has returned production to the previous version.",
     )
-    def post_deploy_smoke(promotion: dict[str, Any]) -> dg.AssetCheckResult:
-        report = promotion.get("post_deploy_smoke", {})
-        watch = promotion.get("watch") or {}
-        if promotion.get("outcome") == "rolled_back":
-            return dg.AssetCheckResult(
-                passed=False,
-                description=f"watch after promotion failed, production rolled back to the "
-                f"previous version: {watch.get('reason', '')}",
-                metadata={"verdict": "fail", "watch": table(watch.get("steps", []))},
-            )
-        return rows_result(
-            section_rows(report, "smoke"),
-            what="post-deploy smoke",
-            columns=COLUMNS,
-            extra={"watch": watch.get("reason", "not run (already live)")},
-        )
+    def post_deploy_smoke(promotion: PromotionReport) -> dg.AssetCheckResult:
+        return judge_post_deploy(promotion)
 
     return post_deploy_smoke
+
+
+def judge_post_deploy(promotion: PromotionReport) -> dg.AssetCheckResult:
+    watch = promotion.watch
+    if promotion.outcome == "rolled_back":
+        return dg.AssetCheckResult(
+            passed=False,
+            description="watch after promotion failed, production rolled back to the "
+            f"previous version: {watch.reason if watch else '(no watch recorded)'}",
+            metadata={"verdict": "fail", "watch": table(watch.steps if watch else [])},
+        )
+    return rows_result(
+        section_rows(promotion.post_deploy_smoke, "smoke"),
+        what="post-deploy smoke",
+        extra={"watch": watch.reason if watch else "not run (already live)"},
+    )

@@ -2,13 +2,11 @@
 exactly N attempts, idempotent processing (the note's "verify background worker retries and DLQ
 handling")."""
 
-from typing import Any
-
 import dagster as dg
 
 from assets.common import stage_key
-from checks.common import rows_result
-from checks.smoke import COLUMNS, section_rows
+from checks.common import rows_result, section_rows
+from dagster_project.core.contracts import StagingSmokeReport
 from dagster_project.core.spec import ProductSpec
 
 
@@ -22,9 +20,7 @@ def worker_dlq_check(
         partitions_def=partitions_def,
         description="Worker retries, dead-letter queue after max attempts, exactly-once results.",
     )
-    def worker_dlq(staging_smoke: dict[str, Any]) -> dg.AssetCheckResult:
-        return rows_result(
-            section_rows(staging_smoke, "worker_dlq"), what="worker/DLQ", columns=COLUMNS
-        )
+    def worker_dlq(staging_smoke: StagingSmokeReport) -> dg.AssetCheckResult:
+        return rows_result(section_rows(staging_smoke.smoke, "worker_dlq"), what="worker/DLQ")
 
     return worker_dlq

@@ -12,21 +12,22 @@ from typing import Any
 
 import dagster as dg
 
-from assets.common import release_pool
+from assets.common import live_track, release_pool, table
 from dagster_project.core import guardrail
+from dagster_project.core.contracts import SmokeReport, TrackRef
 from dagster_project.core.spec import ProductSpec
 from dagster_project.jobs import PRODUCT_TAG, release_job_name
 from dagster_project.partitions import releases_partitions
 from dagster_project.resources import ApprovalResource, PlatformResource
 
 
-def live_in_production(platform: Any) -> dict[str, Any] | None:
+def live_in_production(platform: Any) -> TrackRef | None:
     """The stable release serving production, or None. A fresh install has no platform state
     yet (no control database): that is "nothing deployed", not an error."""
     from dagster_project.core import database
 
     database.ensure_database(database.CONTROL_DB)
-    return platform.current("production").get("stable") or None
+    return live_track(platform.current("production"))
 
 
 def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
@@ -53,8 +54,8 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
         if not releases:
             return dg.SkipReason("no release registered")
         newest = releases[-1]
-        live = live_in_production(platform.for_product(spec.product)) or {}
-        if live.get("version") == newest:
+        live = live_in_production(platform.for_product(spec.product))
+        if live is not None and live.version == newest:
             return dg.SkipReason(f"newest release {newest} is already in production")
         return dg.RunRequest(
             partition_key=newest,
@@ -62,21 +63,22 @@ def release_schedules(spec: ProductSpec) -> list[dg.ScheduleDefinition]:
         )
 
     @dg.op(name=f"verify_production_{slug}", pool=release_pool(spec.product))
-    def verify_production(context: dg.OpExecutionContext, platform: PlatformResource) -> dict:
+    def verify_production(
+        context: dg.OpExecutionContext, platform: PlatformResource
+    ) -> SmokeReport:
         from dagster_project.core.smoke import post_deploy_smoke
 
         local = platform.for_product(spec.product)
         live = live_in_production(local)
         if not live:
             raise dg.Failure(description="nothing is deployed to production: nothing to verify")
-        report = post_deploy_smoke(spec, local, live["version"]).to_dict()
-        failed = [r for r in report["rows"] if not r["passed"]]
-        if failed or not report["rows"]:
+        report = post_deploy_smoke(spec, local, live.version)
+        if not report.passed("smoke"):
             raise dg.Failure(
-                description=f"post-deploy verification failed on production {live['version']}",
-                metadata={"failed": dg.MetadataValue.json(failed)},
+                description=f"post-deploy verification failed on production {live.version}",
+                metadata={"failed": table(report.failures() or report.rows)},
             )
-        context.log.info(f"production {live['version']} verified: {len(report['rows'])} checks")
+        context.log.info(f"production {live.version} verified: {len(report.rows)} checks")
         return report
 
     @dg.job(name=f"verify_production_job_{slug}", tags={PRODUCT_TAG: spec.product})

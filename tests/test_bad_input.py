@@ -449,6 +449,8 @@ def test_a_blocked_migration_lists_every_finding_with_file_line_rule_and_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from checks.migrations import safety_result
+    from dagster_project.core.contracts import MigrationGateReport
+    from dagster_project.core.migrations.gate import safety_findings
     from dagster_project.core.migrations.safety import check_safety
 
     migration = tmp_path / "0003_x.sql"
@@ -457,11 +459,15 @@ def test_a_blocked_migration_lists_every_finding_with_file_line_rule_and_fix(
         f"SET lock_timeout = '1s';\n{long_comment}\n\n"
         "CREATE INDEX items_name_idx ON items (name);\n"
     )
-    report = {
-        "safety": check_safety([migration]).as_dict(),
-        "compat": [],
-        "plan": {"problems": [], "pending": [migration.name]},
-    }
+    checked = check_safety([migration])
+    report = MigrationGateReport(
+        env="staging",
+        migrations_dir=str(tmp_path),
+        linted_files=[str(migration)],
+        safety_findings=safety_findings(checked),
+        safety_errors=checked.errors,
+        pending_before=[migration.name],
+    )
     result = safety_result(report)
     assert not result.passed
     block = {

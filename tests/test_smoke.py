@@ -13,10 +13,10 @@ import pytest
 
 from conftest import PRODUCT
 from dagster_project.core import smoke
+from dagster_project.core.contracts import ContractError
 from dagster_project.core.smoke import (
     CheckFailed,
     SmokeReport,
-    SmokeReportError,
     SmokeRow,
     backoff_delays,
     check_json_shape,
@@ -123,21 +123,16 @@ def test_report_passes_a_section_only_with_rows_all_passing() -> None:
     assert not _report([], sections=[]).passed()  # nothing asked, nothing proven
 
 
-def test_report_round_trips_through_json_and_renders_markdown() -> None:
+def test_report_round_trips_through_json_and_summarises() -> None:
     report = _report([("smoke", True), ("edge_cache", False), ("worker_dlq", True)])
-    stored = json.loads(json.dumps(report.to_dict()))
-    stored["seconds"] = 4.2  # the asset adds its own keys next to the report's
-    again = SmokeReport.from_dict(stored)
-    assert again.rows == report.rows
+    stored = json.loads(report.model_dump_json())
+    again = SmokeReport.parse(stored)
+    assert again == report
     assert again.passed("smoke")
     assert not again.passed("edge_cache")
-
-    table = report.as_markdown("edge_cache")
-    assert "| section | check | result | detail | seconds |" in table
-    assert "**FAIL**" in table
-    assert "d\\|1" in table  # pipes in details cannot break the table
-    assert "check 0" not in table  # only the asked-for section
-    assert "(no checks ran)" in _report([], sections=["smoke"]).as_markdown("smoke")
+    stored["seconds"] = 4.2  # a contract refuses fields it does not define
+    with pytest.raises(ContractError, match="seconds"):
+        SmokeReport.parse(stored)
 
     summary = report.summary()
     assert "FAILED" in summary
@@ -146,12 +141,12 @@ def test_report_round_trips_through_json_and_renders_markdown() -> None:
 
 
 def test_report_from_a_bad_dict_names_the_field() -> None:
-    stored = _report([("smoke", True)]).to_dict()
+    stored = _report([("smoke", True)]).model_dump(mode="json")
     stored["rows"][0]["passed"] = "maybe"
-    with pytest.raises(SmokeReportError, match=r"rows\.0\.passed"):
-        SmokeReport.from_dict(stored)
-    with pytest.raises(SmokeReportError, match="expected_version"):
-        SmokeReport.from_dict({k: v for k, v in stored.items() if k != "expected_version"})
+    with pytest.raises(ContractError, match=r"rows\.0\.passed"):
+        SmokeReport.parse(stored)
+    with pytest.raises(ContractError, match="expected_version"):
+        SmokeReport.parse({k: v for k, v in stored.items() if k != "expected_version"})
 
 
 # --- through real sockets, without the platform ---------------------------------------------
@@ -257,7 +252,7 @@ def test_healthy_release_passes_all_sections(
     assert len(worker_rows) == 4
     assert "dead after 4 attempts" in worker_rows[1].detail
     # Stored as an asset value: survives JSON.
-    assert SmokeReport.from_dict(json.loads(json.dumps(report.to_dict()))).passed()
+    assert SmokeReport.parse(json.loads(report.model_dump_json())).passed()
 
 
 def test_wrong_expected_version_fails_the_smoke_section(

@@ -41,6 +41,7 @@ import psycopg2.extensions
 
 from dagster_project.core import control_schema
 from dagster_project.core import database as db
+from dagster_project.core.contracts import AuditPayload
 from dagster_project.core.guardrail import mask, scrub
 
 PIPELINE_ROLE = "release_pipeline"
@@ -198,7 +199,7 @@ def _check_json_value(value: Any, where: str) -> None:
 
 
 def append(
-    change_id: str, payload: Mapping[str, Any], *, database: str = db.CONTROL_DB
+    change_id: str, payload: AuditPayload | Mapping[str, Any], *, database: str = db.CONTROL_DB
 ) -> AuditEntry:
     """Record one production change. Idempotent on `change_id`: a second call returns the
     stored entry with `created=False` (the new payload is not written).
@@ -208,6 +209,8 @@ def append(
     """
     if not isinstance(change_id, str) or not change_id.strip():
         raise ValueError("audit change_id is missing or empty")
+    if isinstance(payload, AuditPayload):
+        payload = payload.stored()
     validate_payload(payload)
     if payload.get("change_id", change_id) != change_id:
         raise ValueError("audit payload field 'change_id' differs from the change_id argument")

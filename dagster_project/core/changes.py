@@ -7,12 +7,11 @@ sensor reads this table with an id cursor, so it never rescans history.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from dagster_project.core import control_schema, database
+from dagster_project.core.contracts import AuditPayload, ChangeEvidence
 
 # What a production change can be: a release promoted to 100%; a canary aborted after it carried
 # traffic (by its gate, an error, a dead run found by the reconciler, or displaced while parked);
@@ -31,7 +30,12 @@ class ProductionChange:
     previous_artifact_sha256: str | None
     run_id: str
     recorded_at: datetime
-    details: dict[str, Any] = field(default_factory=dict)
+    details: ChangeEvidence = field(default_factory=ChangeEvidence)
+
+    def __post_init__(self) -> None:
+        # Rows come back from jsonb as dicts: parsed once, here, into the contract.
+        if not isinstance(self.details, ChangeEvidence):
+            object.__setattr__(self, "details", ChangeEvidence.parse(self.details or {}))
 
 
 _COLUMNS = (
@@ -56,7 +60,7 @@ def record(
     artifact_sha256: str,
     previous_artifact_sha256: str | None,
     run_id: str,
-    details: dict[str, Any],
+    details: ChangeEvidence,
 ) -> ProductionChange:
     """Record a production change; recording the same change twice returns the first row."""
     if outcome not in OUTCOMES:
@@ -76,7 +80,7 @@ def record(
                 artifact_sha256,
                 previous_artifact_sha256,
                 run_id,
-                json.dumps(details, default=str),
+                details.model_dump_json(exclude_defaults=True),
             ),
         )
     found = get(change_id)
@@ -143,30 +147,29 @@ def unaudited(product: str) -> list[ProductionChange]:
         return [ProductionChange(*row) for row in cur.fetchall()]
 
 
-def audit_payload(change: ProductionChange, *, audited_by: str, token: str) -> dict[str, Any]:
-    """The audit entry of a production change: the five fields the architecture note requires
-    (timestamp, identity, artifact SHA, environment, guardrail token) plus the auditor's
-    context. The one place this shape is defined."""
-    details = change.details
-    approver = details.get("approver") or audited_by
-    return {
-        "timestamp": change.recorded_at.isoformat(),
-        "identity": approver,
-        "artifact_sha256": change.artifact_sha256,
-        "environment": "production",
-        "guardrail_token": token,
-        "product": change.product,
-        "release": change.release,
-        "run_id": change.run_id,
-        "change_id": change.change_id,
-        "outcome": change.outcome,
-        "approver": approver,
-        "audited_by": audited_by,
-        "previous_artifact_sha256": change.previous_artifact_sha256,
-        "smoke_verdict": details.get("smoke_verdict", "not run (canary aborted)"),
-        "slo_verdict": details.get("slo_verdict"),
-        "slo_steps": details.get("slo_steps") or details.get("steps"),
-        "snapshots": details.get("snapshots", []),
-        "waivers": details.get("waivers", []),
-        "reason": details.get("reason"),
-    }
+def audit_payload(change: ProductionChange, *, audited_by: str, token: str) -> AuditPayload:
+    """The audit entry of a production change (`contracts.AuditPayload`): the five fields the
+    architecture note requires plus the evidence the change recorded."""
+    evidence = change.details
+    approver = evidence.approver or audited_by
+    return AuditPayload(
+        timestamp=change.recorded_at.isoformat(),
+        identity=approver,
+        artifact_sha256=change.artifact_sha256,
+        environment="production",
+        guardrail_token=token,
+        product=change.product,
+        release=change.release,
+        run_id=change.run_id,
+        change_id=change.change_id,
+        outcome=change.outcome,  # type: ignore[arg-type]
+        approver=approver,
+        audited_by=audited_by,
+        previous_artifact_sha256=change.previous_artifact_sha256,
+        smoke_verdict=evidence.smoke_verdict or "not run (canary aborted)",
+        slo_verdict=evidence.slo_verdict,
+        slo_steps=evidence.slo_steps,
+        snapshots=evidence.snapshots,
+        waivers=evidence.waivers,
+        reason=evidence.reason,
+    )

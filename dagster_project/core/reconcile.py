@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from dagster_project.core import changes, database, guardrail, ownership
+from dagster_project.core.contracts import ChangeEvidence
 from dagster_project.core.ownership import Owner
 from dagster_project.core.spec import ProductSpec, load_spec
 
@@ -97,6 +98,16 @@ def production_decision(
     return "aborted"
 
 
+def return_to_stable(platform: object, env: str = "production") -> bool:
+    """Production back to 100% of its stable with the canary track stopped, if a canary track
+    runs (True then). The one way stages and the reconciler undo a canary outside the canary's
+    own step loop (which aborts a failing step itself, timed, in `core/canary/analysis.py`)."""
+    if "canary" not in platform.current(env):  # type: ignore[attr-defined]
+        return False
+    platform.rollback(env)  # type: ignore[attr-defined]
+    return True
+
+
 def reconcile(
     product: str,
     *,
@@ -155,12 +166,12 @@ def take_over(
             if owner.env == "production"
             else None
         )
-        if owner.env == "production" and (
-            outcome is not None or "canary" in local.current("production")
-        ):  # type: ignore[attr-defined]
+        if owner.env == "production" and outcome is not None:
             # Traffic first: back to the last ready stable (the platform waits for its
             # readiness and keeps the last ready routing if it cannot get it), canary stopped.
             local.rollback("production")  # type: ignore[attr-defined]
+        elif owner.env == "production":
+            return_to_stable(local)
         change = None
         if outcome is not None:
             change = changes.record(
@@ -170,26 +181,22 @@ def take_over(
                 artifact_sha256=owner.artifact_sha256,
                 previous_artifact_sha256=owner.previous_artifact_sha256,
                 run_id=owner.run_id,
-                details={
-                    "reason": f"reconciled: the owning run {owner.run_id} was dead ({why}) "
+                details=ChangeEvidence(
+                    reason=f"reconciled: the owning run {owner.run_id} was dead ({why}) "
                     f"during {owner.phase}; "
                     + (
                         "its release already served as stable"
                         if outcome != "aborted"
                         else "traffic returned to the last ready stable"
                     ),
-                    "slo_verdict": "not judged (run died)",
-                    "reconciled": True,
-                    "phase": owner.phase,
-                    **(
-                        {
-                            "restored_release": owner.release,
-                            "restored_artifact_sha256": owner.artifact_sha256,
-                        }
-                        if outcome == "rolled_back"
-                        else {}
+                    slo_verdict="not judged (run died)",
+                    reconciled=True,
+                    phase=owner.phase,
+                    restored_release=owner.release if outcome == "rolled_back" else None,
+                    restored_artifact_sha256=(
+                        owner.artifact_sha256 if outcome == "rolled_back" else None
                     ),
-                },
+                ),
             )
         ownership.release(spec.product, owner.env, owner.run_id)
         logger.warning("%s owner %s was dead (%s): %s", owner.env, owner.label, why, outcome)

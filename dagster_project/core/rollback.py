@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagster_project.core import changes, guardrail, ownership, registry
+from dagster_project.core.contracts import ChangeEvidence
 from dagster_project.core.spec import load_spec
 
 logger = logging.getLogger("release.rollback")
@@ -86,8 +87,8 @@ def served_by(change: changes.ProductionChange) -> RollbackTarget | None:
     """The release a production change left serving, if it left one."""
     if change.outcome == "promoted":
         return RollbackTarget(change.release, change.artifact_sha256)
-    restored = change.details.get("restored_release")
-    restored_sha = change.details.get("restored_artifact_sha256")
+    restored = change.details.restored_release
+    restored_sha = change.details.restored_artifact_sha256
     if change.outcome == "rolled_back" and restored and restored_sha:
         return RollbackTarget(restored, restored_sha)
     return None
@@ -158,15 +159,15 @@ def rollback(
                 artifact_sha256=target.artifact_sha256,
                 previous_artifact_sha256=live_sha,
                 run_id=run_id,
-                details={
-                    "approver": actor,
-                    "reason": f"rolled back from {live['version']}: {reason}",
-                    "from_release": live["version"],
-                    "restored_release": target.release,
-                    "restored_artifact_sha256": target.artifact_sha256,
-                    "smoke_verdict": "passed" if smoke.passed("smoke") else "failed",
-                    "slo_verdict": "not judged (rollback)",
-                },
+                details=ChangeEvidence(
+                    approver=actor,
+                    reason=f"rolled back from {live['version']}: {reason}",
+                    from_release=live["version"],
+                    restored_release=target.release,
+                    restored_artifact_sha256=target.artifact_sha256,
+                    smoke_verdict="passed" if smoke.passed("smoke") else "failed",
+                    slo_verdict="not judged (rollback)",
+                ),
             )
             entry = audit.append(
                 change.change_id, changes.audit_payload(change, audited_by=actor, token=token)

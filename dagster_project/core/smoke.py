@@ -26,16 +26,17 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import httpx
 from psycopg2 import sql
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from dagster_project.core import database
+from dagster_project.core.contracts import SmokeReport, SmokeRow, SmokeSection
 from dagster_project.core.spec import Endpoint, ProductSpec, Queue
 
-Section = Literal["smoke", "edge_cache", "worker_dlq"]
+Section = SmokeSection
 SECTIONS: tuple[Section, ...] = ("smoke", "edge_cache", "worker_dlq")
 
 # Job keys the suite enqueues; tests make a release fail normal jobs by matching this prefix.
@@ -63,125 +64,8 @@ class SmokePlatform(Protocol):
     def purge(self, env: str, url: str | None = None, surrogate_key: str | None = None) -> int: ...
 
 
-class SmokeReportError(ValueError):
-    """A stored report that cannot be read back; the message names the field."""
-
-
 class CheckFailed(Exception):
     """A check's verdict is 'failed'; the message is the row's detail."""
-
-
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
-
-
-class SmokeRow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    section: Section
-    name: str
-    passed: bool
-    detail: str
-    seconds: float = Field(ge=0)
-
-
-class SmokeReport(BaseModel):
-    """The outcome of one smoke run; JSON-serialisable (`to_dict`/`from_dict`)."""
-
-    # Stored as a Dagster asset value; callers may add keys (e.g. timings) next to ours.
-    model_config = ConfigDict(extra="ignore")
-
-    product: str
-    env: str
-    expected_version: str
-    run_id: str
-    edge_url: str
-    sections: list[Section]  # the sections that were asked for
-    started_at: str
-    finished_at: str = ""
-    rows: list[SmokeRow] = Field(default_factory=list)
-    # GET requests answered 5xx once and retried (a smoke suite checks function, not error
-    # rates: those are the canary's statistical job); listed so nothing is hidden.
-    retries: list[str] = Field(default_factory=list)
-
-    def section_rows(self, section: str) -> list[SmokeRow]:
-        return [row for row in self.rows if row.section == section]
-
-    def passed(self, section: str | None = None) -> bool:
-        """True only if the section was run, has rows, and every row passed.
-
-        Without a section: every section that was asked for passed.
-        """
-        if section is None:
-            return bool(self.sections) and all(self.passed(s) for s in self.sections)
-        rows = self.section_rows(section)
-        return section in self.sections and bool(rows) and all(row.passed for row in rows)
-
-    def failures(self, section: str | None = None) -> list[SmokeRow]:
-        rows = self.rows if section is None else self.section_rows(section)
-        return [row for row in rows if not row.passed]
-
-    def verdict(self, section: str) -> str:
-        if section not in self.sections:
-            return "NOT RUN"
-        if not self.section_rows(section):
-            return "FAILED (no checks ran)"
-        return "PASSED" if self.passed(section) else "FAILED"
-
-    def as_markdown(self, section: str | None = None) -> str:
-        """A Markdown table of the rows (one section, or all), for Dagster metadata."""
-        rows = self.rows if section is None else self.section_rows(section)
-        verdict = self.verdict(section) if section else ("PASSED" if self.passed() else "FAILED")
-        lines = [
-            f"**{section or 'all sections'}**: {verdict}",
-            "",
-            "| section | check | result | detail | seconds |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {row.section} | {_md(row.name)} | {'pass' if row.passed else '**FAIL**'} "
-            f"| {_md(row.detail)} | {row.seconds:.2f} |"
-            for row in rows
-        ]
-        if not rows:
-            lines.append("| | (no checks ran) | **FAIL** | | |")
-        return "\n".join(lines)
-
-    def summary(self) -> str:
-        """One line per section: verdict, counts and the first failure."""
-        lines = [
-            f"smoke of {self.product} {self.expected_version} in {self.env} "
-            f"(run {self.run_id}, edge {self.edge_url}): "
-            f"{'PASSED' if self.passed() else 'FAILED'}"
-        ]
-        for section in self.sections:
-            rows = self.section_rows(section)
-            ok = sum(row.passed for row in rows)
-            line = f"  {section}: {self.verdict(section)} ({ok}/{len(rows)} checks passed)"
-            failed = self.failures(section)
-            if failed:
-                line += f"; first failure: {failed[0].name}: {failed[0].detail}"
-            lines.append(line)
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SmokeReport:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"field '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}"
-                for err in exc.errors()
-            )
-            raise SmokeReportError(f"invalid smoke report: {problems}") from None
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,9 +272,8 @@ def run_smoke(
                     seconds=0.0,
                 )
             )
-        report.finished_at = _now()
-        return report
-    report.edge_url = edge
+        return report.model_copy(update={"finished_at": _now()})
+    report = report.model_copy(update={"edge_url": edge})
     with httpx.Client(
         base_url=edge, timeout=REQUEST_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False
     ) as client:
@@ -400,8 +283,7 @@ def run_smoke(
             _edge_cache_section(run)
         if include_worker:
             _worker_section(run)
-    report.finished_at = _now()
-    return report
+    return report.model_copy(update={"finished_at": _now()})
 
 
 def post_deploy_smoke(
