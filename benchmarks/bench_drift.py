@@ -32,7 +32,7 @@ os.environ.pop("RELEASE_DB_PREFIX", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dagster_project.core import database  # noqa: E402
-from dagster_project.core.migrations import drift, history  # noqa: E402
+from dagster_project.core.migrations import catalog, drift, history  # noqa: E402
 
 TYPES = ["text", "integer", "bigint", "numeric(12,2)", "timestamptz", "boolean", "jsonb", "uuid"]
 
@@ -75,7 +75,7 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
 
 
 def ours(expected_db: str, live_db: str) -> list[drift.DriftItem]:
-    return drift.diff(drift.snapshot_schema(expected_db), drift.snapshot_schema(live_db))
+    return drift.diff(catalog.snapshot_schema(expected_db), catalog.snapshot_schema(live_db))
 
 
 def migra_successor(expected_db: str, live_db: str) -> str:
@@ -86,7 +86,7 @@ def migra_successor(expected_db: str, live_db: str) -> str:
     migration = Migration(
         results.db(server.dsn(expected_db)),
         results.db(server.dsn(live_db)),
-        exclude_schema=drift.HISTORY_SCHEMA,  # same exclusion as ours: the history table
+        exclude_schema=history.HISTORY_SCHEMA,  # same exclusion as ours: the history table
     )
     migration.set_safety(False)
     migration.add_all_changes_ordered()
@@ -108,7 +108,7 @@ def main() -> int:
         for name in ("bench_live", "bench_expected"):
             database.ensure_database(name)
         history.apply_pending("bench_live", migrations, actor="bench")
-        drift.apply_sql_files("bench_expected", [migrations / "0001_bench_schema.sql"])
+        catalog.apply_files("bench_expected", [migrations / "0001_bench_schema.sql"])
         with database.connection("bench_live") as conn, conn.cursor() as cur:
             for sql in hand_changes(args.tables):
                 cur.execute(sql)

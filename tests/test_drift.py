@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dagster_project.core import database
-from dagster_project.core.migrations import drift, history
+from dagster_project.core.migrations import catalog, drift, history
 
 MIGRATIONS = {
     "0001_items.sql": """
@@ -136,7 +136,7 @@ def test_untouched_schema_has_no_drift(env: str, tmp_path: Path) -> None:
     assert report.items == [], report.as_markdown()
     assert report.applied_migrations == sorted(MIGRATIONS)
     # Every kind the migrations create is in the snapshot, so "no drift" means something.
-    kinds = Counter(kind for kind, _name in drift.snapshot_schema(env).objects)
+    kinds = Counter(kind for kind, _name in catalog.snapshot_schema(env).objects)
     for kind in KINDS_CREATED:
         assert kinds.get(kind, 0) >= 1, kind
     assert report.expected_count == report.actual_count == sum(kinds.values())
@@ -302,7 +302,7 @@ def test_unreachable_server_is_an_error_not_a_pass(
 
 
 def test_diff_is_pure_and_ordered() -> None:
-    expected = drift.SchemaSnapshot(
+    expected = catalog.SchemaSnapshot(
         "a",
         {
             ("table", "public.t"): {"row_level_security": False},
@@ -311,7 +311,7 @@ def test_diff_is_pure_and_ordered() -> None:
         },
         {("column", "public.t.a"): ("table", "public.t")},
     )
-    actual = drift.SchemaSnapshot(
+    actual = catalog.SchemaSnapshot(
         "b",
         {
             ("table", "public.t"): {"row_level_security": True},
@@ -350,15 +350,15 @@ def test_environment_name_in_content_is_not_drift(env: str, tmp_path: Path) -> N
     history.apply_pending(env, migrations, actor="test")
     report = drift.check_drift(env, migrations)
     assert report.items == [], report.as_markdown()
-    assert ("table", f"public.{physical}") in drift.snapshot_schema(env).objects
+    assert ("table", f"public.{physical}") in catalog.snapshot_schema(env).objects
 
 
 def test_scratch_name_is_written_as_the_environment_name(env: str) -> None:
-    with drift.scratch_database(env) as scratch:
+    with catalog.scratch_database(env) as scratch:
         scratch_physical = database.physical_name(scratch)
         _execute(scratch, f"CREATE VIEW v AS SELECT '{scratch_physical}'::text AS source")
-        plain = drift.snapshot_schema(scratch)
-        aliased = drift.snapshot_schema(scratch, database_alias=env)
+        plain = catalog.snapshot_schema(scratch)
+        aliased = catalog.snapshot_schema(scratch, database_alias=env)
     assert scratch_physical in plain.objects[("view", "public.v")]["definition"]
     definition = aliased.objects[("view", "public.v")]["definition"]
     assert scratch_physical not in definition

@@ -8,16 +8,17 @@ without default), must block before any traffic shifts.
 What the stable version relies on: the relations (tables, views) and columns that the
 applied migrations create. Rather than parse DDL (and miss CASCADE, `IF EXISTS`, schema
 qualification, ...), the check asks Postgres: it builds the applied schema in a scratch
-database on the same server, then runs the pending files one statement at a time and
-compares a pg_catalog snapshot before and after each statement. Every change to a relied-on
-object is attributed to the exact file and line that caused it. A pending statement that
-fails on the scratch database would fail in production too, and blocks as well.
+database on the same server (`catalog.scratch_database`: each applied file in its own
+transaction, as it was applied), then runs the pending files one statement at a time and
+compares a pg_catalog snapshot (`catalog.snapshot_connection`, reduced to relations and
+their columns) before and after each statement. Every change to a relied-on object is
+attributed to the exact file and line that caused it. A pending statement that fails on the
+scratch database would fail in production too, and blocks as well.
 """
 
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import psycopg2
 import psycopg2.extensions
 
 from dagster_project.core import database
+from dagster_project.core.migrations import catalog
 from dagster_project.core.migrations.history import MigrationFile, Statement, split_statements
 
 EXPAND_THEN_CONTRACT = (
@@ -35,21 +37,11 @@ EXPAND_THEN_CONTRACT = (
     "ship code that writes both, backfill, then drop the old one in a later release."
 )
 
-# Relations the running version can read or write: tables, partitioned tables, views,
-# materialized views, foreign tables. Identity/generated columns fill themselves on insert.
-_SNAPSHOT_SQL = """
-SELECT n.nspname, c.relname, a.attname,
-       format_type(a.atttypid, a.atttypmod),
-       a.attnotnull,
-       ad.adbin IS NOT NULL OR a.attidentity <> '' OR a.attgenerated <> ''
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
-WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'release_meta')
-  AND n.nspname NOT LIKE 'pg\\_%'
-"""
+# Relations the running version can read or write (snapshot kinds): tables, partitioned
+# tables, views, materialized views, foreign tables.
+_RELATION_KINDS = frozenset(
+    {"table", "partitioned table", "view", "materialized view", "foreign table"}
+)
 
 _RENAME_TABLE_RE = re.compile(
     r"^ALTER\s+(?:TABLE|VIEW|MATERIALIZED\s+VIEW|FOREIGN\s+TABLE)\b.*\bRENAME\s+TO\b",
@@ -95,41 +87,28 @@ def check_backward_compat(
     pending = [_path(f) for f in pending_files]
     if not pending:
         return []
-    scratch = f"scratch_compat_{uuid.uuid4().hex[:12]}"
-    database.ensure_database(scratch)
     try:
-        with database.connection(scratch) as conn:
-            for path in applied:
-                failure = _run_file(conn, path)
-                if failure is not None:
-                    line, error = failure
-                    return [
-                        Finding(
-                            str(path),
-                            line,
-                            "cannot-build-stable-schema",
-                            f"the applied migration fails on a scratch database: {error}; "
-                            "the stable schema cannot be reconstructed, so compatibility "
-                            "cannot be judged",
-                        )
-                    ]
-            stable = _snapshot(conn)
-            return _check_pending(conn, stable, pending)
-    finally:
-        database.drop_database(scratch)
+        # Pending statements run in autocommit, one at a time, with a snapshot after each.
+        with (
+            catalog.scratch_database("compat", applied) as scratch,
+            database.connection(scratch) as conn,
+        ):
+            return _check_pending(conn, _snapshot(conn), pending)
+    except catalog.ScratchBuildError as exc:
+        return [
+            Finding(
+                str(exc.path),
+                exc.line or 1,
+                "cannot-build-stable-schema",
+                f"the applied migration fails on a scratch database: {exc.error}; "
+                "the stable schema cannot be reconstructed, so compatibility "
+                "cannot be judged",
+            )
+        ]
 
 
 def _path(item: Path | str | MigrationFile) -> Path:
     return item.path if isinstance(item, MigrationFile) else Path(item)
-
-
-def _run_file(conn: psycopg2.extensions.connection, path: Path) -> tuple[int, str] | None:
-    """Run each statement (autocommit, so CONCURRENTLY works); (line, error) of a failure."""
-    for statement in split_statements(path.read_text(encoding="utf-8")):
-        error = _execute(conn, statement)
-        if error is not None:
-            return statement.line, error
-    return None
 
 
 def _execute(conn: psycopg2.extensions.connection, statement: Statement) -> str | None:
@@ -142,13 +121,24 @@ def _execute(conn: psycopg2.extensions.connection, statement: Statement) -> str 
 
 
 def _snapshot(conn: psycopg2.extensions.connection) -> Snapshot:
+    """Relations and their columns, from the shared pg_catalog snapshot."""
+    full = catalog.snapshot_connection(conn)
     snapshot: Snapshot = {}
-    with conn.cursor() as cur:
-        cur.execute(_SNAPSHOT_SQL)
-        for schema, relation, column, type_name, not_null, fills_itself in cur.fetchall():
-            columns = snapshot.setdefault((schema, relation), {})
-            if column is not None:  # a relation without columns still exists
-                columns[column] = Column(type_name, not_null, fills_itself)
+    for key in full.objects:
+        if key[0] in _RELATION_KINDS:  # a relation without columns still exists
+            schema, relation = full.names[key]
+            snapshot[(schema, relation)] = {}
+    for key, attrs in full.objects.items():
+        parent = full.parents.get(key)
+        if key[0] != "column" or parent is None or parent[0] not in _RELATION_KINDS:
+            continue
+        schema, relation, column = full.names[key]
+        snapshot[(schema, relation)][column] = Column(
+            attrs["type"],
+            attrs["not_null"],
+            # Identity and generated columns fill themselves on insert, like a default.
+            attrs["default"] is not None or "identity" in attrs or "generated" in attrs,
+        )
     return snapshot
 
 
