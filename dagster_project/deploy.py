@@ -235,6 +235,17 @@ def _job_name(spec: ProductSpec, which: str) -> str:
     return release_job_name(spec.product) if which == "release" else audit_job_name(spec.product)
 
 
+def job_definition(job_name: str) -> dg.JobDefinition:
+    """The code location's job `job_name` (`dagster_project.definitions:defs`).
+
+    The reconstructor `_execute` hands to the public `dg.build_reconstructable_job`: a run
+    rebuilds its job by calling this function by module and name, so `deploy` reads no private
+    Dagster API. The job is the very object the code location serves (same snapshot id)."""
+    from dagster_project.definitions import defs
+
+    return defs.resolve_job_def(job_name)
+
+
 def _execute(
     instance: dg.DagsterInstance,
     spec: ProductSpec,
@@ -245,16 +256,15 @@ def _execute(
 ) -> tuple[str, bool]:
     import dagster as dg
 
-    # Known exception to the layer contract, still to be replaced (issue 11): a public
-    # dg.build_reconstructable_job would do, but changes how the run's job is rebuilt.
-    from dagster._core.definitions.reconstruct import ReconstructableRepository  # noqa: TID251
-
     from dagster_project.core.settings import PROJECT_ROOT
     from dagster_project.jobs import PRODUCT_TAG
 
-    recon = ReconstructableRepository.for_module(
-        "dagster_project.definitions", "defs", working_directory=str(PROJECT_ROOT)
-    ).get_reconstructable_job(_job_name(spec, which))
+    recon = dg.build_reconstructable_job(
+        "dagster_project.deploy",  # by name: this module may also run as __main__
+        "job_definition",
+        (_job_name(spec, which),),
+        reconstructor_working_directory=str(PROJECT_ROOT),
+    )
     invocation = uuid.uuid4().hex
     # The progress thread prints what matters; Dagster's console logger would repeat it all.
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}

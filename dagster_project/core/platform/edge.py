@@ -35,16 +35,15 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from email.utils import formatdate
+from typing import Any, assert_never
 from urllib.parse import urlsplit
 
 import hishel
 import httpx
 import uvicorn
-from hishel._async_rfc import handle_request_with_rfc  # the RFC loop hishel's integrations use
-from hishel._utils import generate_http_date
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -511,7 +510,7 @@ class Edge:
             return await self._forward(outgoing, body, upstream, policy)
 
         try:
-            response, cache_status = await handle_request_with_rfc(
+            response, cache_status = await _handle_with_rfc(
                 cache_request,
                 send,
                 self.storage,
@@ -577,12 +576,55 @@ class Edge:
         if keys:
             headers["surrogate-key"] = [" ".join(sorted(keys))]
         # Age counts from when the edge received the answer.
-        headers["date"] = [generate_http_date()]
+        headers["date"] = [formatdate(usegmt=True)]  # RFC 9110 IMF-fixdate
         return hishel.Response(
             status_code=upstream_response.status_code,
             headers=hishel.Headers(headers),
             stream=_body_stream(upstream_response.content),
         )
+
+
+async def _handle_with_rfc(
+    request: hishel.Request,
+    send: Callable[[hishel.Request], Awaitable[hishel.Response]],
+    storage: hishel.AsyncBaseStorage,
+    key: str,
+    options: hishel.CacheOptions,
+    *,
+    ttl: float | None = None,
+) -> tuple[hishel.Response, hishel.CacheStatus]:
+    """Answer `request` by driving hishel's RFC 9111 state machine (its public states) against
+    `storage`; `send` reaches the origin. The same loop hishel's own integrations run, which
+    hishel keeps private (`hishel._async_rfc`), so the edge drives the states itself."""
+    state: hishel.AnyState = hishel.IdleClient(options=options)
+    revalidated = False
+    while True:
+        if isinstance(state, hishel.IdleClient):
+            state = state.next(request, await storage.get_entries(key))
+        elif isinstance(state, (hishel.CacheMiss, hishel.NeedRevalidation)):
+            # A 304 that matches nothing leads to a plain request, not a revalidated one.
+            revalidated = isinstance(state, hishel.NeedRevalidation)
+            state = state.next(await send(state.request))
+        elif isinstance(state, hishel.StoreAndUse):
+            entry = await storage.create_entry(request, state.response, key, ttl=ttl)
+            status = hishel.CacheStatus(from_cache=False, revalidated=revalidated, stored=True)
+            return entry.response, status
+        elif isinstance(state, hishel.CouldNotBeStored):
+            status = hishel.CacheStatus(from_cache=False, revalidated=revalidated, stored=False)
+            return state.response, status
+        elif isinstance(state, hishel.FromCache):
+            status = hishel.CacheStatus(from_cache=True, revalidated=revalidated, stored=False)
+            return state.entry.response, status
+        elif isinstance(state, hishel.NeedToBeUpdated):
+            for updating in state.updating_entries:
+                await storage.update_headers(updating.id, updating.response.headers)
+            state = state.next()
+        elif isinstance(state, hishel.InvalidateEntries):
+            for entry_id in state.entry_ids:
+                await storage.remove_entry(entry_id)
+            state = state.next()
+        else:
+            assert_never(state)
 
 
 def _storage_ttl(policy: EndpointPolicy | None) -> float | None:
