@@ -26,14 +26,12 @@ import dagster as dg
 
 from assets.common import (
     GATE_COLUMNS,
-    approve,
-    gate_results,
+    facts_before_production,
     group_name,
     live_track,
     own_production,
     refuse,
     release_environment,
-    release_facts,
     release_pool,
     run_actor,
     run_in_progress,
@@ -92,13 +90,8 @@ def canary_asset(
         from dagster_project.core.reconcile import reconcile
 
         started = time.monotonic()
-        approver, refused = approve(approval, spec)
-        facts = release_facts(
-            context,
-            artifact_sha256=artifact.sha256,
-            live=None,
-            gates=gate_results(context, staging_gates, artifact.sha256),
-            approval_refused=refused,
+        approver, facts = facts_before_production(
+            context, spec, approval, staging_gates, artifact.sha256
         )
         decision = decide_canary(facts)  # token and gates: before production is looked at
         if decision.refused:

@@ -146,12 +146,26 @@ def refuse(decision: Decision) -> NoReturn:
     raise StageRefused(description=decision.reason)
 
 
-def approve(approval: Any, spec: ProductSpec) -> tuple[str, str | None]:
-    """(approver, None), or ("", why the token was refused): a fact for the decision."""
+def facts_before_production(
+    context: dg.AssetExecutionContext,
+    spec: ProductSpec,
+    approval: Any,
+    check_keys: Iterable[dg.AssetCheckKey],
+    artifact_sha256: str,
+) -> tuple[str, ReleaseFacts]:
+    """The approver and the facts a stage decides on before it looks at production: the
+    approval (the approver is "" when the token was refused) and the upstream gates."""
     try:
-        return approval.approve(spec).approver, None
+        approver, refused = approval.approve(spec).approver, None
     except ApprovalRefused as exc:
-        return "", str(exc)
+        approver, refused = "", str(exc)
+    return approver, release_facts(
+        context,
+        artifact_sha256=artifact_sha256,
+        live=None,
+        gates=gate_results(context, check_keys, artifact_sha256),
+        approval_refused=refused,
+    )
 
 
 def live_track(

@@ -22,14 +22,12 @@ from assets.canary import bake_scale, describe_event, metric_rows, step_problems
 from assets.common import (
     GATE_COLUMNS,
     StageRefused,
-    approve,
-    gate_results,
+    facts_before_production,
     group_name,
     live_track,
     own_production,
     refuse,
     release_environment,
-    release_facts,
     release_pool,
     stage_input,
     stage_key,
@@ -73,18 +71,14 @@ def promotion_asset(
         metrics: MetricsResource,
     ) -> dg.Output[PromotionReport]:
         started = time.monotonic()
-        approver, refused = approve(approval, spec)
-        local = platform.for_product(spec.product)
-        facts = release_facts(
-            context,
-            artifact_sha256=artifact.sha256,
-            live=live_track(local.current(ENV)),
-            gates=gate_results(context, upstream_blocking_checks, artifact.sha256),
-            approval_refused=refused,
+        approver, facts = facts_before_production(
+            context, spec, approval, upstream_blocking_checks, artifact.sha256
         )
-        entry = decide_promotion(facts)  # gates and token before anything
+        entry = decide_promotion(facts)  # gates and token before production is looked at
         if entry.refused and entry.rule in ("gates", "approval"):
             refuse(entry)
+        local = platform.for_product(spec.product)
+        facts = replace(facts, live=live_track(local.current(ENV)))
         # Re-entrant for the run whose canary is parked; any other release waits or is refused.
         own_production(context, spec, artifact.sha256, facts.live, "promoting")
         progress = {"watched": False}  # set once traffic moved to the new version

@@ -37,11 +37,14 @@ def release_home() -> Iterator[Path]:
 
 
 def _teardown(home: Path) -> None:
-    with contextlib.suppress(ImportError):
-        from dagster_project.core.platform import local
+    # No supervisor folder: no platform process was ever started (and stopping one would start
+    # the embedded Postgres just to find that out).
+    if (home / "supervisor").exists():
+        with contextlib.suppress(ImportError):
+            from dagster_project.core.platform import local
 
-        with contextlib.suppress(Exception):
-            local.LocalPlatform().down()
+            with contextlib.suppress(Exception):
+                local.LocalPlatform().down()
     from dagster_project.core import database
 
     if os.environ.get("RELEASE_DATABASE_URL"):

@@ -226,15 +226,23 @@ def test_verification_judges_the_post_deploy_smoke(
 
     seen: list[str] = []
 
-    class Report:
-        def to_dict(self) -> dict[str, Any]:
-            return {
-                "rows": [{"name": "GET /v1/items", "passed": True}, {"name": "x", "passed": passed}]
-            }
+    from dagster_project.core.contracts import SmokeReport, SmokeRow
 
-    def fake_smoke(spec: ProductSpec, platform: Any, version: str) -> Report:
+    def fake_smoke(spec: ProductSpec, platform: Any, version: str) -> SmokeReport:
         seen.append(version)
-        return Report()
+        return SmokeReport(
+            product=spec.product,
+            env="production",
+            expected_version=version,
+            run_id="fake",
+            edge_url="http://127.0.0.1:1",
+            sections=["smoke"],
+            started_at="2026-12-01T00:00:00+00:00",
+            rows=[
+                SmokeRow(section="smoke", name="GET /v1/items", passed=True, detail="", seconds=0),
+                SmokeRow(section="smoke", name="x", passed=passed, detail="", seconds=0),
+            ],
+        )
 
     monkeypatch.setattr(smoke, "post_deploy_smoke", fake_smoke)
     _, job = _verification()

@@ -905,12 +905,6 @@ def test_promotion_with_every_gate_passed_refuses_without_the_token(
     no_production_change(calls)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (reported): promotion calls platform.for_product(...).current('production') "
-    "before its gates/approval refusal, unlike canary; with the real LocalPlatform that read "
-    "starts the embedded Postgres for a run that is refused",
-)
 def test_promotion_refuses_before_looking_at_production(
     stages: dict[str, dg.AssetsDefinition],
     instance: dg.DagsterInstance,
@@ -924,11 +918,6 @@ def test_promotion_refuses_before_looking_at_production(
     assert calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (reported): with the real PlatformResource the refused promotion reads "
-    "production's platform state from Postgres before refusing",
-)
 def test_a_refused_promotion_never_reaches_postgres_with_the_real_platform(
     stages: dict[str, dg.AssetsDefinition],
     instance: dg.DagsterInstance,

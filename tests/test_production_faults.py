@@ -196,7 +196,7 @@ def test_sigkill_of_deploy_at_25_percent(platform: object, release_home: Path) -
     proc.wait(timeout=10)
     assert production_is_whole(platform, release_home) == before
     aborted = [c for c in changes.for_release(PRODUCT, version) if c.outcome == "aborted"]
-    assert len(aborted) == 1 and aborted[0].details["reconciled"] is True
+    assert len(aborted) == 1 and aborted[0].details.reconciled is True
     # The Dagster run the killed process left STARTED was marked failed by the reconciliation
     # of the next command (`release status` in production_is_whole).
     from dagster_project.instance import get_instance
@@ -399,4 +399,4 @@ def test_a_failed_watch_returns_production_to_the_previous_version(
     assert production_is_whole(platform, release_home) == before
     recorded = changes.for_release(PRODUCT, version)
     assert [c.outcome for c in recorded] == ["rolled_back"], recorded
-    assert recorded[0].details["restored_release"] == before
+    assert recorded[0].details.restored_release == before

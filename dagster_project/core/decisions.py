@@ -99,6 +99,22 @@ def _entry_rules(facts: ReleaseFacts, order: Sequence[Rule]) -> Decision | None:
     return None
 
 
+def _production_rules(facts: ReleaseFacts, backwards_outcome: str) -> Decision | None:
+    """What production serves decides next: this artifact already live, or this release behind
+    the live one (the canary reports `superseded`, promotion refuses; neither touches it)."""
+    live = facts.live
+    if live is not None and live.artifact_sha256 == facts.artifact_sha256:
+        return Decision("already_live", "already_live", "already serving 100%")
+    if live is not None and behind_production(facts.release, live.version, facts.registered):
+        return Decision(
+            backwards_outcome,
+            "release_order",
+            f"release {facts.release} is older than {live.version}, live in production: "
+            "production is never moved backwards (not touched)",
+        )
+    return None
+
+
 def decide_canary(
     facts: ReleaseFacts,
     *,
@@ -110,20 +126,10 @@ def decide_canary(
     """The canary stage. Facts arrive in the order the stage learns them: approval and gates
     (before anything), what production serves, the drift and migration gates on production
     (before traffic moves), then the canary's verdict."""
-    stop = _entry_rules(facts, ("approval", "gates"))
+    stop = _entry_rules(facts, ("approval", "gates")) or _production_rules(facts, "superseded")
     if stop is not None:
         return stop
     live = facts.live
-    if live is not None and live.artifact_sha256 == facts.artifact_sha256:
-        return Decision("already_live", "already_live", "already serving 100%")
-    if behind_production(facts.release, live.version if live else None, facts.registered):
-        assert live is not None
-        return Decision(
-            "superseded",
-            "release_order",
-            f"release {facts.release} is older than {live.version}, live in production: "
-            "production is never moved backwards (not touched)",
-        )
     if drift_differences is None:
         return _go("canary")
     if drift_differences:
@@ -172,20 +178,9 @@ def decide_promotion(
     """The promotion stage. `canary_artifact` is the artifact on production's canary track (the
     parked canary); then the watch at 100%; then, just before the switch, whether this run
     still owns production and which artifact the canary track serves."""
-    stop = _entry_rules(facts, ("gates", "approval"))
+    stop = _entry_rules(facts, ("gates", "approval")) or _production_rules(facts, "refused")
     if stop is not None:
         return stop
-    live = facts.live
-    if live is not None and live.artifact_sha256 == facts.artifact_sha256:
-        return Decision("already_live", "already_live", "already serving 100%")
-    if behind_production(facts.release, live.version if live else None, facts.registered):
-        assert live is not None
-        return Decision(
-            "refused",
-            "release_order",
-            f"refusing to promote {facts.release}: {live.version} is newer and live; "
-            "production is never moved backwards (unchanged)",
-        )
     if canary_artifact != facts.artifact_sha256:
         return Decision(
             "refused",
