@@ -185,7 +185,7 @@ def canary_asset(
             spec,
             env=ENV,
             artifact=fetched,
-            metrics=metrics.source(local.api_urls(ENV)),
+            metrics=metrics.source(local.api_urls(ENV), platform=local, env=ENV),
             bake_scale=bake_scale(),
             baseline=facts.live is not None,
             on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),

@@ -239,7 +239,7 @@ def promotion_asset(
             local,
             spec,
             env=ENV,
-            metrics=metrics.source(local.api_urls(ENV)),
+            metrics=metrics.source(local.api_urls(ENV), platform=local, env=ENV),
             bake_scale=bake_scale(),
             baseline=False,
             single_step_seconds=spec.production.watch_seconds,

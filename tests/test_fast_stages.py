@@ -157,7 +157,7 @@ def fake_platform(
 
 def fake_metrics(calls: list[tuple[str, tuple[Any, ...]]]) -> MetricsResource:
     class FakeMetrics(MetricsResource):
-        def source(self, api_urls: dict[str, str]) -> Any:
+        def source(self, api_urls: dict[str, str], **where: Any) -> Any:
             calls.append(("metrics.source", (api_urls,)))
             raise AssertionError("canary metrics read: past a refusal")
 

@@ -123,6 +123,28 @@ class Production(_Model):
     watch_seconds: float = Field(default=10, gt=0, le=3600)
 
 
+EdgeKind = Literal["embedded", "varnish"]
+MetricsKind = Literal["scrape", "prometheus"]
+GraceSeconds = Annotated[int, Field(ge=0, le=7 * DAY_SECONDS)]
+
+
+class EnvironmentParts(_Model):
+    """The edge and the metrics source of one environment (core/platform/edges.py; the
+    variables RELEASE_EDGE and RELEASE_METRICS override them for every environment)."""
+
+    edge: EdgeKind = "embedded"
+    metrics: MetricsKind = "scrape"
+
+
+class PlatformParts(_Model):
+    staging: EnvironmentParts = EnvironmentParts()
+    production: EnvironmentParts = EnvironmentParts()
+    # How long Varnish may serve an expired object while it refetches, per TTL class.
+    edge_grace_seconds: dict[TtlClass, GraceSeconds] = Field(
+        default_factory=lambda: {"dynamic": 5, "static": 3600}
+    )
+
+
 class ProductSpec(_Model):
     product: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     description: str = ""
@@ -134,6 +156,7 @@ class ProductSpec(_Model):
     queues: Queues
     guardrail: Guardrail
     production: Production = Production()
+    platform: PlatformParts = PlatformParts()
     migrations_dir: str = "migrations"
     expectations_dir: str = "expectations"
     service_dir: str = "service"

@@ -1,5 +1,6 @@
-"""Where canary metrics come from: the API processes' own Prometheus endpoints (local), or a
-Prometheus server queried with PromQL (real deployments)."""
+"""Where canary metrics come from: the platform's choice per environment (the APIs' own
+Prometheus endpoints scraped, or the platform's Prometheus queried with PromQL; see
+core/platform/edges.py), or an external Prometheus server (real deployments)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ class MetricsResource(dg.ConfigurableResource):
     kind: Literal["local", "prometheus"] = "local"
     prometheus_url: str = ""
 
-    def source(self, api_urls: dict[str, str]) -> Any:
+    def source(
+        self, api_urls: dict[str, str], *, platform: Any = None, env: str | None = None
+    ) -> Any:
+        """The judge's `MetricsSource` for env. `local`: what the platform runs for env
+        (`LocalPlatform.metrics_source`; the APIs scraped when no platform is given);
+        `prometheus`: PromQL at `prometheus_url`, one scrape target per track."""
         from dagster_project.core.canary import metrics
 
         if self.kind == "prometheus":
             if not self.prometheus_url:
                 raise ValueError("metrics kind 'prometheus' needs RELEASE_PROMETHEUS_URL")
-            return metrics.PrometheusSource(self.prometheus_url)
+            instances = {track: url.removeprefix("http://") for track, url in api_urls.items()}
+            return metrics.PrometheusSource(self.prometheus_url, instances=instances)
+        if platform is not None and env is not None:
+            return platform.metrics_source(env)
         return metrics.LocalScrapeSource(api_urls)

@@ -5,8 +5,9 @@ paths) for a track; the window of a step is `later.since(earlier)`, which is wha
 sees. Two sources implement `MetricsSource`:
 
 - `LocalScrapeSource(api_urls)`: scrapes each track's API process `/metrics` with httpx.
-- `PrometheusSource(base_url)`: the same numbers through PromQL over Prometheus's HTTP API,
-  for real deployments; `window(track, seconds)` also offers Prometheus-native `increase()`.
+- `PrometheusSource(base_url)`: the same numbers through PromQL over Prometheus's HTTP API
+  (the platform's own Prometheus, core/platform/prometheus.py, or a real deployment's);
+  `window(track, seconds)` also offers Prometheus-native `increase()`.
 
 Latency samples are reconstructed from histogram bucket deltas: every request counted in the
 bucket (lo, hi] becomes one sample at the bucket's midpoint (lo + hi) / 2; the first bucket
@@ -218,13 +219,17 @@ class PrometheusSource:
         base_url: str,
         *,
         selector: str = "",
+        instances: Mapping[str, str] | None = None,
         timeout_s: float = 5.0,
         attempts: int = 3,
         excluded_paths: frozenset[str] = DEFAULT_EXCLUDED_PATHS,
     ) -> None:
-        """`selector`: extra label matchers, e.g. `job="api-i",env="production"`."""
+        """`selector`: extra label matchers, e.g. `job="api-i",env="production"`;
+        `instances`: per track, the one scrape target (`host:port`) to count, so a process
+        that served the track before (and whose series are still fresh) is never added in."""
         self.base_url = base_url.rstrip("/")
         self.selector = selector
+        self.instances = dict(instances or {})
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.excluded_paths = excluded_paths
@@ -235,6 +240,8 @@ class PrometheusSource:
             parts.append('path!~"' + "|".join(sorted(self.excluded_paths)) + '"')
         if self.selector:
             parts.append(self.selector)
+        if track in self.instances:
+            parts.append(f'instance="{self.instances[track]}"')
         if extra:
             parts.append(extra)
         return "{" + ",".join(parts) + "}"
@@ -251,7 +258,11 @@ class PrometheusSource:
         }
 
     def snapshot(self, track: str) -> TrackSnapshot:
-        """Cumulative totals now (plain sums of the counters)."""
+        """Cumulative totals now (plain sums of the counters, as of the last scrape)."""
+        if self.instances and track not in self.instances:
+            raise MetricsUnavailable(
+                f"no scrape target for track {track!r} (known: {sorted(self.instances)})"
+            )
         values = self._collect(self._queries(track, "{}"))
         return TrackSnapshot(track, time.monotonic(), **values)
 

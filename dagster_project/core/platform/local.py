@@ -26,8 +26,9 @@ from typing import Any, Protocol
 import httpx
 
 from dagster_project.core import database, registry
-from dagster_project.core.platform import processes
+from dagster_project.core.platform import edges, processes
 from dagster_project.core.platform.errors import PlatformError
+from dagster_project.core.platform.prometheus import PrometheusInstance
 from dagster_project.core.platform.state import (
     ENVIRONMENTS,
     PURGE_KEY_HEADER,
@@ -75,10 +76,13 @@ class LocalPlatform:
         """Databases, supervisord and both edges running; harmless when already up (a
         stopped or given-up serving process is started again, on its port). Returns
         status()."""
+        edges.require_installed(self.spec, ENVIRONMENTS)  # before any work: names the package
         for name in (*ENVIRONMENTS, database.CONTROL_DB):
             database.ensure_database(name)
         self.state.ensure_schema()
         self.supervisor.ensure_running()
+        if any(edges.metrics_kind(self.spec, env) == "prometheus" for env in ENVIRONMENTS):
+            self._ensure_prometheus()
         with self.state.lock():
             # Start both edges before waiting, so their start-ups overlap.
             starting = [edge for env in ENVIRONMENTS if (edge := self._ensure_edge(env))]
@@ -91,6 +95,8 @@ class LocalPlatform:
                         self._revive(proc)
                     except PlatformError as exc:  # status() lists it; the edges are up
                         logger.warning("up: %s", exc)
+            for env in ENVIRONMENTS:
+                self._write_targets(env)
         return self.status()
 
     def down(self) -> None:
@@ -113,6 +119,10 @@ class LocalPlatform:
                 raise PlatformError(f"down: could not stop {', '.join(survivors)}")
             self.state.remove_processes([p.id for p in records])
             self.state.delete_environments()
+            # What the edges and Prometheus kept on disk (VCL, admin secret, TSDB) goes too.
+            for env in ENVIRONMENTS:
+                self._edge_impl(env, "varnish", 0, "").remove_files()
+            self._prometheus().remove_files()
         if not self.supervisor.shutdown_if_idle():
             logger.info("down: supervisord keeps running programs of other products")
 
@@ -125,12 +135,22 @@ class LocalPlatform:
         """None when the env's edge answers; else its record after making supervisord run
         it (same port when the environment has one)."""
         record = self.state.environment(env)
-        edges = self.state.processes(env, role="edge")
-        usable = [p for p in edges if record and p.program and p.port == record.edge_port][-1:]
-        stale = [p for p in edges if p not in usable]
-        for proc in stale:
+        kind = edges.edge_kind(self.spec, env)
+        recorded = self.state.processes(env, role="edge")
+        usable = [
+            p
+            for p in recorded
+            if record
+            and p.program
+            and p.port == record.edge_port
+            and edges.kind_of_program(p.program) == kind
+        ][-1:]
+        stale = [p for p in recorded if p not in usable]
+        for proc in stale:  # an edge of the other kind (the choice changed), or a lost one
             if proc.program:
                 self.supervisor.remove_program(proc.program)
+                if edges.kind_of_program(proc.program) != kind:
+                    self._edge_impl(env, edges.kind_of_program(proc.program), 0, "").remove_files()
         self.state.remove_processes([p.id for p in stale])
         if usable:
             edge = usable[0]
@@ -138,15 +158,20 @@ class LocalPlatform:
                 ok, _ = processes.probe(f"{edge.url}/_edge/health")
                 if ok:
                     return None
+            assert record is not None
+            impl = self._edge_impl(env, kind, int(str(edge.port)), record.purge_key)
+            impl.prepare(self.state.routes(env))  # a restart loads the current routes
             if edge.info is None and not self.supervisor.readd_program(str(edge.program)):
-                self._add_edge_program(env, str(edge.program), int(str(edge.port)))
+                self._add_edge_program(str(edge.program), impl)
             else:
                 self._revive(edge)
             return edge
         port = record.edge_port if record and record.edge_port else processes.free_port()
         purge_key = record.purge_key if record else secrets.token_urlsafe(32)
         self.state.upsert_environment(env, edge_port=port, purge_key=purge_key)
-        name = f"{self.product}.{env}.edge"
+        impl = self._edge_impl(env, kind, port, purge_key)
+        impl.prepare(self.state.routes(env))
+        name = edges.program_name(self.product, env, kind)
         edge = self.state.add_process(
             env=env,
             track=None,
@@ -155,31 +180,95 @@ class LocalPlatform:
             program=name,
             port=port,
             log_path=str(self.supervisor.log_path(name)),
-            command=shlex.join(self._edge_argv(env, port)),
+            command=shlex.join(impl.argv()),
         )
         try:
-            self._add_edge_program(env, name, port)
+            self._add_edge_program(name, impl)
         except BaseException:
             self.state.remove_processes([edge.id])
             raise
         return edge
 
-    def _edge_argv(self, env: str, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "dagster_project.core.platform.edge",
-            "--product",
-            self.product,
-            "--env",
-            env,
-            "--port",
-            str(port),
-        ]
+    def _edge_impl(self, env: str, kind: str, port: int, purge_key: str) -> edges.Edge:
+        """The edge of `kind` for env (edges.py): its command line, routes and purges."""
 
-    def _add_edge_program(self, env: str, name: str, port: int) -> None:
-        self.supervisor.add_program(
-            name, self._edge_argv(env, port), env=_child_env({}), cwd=PROJECT_ROOT
+        def call(path: str, payload: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+            return self._edge_call(env, path, payload, headers)
+
+        if kind == "varnish":
+            return edges.VarnishEdge(self.spec, env, port, purge_key, release_home(), call)
+        return edges.EmbeddedEdge(self.product, env, port, call)
+
+    def _edge(self, env: str) -> edges.Edge:
+        """The edge env runs now (whatever this process would choose: the recorded one)."""
+        record = self._require_up(env)
+        recorded = self.state.processes(env, role="edge")
+        kind = edges.kind_of_program(recorded[-1].program if recorded else None)
+        return self._edge_impl(env, kind, int(record.edge_port or 0), record.purge_key)
+
+    def _add_edge_program(self, name: str, impl: edges.Edge) -> None:
+        self.supervisor.add_program(name, impl.argv(), env=_child_env({}), cwd=PROJECT_ROOT)
+
+    # -- Prometheus ----------------------------------------------------------------------
+
+    def _prometheus(self) -> PrometheusInstance:
+        return PrometheusInstance(self.product, release_home() / "prometheus" / self.product)
+
+    def _ensure_prometheus(self) -> None:
+        """Prometheus of this product running and ready (same port across restarts)."""
+        instance = self._prometheus()
+        argv = instance.argv()
+        info = self.supervisor.info(instance.program)
+        if info is None:
+            self.supervisor.add_program(
+                instance.program, argv, env=_child_env({}), cwd=instance.home
+            )
+        elif info.state in ("STOPPED", "FATAL", "EXITED"):
+            self.supervisor.start(instance.program)
+        try:
+            processes.wait_ready(
+                f"{instance.url}/-/ready",
+                problem=lambda: self._problem(instance.program),
+                log_path=self.supervisor.log_path(instance.program),
+                what=f"Prometheus of {self.product} (program {instance.program})",
+                deadline_seconds=self.ready_deadline_seconds,
+            )
+        except processes.ProcessStartError as exc:
+            raise PlatformError(str(exc)) from None
+
+    def _write_targets(self, env: str) -> None:
+        """Prometheus's service discovery for env: its serving APIs (when Prometheus runs
+        for this product). Every routing change calls it, so deploy, rollback and promote
+        rewrite it."""
+        instance = self._prometheus()
+        if instance.config_path.is_file():
+            instance.write_targets(env, self.state.processes(env, role="api", status="serving"))
+
+    def prometheus_url(self) -> str:
+        """Where this product's Prometheus answers; PlatformError when it does not run."""
+        instance = self._prometheus()
+        info = self.supervisor.info(instance.program)
+        if instance.url is None or info is None or not info.running:
+            raise PlatformError(
+                f"Prometheus of {self.product} is not running (program {instance.program}): "
+                f"run `release platform up` with {edges.METRICS_VARIABLE}=prometheus or the "
+                "spec's platform.<env>.metrics: prometheus"
+            )
+        return instance.url
+
+    def metrics_source(self, env: str) -> Any:
+        """Where the canary judge reads env's metrics (`core/canary/metrics.MetricsSource`):
+        the APIs' own /metrics, or PromQL on the platform's Prometheus, limited to env's
+        serving API of each track."""
+        from dagster_project.core.canary import metrics
+
+        urls = self.api_urls(env)
+        if edges.metrics_kind(self.spec, env) == "scrape":
+            return metrics.LocalScrapeSource(urls)
+        return metrics.PrometheusSource(
+            self.prometheus_url(),
+            selector=f'product="{self.product}",env="{env}"',
+            instances={track: url.removeprefix("http://") for track, url in urls.items()},
         )
 
     # -- supervision helpers -------------------------------------------------------------
@@ -568,7 +657,13 @@ class LocalPlatform:
 
     # -- edge operations -----------------------------------------------------------------
 
-    def _edge_call(self, env: str, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _edge_call(
+        self,
+        env: str,
+        path: str,
+        payload: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         record = self._require_up(env)
         url = f"{record.edge_url}{path}"
         for attempt in (1, 2):
@@ -576,7 +671,7 @@ class LocalPlatform:
                 response = httpx.post(
                     url,
                     json=payload,
-                    headers={PURGE_KEY_HEADER: record.purge_key},
+                    headers={**(headers or {}), PURGE_KEY_HEADER: record.purge_key},
                     timeout=2.0,
                     trust_env=False,
                 )
@@ -599,16 +694,18 @@ class LocalPlatform:
         result: dict[str, Any] = response.json()
         return result
 
-    def _push_routes(self, env: str) -> None:
-        self._edge_call(env, "/_edge/routes", self.state.routes(env))
+    def _push_routes(self, env: str) -> dict[str, Any]:
+        """The route table to the env's edge, and its serving APIs to Prometheus's service
+        discovery."""
+        self._write_targets(env)
+        return self._edge(env).push_routes(self.state.routes(env))
 
     def purge(self, env: str, url: str | None = None, surrogate_key: str | None = None) -> int:
         """Purge the env's edge cache by URL (path and query; all tracks) or surrogate key."""
         check_env(env)
         if (url is None) == (surrogate_key is None):
             raise ValueError("purge: give exactly one of url= or surrogate_key=")
-        payload = {"url": url} if url is not None else {"surrogate_key": surrogate_key}
-        return int(self._edge_call(env, "/_edge/purge", payload)["purged"])
+        return self._edge(env).purge(url, surrogate_key)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -668,9 +765,21 @@ class LocalPlatform:
                 ready, why = processes.probe(f"{proc.url}/_edge/health")
                 if not ready:
                     problems.append(f"{proc.label}: {why}")
-            edge_info = {"url": proc.url, "alive": alive, "ready": ready, **_live(proc, restarts)}
+            edge_info = {
+                "url": proc.url,
+                "alive": alive,
+                "ready": ready,
+                **_live(proc, restarts),
+                **(self._edge(env).details() if record is not None else {}),
+            }
         if record is not None and not any(p.role == "edge" for p in records):
             problems.append(f"edge of {env} has no recorded process: run `release platform up`")
+        try:
+            edge_info["chosen"] = edges.edge_kind(self.spec, env)
+            metrics_info = self._metrics_status(env, problems)
+        except edges.PartChoiceError as exc:
+            problems.append(str(exc))
+            metrics_info = {}
 
         tracks: dict[str, Any] = {}
         for track in TRACKS:
@@ -715,6 +824,7 @@ class LocalPlatform:
             "env": env,
             "edge_url": record.edge_url if record else None,
             "edge": edge_info,
+            "metrics": metrics_info,
             "healthy": not problems,
             "database": database.server().display_url(env),
             "weights": record.weights if record else None,
@@ -722,6 +832,34 @@ class LocalPlatform:
             "restarts": restarts,
             "problems": problems,
         }
+
+    def _metrics_status(self, env: str, problems: list[str]) -> dict[str, Any]:
+        """The metrics source env's canary judge uses, and this product's Prometheus."""
+        kind = edges.metrics_kind(self.spec, env)
+        instance = self._prometheus()
+        info = self.supervisor.info(instance.program)
+        prometheus: dict[str, Any] | None = None
+        if info is not None or instance.config_path.is_file():
+            ready = False
+            if info is not None and info.running and instance.url:
+                ready, why = processes.probe(f"{instance.url}/-/ready")
+                if not ready and kind == "prometheus":
+                    problems.append(f"Prometheus of {self.product}: {why}")
+            prometheus = {
+                "url": instance.url,
+                "program": instance.program,
+                "state": info.state if info else "ABSENT",
+                "pid": info.pid if info else None,
+                "ready": ready,
+                "targets": instance.targets().get(env, []),
+                "log": str(self.supervisor.log_path(instance.program)),
+            }
+        if kind == "prometheus" and (prometheus is None or not prometheus["ready"]):
+            problems.append(
+                f"the metrics source of {env} is Prometheus, which is not running: run "
+                "`release platform up`"
+            )
+        return {"kind": kind, "prometheus": prometheus}
 
 
 # -- helpers ---------------------------------------------------------------------------------
