@@ -12,6 +12,7 @@ from checks.artifact import artifact_integrity_check
 from checks.compliance import compliance_check
 from checks.data_quality import data_quality_check
 from checks.edge_cache import edge_cache_check
+from checks.edge_vcl import edge_vcl_check
 from checks.migrations import migration_checks
 from checks.slo import slo_regression_check
 from checks.smoke import post_deploy_smoke_check, smoke_check
@@ -28,6 +29,7 @@ def release_checks(
     return [
         artifact_integrity_check(spec, partitions_def),
         *migration_checks(spec, partitions_def),
+        edge_vcl_check(spec, partitions_def),
         smoke_check(spec, partitions_def),
         edge_cache_check(spec, partitions_def),
         worker_dlq_check(spec, partitions_def),

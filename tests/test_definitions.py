@@ -40,6 +40,7 @@ def test_gates_are_blocking_partitioned_checks() -> None:
         ("schema_migration_check", "migration_lint"),
         ("schema_migration_check", "migration_safety"),
         ("schema_migration_check", "schema_drift"),
+        ("schema_migration_check", "edge_vcl"),
         ("staging_smoke", "smoke"),
         ("staging_smoke", "edge_cache"),
         ("staging_smoke", "worker_dlq"),

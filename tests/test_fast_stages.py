@@ -640,7 +640,7 @@ def test_the_gate_reader_sees_every_gate_passed_on_this_artifact(
     each one PASSED for this artifact, and for no other."""
     result, record = evaluate_gates(location, stages, instance, resources)
     assert result.success
-    assert len(gate_keys) == 10  # the gates of build, staging and canary
+    assert len(gate_keys) == 11  # the gates of build, staging and canary
     rows = gate_rows(instance, gate_keys, RELEASE, record.sha256)
     assert {r.check: r.status for r in rows} == {k.to_user_string(): "PASSED" for k in gate_keys}
     other = gate_rows(instance, gate_keys, RELEASE, LIVE.artifact_sha256)

@@ -100,6 +100,18 @@ def test_a_generated_vcl_compiles_and_a_broken_one_names_its_line() -> None:
         varnish.render_vcl(bad, ENV, routes, "k")
 
 
+def test_the_edge_vcl_gate_compiles_every_routing_shape_and_names_what_fails() -> None:
+    spec = load_spec(PRODUCT)
+    passed = varnish.vcl_gate(spec, ["production"])
+    assert (passed.passed, passed.verdict) == (True, "pass")
+    assert len(passed.compiled) == 4 and all(row["compiles"] for row in passed.compiled)
+    endpoint = spec.endpoints[1].model_copy(update={"surrogate_keys": ("items", 'x" }')})
+    bad = spec.model_copy(update={"endpoints": (spec.endpoints[0], endpoint, *spec.endpoints[2:])})
+    failed = varnish.vcl_gate(bad, ["production"])
+    assert (failed.passed, failed.verdict) == (False, "fail")
+    assert "endpoints[" in failed.description and "surrogate_keys" in failed.description
+
+
 def test_the_edge_is_varnish_and_status_shows_it(platform: LocalPlatform) -> None:
     status = platform.status()[ENV]
     assert status["healthy"], status["problems"]

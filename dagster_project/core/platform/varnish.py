@@ -657,3 +657,94 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+# -- the gate --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VclGateResult:
+    """What the `edge_vcl` gate found: every VCL the release can run with compiled, or the
+    first that did not (its line), or why it was not judged."""
+
+    passed: bool
+    verdict: str  # pass | fail | not_applicable
+    description: str
+    compiled: list[dict[str, Any]]
+
+
+def representative_routes() -> list[dict[str, Any]]:
+    """Route tables covering every branch the generated VCL has: no release, one track, and
+    stable and canary split."""
+    upstream = {"url": "http://127.0.0.1:9", "version": "0.0.0", "artifact_sha": "0" * 64}
+    return [
+        {"generation": 1, "weights": {"stable": 100, "canary": 0}, "upstreams": {}},
+        {
+            "generation": 2,
+            "weights": {"stable": 100, "canary": 0},
+            "upstreams": {"stable": upstream},
+        },
+        {
+            "generation": 3,
+            "weights": {"stable": 95, "canary": 5},
+            "upstreams": {"stable": upstream, "canary": {**upstream, "url": "http://127.0.0.1:10"}},
+        },
+    ]
+
+
+def vcl_gate(spec: ProductSpec, varnish_envs: list[str]) -> VclGateResult:
+    """Compile (`varnishd -C`) the VCL generated from `spec` for each environment and each
+    representative route table. Without varnishd: a failure if an environment runs Varnish
+    (naming the package), else not applicable (no VCL ships)."""
+    if binaries_missing():
+        if varnish_envs:
+            return VclGateResult(
+                False,
+                "fail",
+                f"{', '.join(varnish_envs)} run(s) Varnish but {', '.join(binaries_missing())} "
+                f"is not installed: {install_hint()}",
+                [],
+            )
+        return VclGateResult(
+            True,
+            "not_applicable",
+            "no environment runs Varnish and varnishd is not installed: no VCL ships",
+            [],
+        )
+    from concurrent.futures import ThreadPoolExecutor
+
+    placeholder_key = secrets.token_urlsafe(32)  # never the environment's own key
+    # Every routing shape for staging; production's VCL differs only in its name.
+    wanted = [("staging", r) for r in representative_routes()]
+    wanted.append(("production", representative_routes()[-1]))
+    vcls: list[tuple[str, str]] = []
+    for env, routes in wanted:
+        name = f"{env} VCL, routes {sorted(routes['upstreams']) or 'none'}"
+        try:
+            vcls.append((name, render_vcl(spec, env, routes, placeholder_key)))
+        except VclError as exc:
+            return VclGateResult(False, "fail", f"{name} cannot be generated: {exc}", [])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(compile_vcl, [vcl for _, vcl in vcls]))
+    compiled = [
+        {
+            "vcl": name,
+            "compiles": result.ok,
+            "line": result.line,
+            "source_line": result.source_line.strip(),
+            "message": result.message,
+            "seconds": round(result.seconds, 3),
+            "lines": len(vcl.splitlines()),
+        }
+        for (name, vcl), result in zip(vcls, results, strict=True)
+    ]
+    for (name, _), result in zip(vcls, results, strict=True):
+        if not result.ok:
+            return VclGateResult(False, "fail", result.describe(name), compiled)
+    return VclGateResult(
+        True,
+        "pass",
+        f"{len(compiled)} generated VCLs compile with varnishd -C"
+        + (f" (Varnish runs in {', '.join(varnish_envs)})" if varnish_envs else ""),
+        compiled,
+    )
