@@ -19,7 +19,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -49,7 +48,6 @@ from dagster_project.core.contracts import (
     TrackRef,
 )
 from dagster_project.core.decisions import Decision, ReleaseFacts, decide_canary
-from dagster_project.core.settings import release_home
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import (
     ApprovalResource,
@@ -161,16 +159,18 @@ def canary_asset(
         """Gather the facts one by one, deciding after each; `progress` says how far it got
         (`deployed`: the canary track runs, production may carry its traffic)."""
         from dagster_project.core.canary.analysis import run_canary
+        from dagster_project.core.database import environment_database
         from dagster_project.core.migrations.drift import check_drift
         from dagster_project.core.migrations.gate import migration_gate_report, schema_drift
 
         migrations_dir = registry.unpacked(artifact.sha256) / spec.migrations_dir
-        drift = schema_drift(check_drift(ENV, migrations_dir))
+        db = environment_database(spec.product, ENV)  # the product's own production database
+        drift = schema_drift(check_drift(db, migrations_dir))
         decision = decide_canary(facts, drift_differences=len(drift.differences))
         if not decision.proceed:
             context.log.error(decision.reason)
             return _ended(artifact, facts, decision, approver, drift=drift)
-        gate = migration_gate_report(ENV, migrations_dir, run_actor(context), apply=True)
+        gate = migration_gate_report(db, migrations_dir, run_actor(context), apply=True)
         decision = decide_canary(facts, drift_differences=0, migrations_blocked_by=gate.blocked_by)
         if not decision.proceed:
             return _ended(artifact, facts, decision, approver, drift=drift, migrations=gate)
@@ -191,7 +191,7 @@ def canary_asset(
             on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
             step_guard=lambda since: step_problems(spec, local, since),
         )
-        snapshots = render_snapshots(result, _snapshot_dir(artifact, context))
+        snapshots = render_snapshots(result)
         decision = decide_canary(
             facts,
             drift_differences=0,
@@ -307,13 +307,6 @@ def step_problems(spec: ProductSpec, local: Any, since_epoch: float) -> list[str
     return problems
 
 
-def _snapshot_dir(artifact: ArtifactRecord, context: dg.AssetExecutionContext) -> Path:
-    # Per run: a second canary of the same version never overwrites the first one's evidence.
-    return (
-        release_home() / "snapshots" / artifact.product / artifact.version / context.run.run_id[:8]
-    )
-
-
 def bake_scale() -> float:
     """`RELEASE_BAKE_SCALE` shortens bake times (tests, demos) without editing the spec."""
     return float(os.environ.get("RELEASE_BAKE_SCALE", "1.0"))
@@ -332,10 +325,21 @@ def describe_event(event: dict[str, Any]) -> str:
     return f"{kind}: {event.get('reason', '')}".strip()
 
 
-def render_snapshots(result: Any, directory: Path) -> list[Snapshot]:
+def render_snapshots(result: Any) -> list[Snapshot]:
+    """The charts, rendered in a scratch directory and kept in the evidence store by content
+    hash (never overwritten: a second canary of the same version keeps both sets); each
+    Snapshot's path is the stored file."""
+    import tempfile
+
+    from dagster_project.core import evidence
     from dagster_project.core.canary.snapshots import render_snapshots as render
 
-    return [Snapshot.model_validate(s) for s in render(result, directory)]
+    stored = []
+    with tempfile.TemporaryDirectory(prefix="snapshots-") as scratch:
+        for chart in render(result, scratch):
+            path, sha256 = evidence.store_file(chart["path"])
+            stored.append(Snapshot(name=chart["name"], path=str(path), sha256=sha256))
+    return stored
 
 
 def _v(track: TrackRef | None) -> str:

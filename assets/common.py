@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 import dagster as dg
 from pydantic import BaseModel
 
-from dagster_project.core.contracts import GateResult, TrackRef
+from dagster_project.core.contracts import GateResult, RunFacts, StageMaterialization, TrackRef
 from dagster_project.core.decisions import Decision, ReleaseFacts
 from dagster_project.core.guardrail import ApprovalRefused
 from dagster_project.core.spec import ProductSpec
@@ -225,9 +225,64 @@ def _evaluated_artifact(instance: dg.DagsterInstance, record: Any) -> str | None
     ).records
     if not found or found[0].asset_materialization is None:
         return None
-    metadata = found[0].asset_materialization.metadata
+    return _materialized_artifact(found[0].asset_materialization)
+
+
+def _materialized_artifact(materialization: Any) -> str | None:
+    metadata = materialization.metadata if materialization is not None else {}
     value = metadata.get("artifact_sha256") or metadata.get("sha256")
     return str(getattr(value, "value", value)) if value is not None else None
+
+
+def run_facts(
+    instance: dg.DagsterInstance,
+    spec: ProductSpec,
+    *,
+    release: str,
+    run_id: str,
+    artifact_sha256: str,
+    current_run_id: str | None = None,
+) -> RunFacts:
+    """What the instance says about the run that made a production change (compliance item 2):
+    its status, its release-stage steps that did not succeed (the audit's own steps aside),
+    and for each stage up to promotion a materialization of the partition - the run's own, else
+    one with the artifact, else the latest."""
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        return RunFacts(run_id=run_id, status=None)
+    audit_step = stage_key(spec, "audit").to_python_identifier()
+    failed = [
+        s.step_key
+        for s in instance.get_run_step_stats(run_id)
+        if not s.step_key.startswith(audit_step) and s.status.value != "SUCCESS"
+    ]
+    stages = []
+    for stage in STAGES[:-1]:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=stage_key(spec, stage), asset_partitions=[release]),
+            limit=50,
+        ).records
+        found = [
+            StageMaterialization(
+                stage=stage,
+                run_id=r.run_id,
+                artifact_sha256=_materialized_artifact(r.asset_materialization),
+            )
+            for r in records
+        ]
+        pick = (
+            next((m for m in found if m.run_id == run_id), None)
+            or next((m for m in found if m.artifact_sha256 == artifact_sha256), None)
+            or (found[0] if found else StageMaterialization(stage=stage))
+        )
+        stages.append(pick)
+    return RunFacts(
+        run_id=run_id,
+        status=run.status.value,
+        current=run_id == current_run_id,
+        failed_steps=failed,
+        stages=stages,
+    )
 
 
 def run_in_progress(instance: dg.DagsterInstance) -> Callable[[str], bool | None]:

@@ -1,22 +1,23 @@
-"""Gate on `audit`: the compliance checklist of the architecture note's footnote.
-
-(1) the artifact SHA verified by recomputing it from the registry; (2) the deploy run completed
-its stages; (3) the guardrail token present in the audit entry; (4) sign-off: post-deploy smoke
-passed, metrics within SLO, monitoring snapshots attached with matching hashes.
+"""Gate on `audit`: the compliance checklist of the architecture note's footnote, for every
+production change of the release (`core/checklist.py` has the items and which apply to which
+outcome): (1) the artifact SHA recomputed from the registry's bytes; (2) the Dagster run that
+made the change completed its stages and every stage is materialised for the partition, read
+from this instance; (3) the recorded token matches the spec's fingerprint; (4) sign-off: the
+post-deploy smoke and the SLO verdict passed, every snapshot present with its hash, and the
+signed checkpoint covering the entry verifies.
 """
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from assets.common import stage_key, table
-from dagster_project.core.contracts import AuditPayload, AuditReport, ContractError, Snapshot
+from assets.common import run_facts, stage_key, table
+from dagster_project.core import checklist
+from dagster_project.core.contracts import AuditPayload, AuditReport, ChecklistItem, RunFacts
 from dagster_project.core.spec import ProductSpec
 from dagster_project.resources import AuditResource, RegistryResource
 
-CHECKLIST_COLUMNS = ["change", "item", "passed", "detail"]
+CHECKLIST_COLUMNS = ["change_id", "item", "passed", "detail"]
 
 
 def compliance_check(
@@ -27,73 +28,87 @@ def compliance_check(
         name="compliance",
         blocking=True,
         partitions_def=partitions_def,
-        description="Footnote checklist: SHA in registry, deploy done, token in entry, sign-off.",
+        description="Footnote checklist: SHA recomputed from the registry, deploy run completed "
+        "its stages, token matches the fingerprint, sign-off (smoke, SLO, snapshots, checkpoint).",
     )
     def compliance(
-        audit: AuditReport, audit_trail: AuditResource, registry: RegistryResource
+        context: dg.AssetCheckExecutionContext,
+        audit: AuditReport,
+        audit_trail: AuditResource,
+        registry: RegistryResource,
     ) -> dg.AssetCheckResult:
-        return judge_compliance(audit, audit_trail, registry)
+        try:
+            current = context.run.run_id
+        except dg.DagsterError:  # invoked directly, outside a run
+            current = None
+        facts = instance_run_facts(context.instance, spec, current_run_id=current)
+        return judge_compliance(audit, audit_trail, registry, spec, facts)
 
     return compliance
 
 
-def judge_compliance(audit: AuditReport, audit_trail: Any, registry: Any) -> dg.AssetCheckResult:
-    rows: list[dict[str, Any]] = []
-    for item in audit.entries:
-        entry = audit_trail.find(item.change_id)
-        rows.extend(checklist(item.change_id, entry, registry))
-    passed = bool(rows) and all(r["passed"] for r in rows)
-    return dg.AssetCheckResult(
-        passed=passed,
-        description=(
-            "compliance checklist complete"
-            if passed
-            else "compliance checklist incomplete: "
-            + ", ".join(r["item"] for r in rows if not r["passed"])
-            if rows
-            else "no audit entry to check: inconclusive"
-        ),
-        metadata={"checklist": table(rows, CHECKLIST_COLUMNS)},
+def instance_run_facts(
+    instance: dg.DagsterInstance, spec: ProductSpec, current_run_id: str | None = None
+) -> checklist.RunFactsSource:
+    """Item 2's facts for a payload, read from the instance (never from the payload)."""
+
+    def facts(payload: AuditPayload) -> RunFacts:
+        return run_facts(
+            instance,
+            spec,
+            release=payload.release,
+            run_id=payload.run_id,
+            artifact_sha256=payload.artifact_sha256,
+            current_run_id=current_run_id,
+        )
+
+    return facts
+
+
+def entry_checklist(
+    change_id: str,
+    entry: Any,
+    audit_trail: Any,
+    registry: Any,
+    spec: ProductSpec,
+    facts: checklist.RunFactsSource,
+) -> list[ChecklistItem]:
+    return checklist.checklist(
+        change_id,
+        entry,
+        token_sha256=spec.guardrail.token_sha256,
+        verify_artifact=registry.verify,
+        run_facts=facts,
+        covering=audit_trail.covering,
     )
 
 
-def checklist(change_id: str, entry: Any, registry: Any) -> list[dict[str, Any]]:
-    """The footnote's items for one audit entry; an entry missing or not matching the
-    contract fails item 0 (never a pass)."""
-
-    def row(item: str, passed: bool, detail: str) -> dict[str, Any]:
-        return {"change": change_id, "item": item, "passed": passed, "detail": detail}
-
-    if entry is None:
-        return [row("0 audit entry present", False, "no entry in the audit trail")]
-    try:
-        payload: AuditPayload = AuditPayload.parse(entry.payload)
-    except ContractError as exc:
-        return [row("0 audit entry readable", False, str(exc)[:300])]
-    promoted = payload.outcome == "promoted"
-    sha = payload.artifact_sha256
-    snapshots = payload.snapshots
-    snapshots_ok = bool(snapshots) and all(_hash_matches(s) for s in snapshots)
-    rows = [
-        row("1 artifact SHA verified in registry", bool(sha) and registry.verify(sha), sha[:16]),
-        row("2 deploy completed", promoted, f"outcome {payload.outcome} (run {payload.run_id})"),
-        row("3 guardrail token in audit entry", bool(payload.guardrail_token), "present (masked)"),
-    ]
-    if promoted:
-        rows += [
-            row(
-                "4a post-deploy smoke passed",
-                payload.smoke_verdict == "passed",
-                str(payload.smoke_verdict),
-            ),
-            row("4b metrics within SLO", payload.slo_verdict == "pass", str(payload.slo_verdict)),
-            row(
-                "4c snapshots attached, hashes match", snapshots_ok, f"{len(snapshots)} snapshot(s)"
-            ),
-        ]
-    return rows
-
-
-def _hash_matches(snapshot: Snapshot) -> bool:
-    path = Path(snapshot.path)
-    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == snapshot.sha256
+def judge_compliance(
+    audit: AuditReport,
+    audit_trail: Any,
+    registry: Any,
+    spec: ProductSpec,
+    facts: checklist.RunFactsSource,
+) -> dg.AssetCheckResult:
+    rows: list[ChecklistItem] = []
+    for item in audit.entries:
+        entry = audit_trail.find(item.change_id)
+        rows += entry_checklist(item.change_id, entry, audit_trail, registry, spec, facts)
+    ok = checklist.passed(rows)
+    failed = checklist.failed(rows)
+    if ok:
+        description = "compliance checklist complete"
+    elif rows:
+        description = "compliance checklist incomplete: " + ", ".join(
+            f"{r.item} ({r.change_id}): {r.detail}"[:300] for r in failed
+        )
+    else:
+        description = "no audit entry to check: inconclusive"
+    return dg.AssetCheckResult(
+        passed=ok,
+        description=description,
+        metadata={
+            "checklist": table(rows, CHECKLIST_COLUMNS),
+            "not_applicable": len([r for r in rows if r.passed is None]),
+        },
+    )

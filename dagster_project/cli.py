@@ -3,7 +3,8 @@
     deploy PRODUCT [--release VERSION] [--set KEY=VALUE ...]
     release status PRODUCT [--json]
     release platform up|down|status [--json] [--product ID]
-    release audit verify [--json] | release audit show PRODUCT [--json]
+    release audit verify [--json] | show PRODUCT [--json] | ticket PRODUCT VERSION [--out DIR]
+    release audit export [--since SEQ] [--format jsonl] | release audit checkpoint
     release ui                                   (dagster dev on the shared instance)
 
 The CLI stays thin: it parses arguments, calls the core and prints. Expected failures
@@ -247,16 +248,131 @@ def _audit_show(args: argparse.Namespace) -> int:
     return code
 
 
+def _audit_ticket(args: argparse.Namespace) -> int:
+    """The sign-off document of each audited production change of the release: HTML (the
+    snapshots embedded) and Markdown, stored by content hash and copied to --out. Exit 0 when
+    every checklist item that applies passed, 3 naming the first that did not."""
+    import shutil
+    from pathlib import Path
+
+    from checks.compliance import instance_run_facts
+    from dagster_project.core import audit, checklist, registry, ticket
+    from dagster_project.core.contracts import AuditPayload, ContractError
+    from dagster_project.core.settings import release_home, validate_release_key
+    from dagster_project.core.spec import load_spec
+    from dagster_project.instance import get_instance
+
+    spec = load_spec(args.product)
+    try:
+        validate_release_key(args.version)
+    except ValueError as exc:
+        raise CliError(f"VERSION: {exc}") from None
+    found = [e for e in audit.entries(spec.product) if e.release == args.version]
+    if not found:
+        raise CliError(
+            f"VERSION: no audit entry for {spec.product} {args.version}: nothing to sign off "
+            f"(release audit show {spec.product} lists the audited changes)"
+        )
+    out = Path(args.out) if args.out else release_home() / "tickets" / spec.product / args.version
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--out: cannot create {out}: {exc.strerror or exc}") from None
+    facts = instance_run_facts(get_instance(), spec)
+    first_failure = None
+    for entry in found:
+        try:
+            run = facts(AuditPayload.parse(entry.payload))
+        except ContractError:
+            run = None  # item 0 of the checklist says why
+        rows = checklist.checklist(
+            entry.change_id,
+            entry,
+            token_sha256=spec.guardrail.token_sha256,
+            verify_artifact=registry.verify,
+            run_facts=lambda payload, run=run: run,
+            covering=audit.covering,
+        )
+        checkpoint, _ = audit.covering(entry.seq, entry.entry_hash)
+        sign_off = ticket.write(entry, rows, checkpoint, run)
+        stem = ticket.file_stem(entry)
+        try:
+            shutil.copyfile(sign_off.ticket_html, out / f"{stem}.html")
+            shutil.copyfile(sign_off.ticket_markdown, out / f"{stem}.md")
+        except OSError as exc:
+            raise CliError(f"--out: cannot write into {out}: {exc.strerror or exc}") from None
+        failed = checklist.failed(rows)
+        verdict = "ready to sign off" if not failed else f"NOT ready: {failed[0].item}"
+        print(
+            f"seq {entry.seq} {entry.payload.get('outcome')}: {out / stem}.html and .md "
+            f"(sha256 {sign_off.ticket_html_sha256[:12]}, checkpoint "
+            f"{checkpoint.seq if checkpoint else 'none'}): {verdict}"
+        )
+        if failed and first_failure is None:
+            first_failure = f"seq {entry.seq}: {failed[0].item}: {failed[0].detail}"
+    if first_failure:
+        print(f"release audit ticket: checklist incomplete at {first_failure}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from dagster_project.core import audit
+
+    for line in audit.export_lines(since=args.since):
+        print(line)
+    return 0
+
+
+def _audit_checkpoint(args: argparse.Namespace) -> int:
+    from dagster_project.core import audit
+
+    checkpoint = audit.record_checkpoint()
+    if checkpoint is None:
+        print("the audit trail is empty: nothing to sign")
+    else:
+        print(
+            f"checkpoint seq {checkpoint.seq} head {checkpoint.head_hash} signed by key "
+            f"{checkpoint.key_id} at {checkpoint.time}"
+        )
+    return 0
+
+
+def _seq(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a sequence number (0 or more), got {text!r}")
+    return int(text)
+
+
 def _add_audit(commands: argparse._SubParsersAction) -> None:
     audit = commands.add_parser("audit", help="the hash-chained audit trail")
     actions = audit.add_subparsers(dest="action", required=True, metavar="ACTION")
-    verify = actions.add_parser("verify", help="recompute the chain; exit 0 only when intact")
+    verify = actions.add_parser(
+        "verify", help="recompute the chain, then the signed checkpoints; exit 0 only when intact"
+    )
     verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(handler=_audit_verify)
     show = actions.add_parser("show", help="list a product's entries, token masked")
     show.add_argument("product", help="product id")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=_audit_show)
+    ticket = actions.add_parser(
+        "ticket", help="write the sign-off document (HTML + Markdown) of a release's changes"
+    )
+    ticket.add_argument("product", help="product id")
+    ticket.add_argument("version", help="the release, e.g. 1.4.0")
+    ticket.add_argument("--out", help="directory for copies (default $RELEASE_HOME/tickets/...)")
+    ticket.set_defaults(handler=_audit_ticket)
+    export = actions.add_parser(
+        "export", help="entries as JSON Lines for a SIEM (token masked), then their checkpoint"
+    )
+    export.add_argument("--since", type=_seq, default=0, help="only entries with seq > SEQ")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl", help="jsonl (default)")
+    export.set_defaults(handler=_audit_export)
+    checkpoint = actions.add_parser(
+        "checkpoint", help="sign the current head (after checking it extends the last checkpoint)"
+    )
+    checkpoint.set_defaults(handler=_audit_checkpoint)
 
 
 # -- release ui -------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ EXIT_BY_ERROR_CLASS: tuple[tuple[str, int], ...] = (
     ("ApprovalRefused", EXIT_REFUSED),
     ("RollbackRefused", EXIT_BAD_INPUT),  # nothing to roll back to, or never promoted
     ("RollbackFailed", EXIT_BLOCKED),  # the target could not take production: back on live
+    ("AuditKeyError", EXIT_BAD_INPUT),  # the checkpoint signing key is unusable or not trusted
+    ("CheckpointRefused", EXIT_BLOCKED),  # the trail no longer matches its checkpoints
+    ("EvidenceError", EXIT_BLOCKED),  # the evidence store holds other bytes under a hash
     ("DatabaseUnavailable", EXIT_BAD_INPUT),  # before MigrationError: an outage is not a block
     ("StateDirError", EXIT_BAD_INPUT),
     ("MigrationError", EXIT_BLOCKED),
@@ -111,19 +114,26 @@ def prepare(
     """Validate every input before anything runs; raises BadInput naming what is wrong.
 
     Returns the spec, the version, the settings as given (run config) and as parsed."""
-    from dagster_project.core import database
+    from dagster_project.core import checkpoints, database
     from dagster_project.core.migrations.history import MigrationError, read_migrations
     from dagster_project.core.settings import StateDirError, release_home
 
     try:
         validate_product_id(product)
         release_home()  # the state directory exists and is writable
+        checkpoints.signer()  # the audit checkpoint key: usable and trusted (first use: made)
         if os.environ.get(database.ENV_URL):
             database.server()  # parses the URL only; an embedded server is not started here
         spec = load_spec(product)
         if spec.migrations_path.is_dir():
             read_migrations(spec.migrations_path)  # misnamed files, version clashes
-    except (SpecError, StateDirError, database.DatabaseUnavailable, MigrationError) as exc:
+    except (
+        SpecError,
+        StateDirError,
+        database.DatabaseUnavailable,
+        MigrationError,
+        checkpoints.AuditKeyError,
+    ) as exc:
         raise BadInput(str(exc)) from None
     # `--release ""` is an error, not "use the default": only an absent flag means that.
     version = default_release_version(spec) if release is None else release

@@ -25,33 +25,39 @@ import pytest
 from checks import release_checks
 from checks.artifact import artifact_integrity_check
 from checks.common import rows_result
-from checks.compliance import checklist, compliance_check, judge_compliance
+from checks.compliance import compliance_check, judge_compliance
 from checks.edge_cache import edge_cache_check
 from checks.migrations import drift_result, migration_checks, production_drift_result
 from checks.slo import judge_slo, slo_regression_check
 from checks.smoke import judge_post_deploy, judge_smoke, post_deploy_smoke_check, smoke_check
 from checks.worker_dlq import worker_dlq_check
 from conftest import GUARDRAIL_TOKEN, PRODUCT
+from dagster_project.core import checklist as items
 from dagster_project.core.contracts import (
     ArtifactRecord,
     AuditEntryRef,
     AuditPayload,
     AuditReport,
     CanaryStageReport,
+    ChecklistItem,
+    Checkpoint,
     DriftDifference,
     Finding,
     MetricRow,
     MigrationGateReport,
     PromotionReport,
+    RunFacts,
     SchemaDrift,
     SmokeReport,
     SmokeRow,
     Snapshot,
+    StageMaterialization,
     StagingSmokeReport,
     TrackRef,
     Waiver,
     WatchReport,
 )
+from dagster_project.core.guardrail import mask
 from dagster_project.core.registry import ArtifactNotFound
 from dagster_project.core.spec import ProductSpec, load_spec
 from dagster_project.partitions import releases_partitions
@@ -148,13 +154,25 @@ class FakeRegistry(RegistryResource):
         raise ArtifactNotFound(f"artifact sha256:{sha256} is not in the registry index")
 
 
-def audit_trail(entries: Mapping[str, Any]) -> AuditResource:
+def audit_trail(entries: Mapping[str, Any], checkpoint_problem: str | None = None) -> AuditResource:
     """An audit trail whose `find(change_id)` answers from `entries` (None when absent), like
-    `core.audit.find`: an object with `.payload`, the stored JSON dict."""
+    `core.audit.find`: an object with `.payload`, the stored JSON dict; `covering` answers with
+    a checkpoint at the entry's seq, or `checkpoint_problem`."""
 
     class FakeAuditTrail(AuditResource):
         def find(self, change_id: str) -> Any:
             return entries.get(change_id)
+
+        def covering(self, seq: int, entry_hash: str) -> tuple[Any, str | None]:
+            checkpoint = Checkpoint(
+                trail="release_control",
+                seq=seq,
+                head_hash=entry_hash,
+                time="2026-11-30T09:31:13.000+00:00",
+                key_id="0123456789abcdef",
+                signature="c2lnbmVk",
+            )
+            return checkpoint, checkpoint_problem
 
         def append(self, change_id: str, payload: dict[str, Any]) -> Any:
             raise AssertionError("a gate never writes to the audit trail")
@@ -915,15 +933,27 @@ def test_post_deploy_smoke_of_a_release_already_live_is_judged_on_its_smoke(
 
 
 # --- compliance (audit) ------------------------------------------------------------------------
+# The checklist items with fakes behind the trail, the registry and the instance's run facts.
+# tests/test_audit_evidence.py makes each item fail through the real path (Postgres, the
+# registry's files, the evidence store, the signed checkpoints, a real Dagster instance).
 
 
 CHANGE_ID = "chg-4pnihc40q-yj-1.4.0-0f3c5c9e"
+ALL_ITEMS = [
+    items.ITEM_ARTIFACT,
+    items.ITEM_RUN,
+    items.ITEM_TOKEN,
+    items.ITEM_SMOKE,
+    items.ITEM_SLO,
+    items.ITEM_SNAPSHOTS,
+    items.ITEM_CHECKPOINT,
+]
 
 
 @pytest.fixture
 def snapshot(tmp_path: Path) -> Snapshot:
     """A monitoring chart on disk with its recorded hash (what the canary attaches)."""
-    path = tmp_path / "snapshots" / PRODUCT / VERSION / RUN_ID[:8] / "error_rate.png"
+    path = tmp_path / "evidence" / "sha256" / "error_rate.png"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"error-rate chart, 3 steps" * 40)
     return Snapshot(
@@ -974,124 +1004,242 @@ def audit_report(*change_ids: str) -> AuditReport:
     )
 
 
-@pytest.fixture(scope="module")
-def compliance(
-    spec: ProductSpec, partitions_def: dg.DynamicPartitionsDefinition
-) -> dg.AssetChecksDefinition:
-    return compliance_check(spec, partitions_def)
+def run_facts(**changes: Any) -> RunFacts:
+    """What the instance says about a deploy run that completed every stage."""
+    values: dict[str, Any] = {
+        "run_id": RUN_ID,
+        "status": "SUCCESS",
+        "stages": [
+            StageMaterialization(stage=stage, run_id=RUN_ID, artifact_sha256=SHA)
+            for stage in items.DEPLOY_STAGES
+        ],
+    }
+    values.update(changes)
+    return RunFacts(**values)
 
 
-def checklist_of(result: dg.AssetCheckResult) -> dict[str, tuple[bool, str]]:
+def judge(
+    spec: ProductSpec,
+    data: dict[str, Any],
+    *,
+    facts: RunFacts | None = None,
+    registry: RegistryResource | None = None,
+    checkpoint_problem: str | None = None,
+) -> dg.AssetCheckResult:
+    return judge_compliance(
+        audit_report(CHANGE_ID),
+        audit_trail({CHANGE_ID: entry(data)}, checkpoint_problem),
+        registry or FakeRegistry(intact=[SHA]),
+        spec,
+        lambda payload: run_facts() if facts is None else facts,
+    )
+
+
+def checklist_of(result: dg.AssetCheckResult) -> dict[str, tuple[bool | None, str]]:
     return {r["item"]: (r["passed"], r["detail"]) for r in table_rows(result, "checklist")}
 
 
 def test_compliance_passes_a_complete_promotion_entry(
-    compliance: dg.AssetChecksDefinition, snapshot: Snapshot
+    spec: ProductSpec, snapshot: Snapshot
 ) -> None:
-    result = invoke(
-        compliance,
-        audit=audit_report(CHANGE_ID),
-        audit_trail=audit_trail({CHANGE_ID: entry(payload(snapshot))}),
-        registry=FakeRegistry(intact=[SHA]),
-    )
+    result = judge(spec, payload(snapshot))
     assert result.passed is True
     assert result.description == "compliance checklist complete"
-    items = checklist_of(result)
-    assert list(items) == [
-        "1 artifact SHA verified in registry",
-        "2 deploy completed",
-        "3 guardrail token in audit entry",
-        "4a post-deploy smoke passed",
-        "4b metrics within SLO",
-        "4c snapshots attached, hashes match",
-    ]
-    assert all(ok for ok, _ in items.values())
+    checked = checklist_of(result)
+    assert list(checked) == ALL_ITEMS
+    assert all(ok is True for ok, _ in checked.values())
+    assert checked[items.ITEM_TOKEN][1].startswith(mask(GUARDRAIL_TOKEN))
     assert GUARDRAIL_TOKEN not in str(table_rows(result, "checklist"))
 
 
-@pytest.mark.parametrize(
-    ("changes", "failed_item"),
-    [
-        (
-            {"outcome": "aborted", "smoke_verdict": None, "slo_verdict": "fail"},
-            "2 deploy completed",
-        ),
-        ({"outcome": "rolled_back"}, "2 deploy completed"),
-        ({"guardrail_token": ""}, "3 guardrail token in audit entry"),
-        ({"smoke_verdict": "failed"}, "4a post-deploy smoke passed"),
-        ({"smoke_verdict": None}, "4a post-deploy smoke passed"),
-        ({"slo_verdict": "inconclusive"}, "4b metrics within SLO"),
-        ({"slo_verdict": None}, "4b metrics within SLO"),
-        ({"snapshots": []}, "4c snapshots attached, hashes match"),
-    ],
-    ids=[
-        "aborted",
-        "rolled_back",
-        "no_token",
-        "smoke_failed",
-        "smoke_missing",
-        "slo_inconclusive",
-        "slo_missing",
-        "no_snapshots",
-    ],
-)
-def test_compliance_fails_naming_the_missing_item(
-    compliance: dg.AssetChecksDefinition,
+def test_the_check_reads_item_2_from_its_instance_not_the_payload(
+    spec: ProductSpec,
+    partitions_def: dg.DynamicPartitionsDefinition,
     snapshot: Snapshot,
-    changes: dict[str, Any],
-    failed_item: str,
 ) -> None:
-    result = invoke(
-        compliance,
+    """The check definition, invoked with a context: the payload names a run the instance has
+    never seen, so the deploy run is not taken on the payload's word."""
+    check = compliance_check(spec, partitions_def)
+    context = dg.build_asset_check_context(instance=dg.DagsterInstance.ephemeral())
+    result = check(
+        context,
         audit=audit_report(CHANGE_ID),
-        audit_trail=audit_trail({CHANGE_ID: entry(payload(snapshot, **changes))}),
+        audit_trail=audit_trail({CHANGE_ID: entry(payload(snapshot))}),
         registry=FakeRegistry(intact=[SHA]),
     )
     assert result.passed is False
-    assert failed_item in (result.description or "")
-    assert checklist_of(result)[failed_item][0] is False
+    assert checklist_of(result)[items.ITEM_RUN] == (
+        False,
+        f"run {RUN_ID} is not on the Dagster instance",
+    )
 
 
-def test_compliance_fails_when_the_registry_copy_does_not_rehash(
-    compliance: dg.AssetChecksDefinition, snapshot: Snapshot
+FAILURES = {
+    "registry_tampered": ({}, {"registry": "tampered"}, items.ITEM_ARTIFACT),
+    "registry_unknown": ({}, {"registry": "unknown"}, items.ITEM_ARTIFACT),
+    "run_unknown": ({}, {"facts": RunFacts(run_id=RUN_ID, status=None)}, items.ITEM_RUN),
+    "run_failed_step": (
+        {},
+        {"facts": run_facts(status="FAILURE", failed_steps=["4pnihc40q_yj__promotion"])},
+        items.ITEM_RUN,
+    ),
+    "run_unfinished": ({}, {"facts": run_facts(status="STARTED")}, items.ITEM_RUN),
+    "stage_missing": (
+        {},
+        {"facts": run_facts(stages=[StageMaterialization(stage="build")])},
+        items.ITEM_RUN,
+    ),
+    "promoted_by_another_run": (
+        {},
+        {
+            "facts": run_facts(
+                stages=[
+                    StageMaterialization(stage=s, run_id="other-run-id", artifact_sha256=SHA)
+                    for s in items.DEPLOY_STAGES
+                ]
+            )
+        },
+        items.ITEM_RUN,
+    ),
+    "wrong_token": ({"guardrail_token": "tpt-forged-token"}, {}, items.ITEM_TOKEN),
+    "no_token": ({"guardrail_token": ""}, {}, items.ITEM_TOKEN),
+    "smoke_failed": ({"smoke_verdict": "failed"}, {}, items.ITEM_SMOKE),
+    "smoke_missing": ({"smoke_verdict": None}, {}, items.ITEM_SMOKE),
+    "slo_inconclusive": ({"slo_verdict": "inconclusive"}, {}, items.ITEM_SLO),
+    "slo_missing": ({"slo_verdict": None}, {}, items.ITEM_SLO),
+    "no_snapshots": ({"snapshots": []}, {}, items.ITEM_SNAPSHOTS),
+    "checkpoint_forged": (
+        {},
+        {"checkpoint_problem": "signature does not verify"},
+        items.ITEM_CHECKPOINT,
+    ),
+}
+
+
+@pytest.mark.parametrize(("changes", "setup", "failed_item"), FAILURES.values(), ids=FAILURES)
+def test_each_item_fails_on_its_own(
+    spec: ProductSpec,
+    snapshot: Snapshot,
+    changes: dict[str, Any],
+    setup: dict[str, Any],
+    failed_item: str,
 ) -> None:
-    result = invoke(
-        compliance,
-        audit=audit_report(CHANGE_ID),
-        audit_trail=audit_trail({CHANGE_ID: entry(payload(snapshot))}),
-        registry=FakeRegistry(tampered=[SHA]),
+    registry = {
+        "tampered": FakeRegistry(tampered=[SHA]),
+        "unknown": FakeRegistry(),
+        None: None,
+    }[setup.get("registry")]
+    result = judge(
+        spec,
+        payload(snapshot, **changes),
+        facts=setup.get("facts"),
+        registry=registry,
+        checkpoint_problem=setup.get("checkpoint_problem"),
     )
     assert result.passed is False
-    assert checklist_of(result)["1 artifact SHA verified in registry"] == (False, SHA[:16])
+    checked = checklist_of(result)
+    assert [item for item, (ok, _) in checked.items() if ok is False] == [failed_item]
+    assert failed_item in (result.description or "")
+    assert GUARDRAIL_TOKEN not in str(table_rows(result, "checklist"))
 
 
 @pytest.mark.parametrize("tamper", ["edited", "deleted"])
 def test_compliance_fails_when_a_snapshot_no_longer_matches_its_hash(
-    compliance: dg.AssetChecksDefinition, snapshot: Snapshot, tamper: str
+    spec: ProductSpec, snapshot: Snapshot, tamper: str
 ) -> None:
     path = Path(snapshot.path)
     if tamper == "edited":
         path.write_bytes(path.read_bytes() + b"retouched")
     else:
         path.unlink()
-    result = invoke(
-        compliance,
-        audit=audit_report(CHANGE_ID),
-        audit_trail=audit_trail({CHANGE_ID: entry(payload(snapshot))}),
-        registry=FakeRegistry(intact=[SHA]),
-    )
+    result = judge(spec, payload(snapshot))
     assert result.passed is False
-    assert checklist_of(result)["4c snapshots attached, hashes match"][0] is False
+    ok, detail = checklist_of(result)[items.ITEM_SNAPSHOTS]
+    assert ok is False and snapshot.path in detail
 
 
-def test_compliance_without_audit_entries_is_inconclusive(
-    compliance: dg.AssetChecksDefinition,
+def test_an_aborted_canary_is_audited_without_deploy_items(
+    spec: ProductSpec, snapshot: Snapshot
 ) -> None:
-    result = invoke(
-        compliance,
-        audit=audit_report(),
-        audit_trail=audit_trail({}),
-        registry=FakeRegistry(intact=[SHA]),
+    """An abort is not a deploy: items 2, 4a and 4b do not apply (said, never a pass); the
+    artifact, the token, its snapshots and its checkpoint still must hold."""
+    aborted = payload(snapshot, outcome="aborted", smoke_verdict=None, slo_verdict="fail")
+    result = judge(spec, aborted, facts=RunFacts(run_id=RUN_ID, status=None))
+    assert result.passed is True
+    checked = checklist_of(result)
+    assert {item for item, (ok, _) in checked.items() if ok is None} == {
+        items.ITEM_RUN,
+        items.ITEM_SMOKE,
+        items.ITEM_SLO,
+    }
+    assert checked[items.ITEM_RUN][1] == f"not applicable: the canary was aborted (run {RUN_ID})"
+    assert metadata_value(result, "not_applicable") == 3
+    snapshot_gone = judge(spec, payload(snapshot, outcome="aborted", snapshots=[]))
+    assert checklist_of(snapshot_gone)[items.ITEM_SNAPSHOTS][0] is None
+    Path(snapshot.path).unlink()
+    assert judge(spec, aborted).passed is False  # a recorded snapshot must still be there
+
+
+def test_a_rollback_needs_its_smoke_but_no_dagster_run(
+    spec: ProductSpec, snapshot: Snapshot
+) -> None:
+    """`release rollback` (recorded under the release it restored) is judged on the smoke of
+    what it restored; a release its own watch rolled back is, like an abort, not a deploy."""
+    by_hand = payload(
+        snapshot,
+        outcome="rolled_back",
+        restored_release=VERSION,
+        slo_verdict="not judged (rollback)",
+    )
+    result = judge(spec, by_hand, facts=RunFacts(run_id="rollback-1", status=None))
+    assert result.passed is True
+    checked = checklist_of(result)
+    assert checked[items.ITEM_RUN][0] is None and checked[items.ITEM_SLO][0] is None
+    assert checked[items.ITEM_SMOKE] == (True, "smoke of the restored release passed")
+    failed = {**by_hand, "smoke_verdict": "failed"}
+    assert checklist_of(judge(spec, failed))[items.ITEM_SMOKE][0] is False
+
+    by_watch = payload(
+        snapshot,
+        outcome="rolled_back",
+        restored_release="1.3.0",
+        smoke_verdict="failed or not run",
+        slo_verdict="fail",
+    )
+    checked = checklist_of(judge(spec, by_watch))
+    assert {item for item, (ok, _) in checked.items() if ok is None} == {
+        items.ITEM_RUN,
+        items.ITEM_SMOKE,
+        items.ITEM_SLO,
+    }
+    assert checked[items.ITEM_SMOKE][1] == (
+        "not applicable: its watch rolled it back (smoke failed or not run)"
+    )
+
+
+def test_an_aborted_first_canary_does_not_fail_the_promotion_of_the_retry(
+    spec: ProductSpec, snapshot: Snapshot
+) -> None:
+    aborted_id = "chg-4pnihc40q-yj-1.4.0-aborted-77aa"
+    aborted = payload(
+        snapshot, outcome="aborted", change_id=aborted_id, run_id="first-run", slo_verdict="fail"
+    )
+    trail = audit_trail({CHANGE_ID: entry(payload(snapshot)), aborted_id: entry(aborted)})
+    result = judge_compliance(
+        audit_report(aborted_id, CHANGE_ID),
+        trail,
+        FakeRegistry(intact=[SHA]),
+        spec,
+        lambda p: run_facts() if p.run_id == RUN_ID else RunFacts(run_id=p.run_id, status=None),
+    )
+    assert result.passed is True
+    rows = table_rows(result, "checklist")
+    assert {r["change_id"] for r in rows} == {aborted_id, CHANGE_ID}
+
+
+def test_compliance_without_audit_entries_is_inconclusive(spec: ProductSpec) -> None:
+    result = judge_compliance(
+        audit_report(), audit_trail({}), FakeRegistry(intact=[SHA]), spec, lambda p: run_facts()
     )
     assert result.passed is False
     assert result.description == "no audit entry to check: inconclusive"
@@ -1099,22 +1247,25 @@ def test_compliance_without_audit_entries_is_inconclusive(
 
 
 def test_compliance_fails_an_entry_missing_from_the_trail(
-    compliance: dg.AssetChecksDefinition, snapshot: Snapshot
+    spec: ProductSpec, snapshot: Snapshot
 ) -> None:
     """One entry complete, the other one gone from the trail: not a pass."""
     other = "chg-4pnihc40q-yj-1.4.0-aborted-77aa"
-    result = invoke(
-        compliance,
-        audit=audit_report(CHANGE_ID, other),
-        audit_trail=audit_trail({CHANGE_ID: entry(payload(snapshot))}),
-        registry=FakeRegistry(intact=[SHA]),
+    result = judge_compliance(
+        audit_report(CHANGE_ID, other),
+        audit_trail({CHANGE_ID: entry(payload(snapshot))}),
+        FakeRegistry(intact=[SHA]),
+        spec,
+        lambda p: run_facts(),
     )
     assert result.passed is False
-    assert result.description == "compliance checklist incomplete: 0 audit entry present"
-    rows = table_rows(result, "checklist")
-    assert rows[-1] == {
-        "change": other,
-        "item": "0 audit entry present",
+    assert result.description == (
+        f"compliance checklist incomplete: {items.ITEM_PRESENT} ({other}): "
+        "no entry in the audit trail"
+    )
+    assert table_rows(result, "checklist")[-1] == {
+        "change_id": other,
+        "item": items.ITEM_PRESENT,
         "passed": False,
         "detail": "no entry in the audit trail",
     }
@@ -1133,42 +1284,31 @@ def test_compliance_fails_an_entry_missing_from_the_trail(
     ids=["no_sha", "wrong_environment", "unknown_outcome", "extra_field", "bad_steps", "no_token"],
 )
 def test_compliance_never_passes_an_entry_that_does_not_match_the_contract(
-    compliance: dg.AssetChecksDefinition,
+    spec: ProductSpec,
     snapshot: Snapshot,
     corrupt: Callable[[dict[str, Any]], dict[str, Any]],
     named_field: str,
 ) -> None:
-    stored = corrupt(payload(snapshot))
-    result = invoke(
-        compliance,
-        audit=audit_report(CHANGE_ID),
-        audit_trail=audit_trail({CHANGE_ID: entry(stored)}),
-        registry=FakeRegistry(intact=[SHA]),
-    )
+    result = judge(spec, corrupt(payload(snapshot)))
     assert result.passed is False
-    assert result.description == "compliance checklist incomplete: 0 audit entry readable"
+    assert (result.description or "").startswith(
+        f"compliance checklist incomplete: {items.ITEM_READABLE}"
+    )
     (only,) = table_rows(result, "checklist")
-    assert only["item"] == "0 audit entry readable"
+    assert only["item"] == items.ITEM_READABLE
     assert f"field '{named_field}" in only["detail"]
     assert GUARDRAIL_TOKEN not in only["detail"]  # the contract hides input in its errors
 
 
-def test_checklist_of_an_aborted_canary_has_no_sign_off_items(snapshot: Snapshot) -> None:
-    """An abort is audited, but it is not a completed deploy: items 1-3 only, 2 failed."""
-    rows = checklist(
+def test_checklist_rows_are_contracts(snapshot: Snapshot, spec: ProductSpec) -> None:
+    rows = items.checklist(
         CHANGE_ID,
-        entry(payload(snapshot, outcome="aborted", smoke_verdict=None, slo_verdict="fail")),
-        FakeRegistry(intact=[SHA]),
+        entry(payload(snapshot)),
+        token_sha256=spec.guardrail.token_sha256,
+        verify_artifact=FakeRegistry(intact=[SHA]).verify,
+        run_facts=lambda p: run_facts(),
+        covering=audit_trail({}).covering,
     )
-    assert [(r["item"], r["passed"]) for r in rows] == [
-        ("1 artifact SHA verified in registry", True),
-        ("2 deploy completed", False),
-        ("3 guardrail token in audit entry", True),
-    ]
-    assert rows[1]["detail"] == f"outcome aborted (run {RUN_ID})"
-
-
-def test_judge_compliance_is_what_the_check_returns(snapshot: Snapshot) -> None:
-    trail = audit_trail({CHANGE_ID: entry(payload(snapshot))})
-    result = judge_compliance(audit_report(CHANGE_ID), trail, FakeRegistry(intact=[SHA]))
-    assert result.passed is True
+    assert all(isinstance(r, ChecklistItem) for r in rows)
+    assert items.passed(rows) and not items.failed(rows)
+    assert not items.passed([])

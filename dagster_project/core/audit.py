@@ -21,6 +21,11 @@ Storage (database `release_control`, schema `audit`):
   release_pipeline` before touching the trail, so the pipeline's own code can only append and
   read. The connecting user must be a member of the role; `ensure_audit_schema()` grants it.
 
+Signed checkpoints outside the database (`core/checkpoints.py`): after every append the
+trail's head (seq, hash, time) is signed with an Ed25519 key and written to a write-once file
+outside Postgres, so a superuser who rewrites the chain and the head together, deletes the tail,
+or forges a checkpoint is caught by `verify()`, which names the first bad seq or checkpoint.
+
 The guardrail token is recorded in the payload (the one place it is kept) and masked in
 everything this module prints or raises.
 """
@@ -28,6 +33,7 @@ everything this module prints or raises.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,9 +45,9 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from dagster_project.core import control_schema
+from dagster_project.core import checkpoints, control_schema
 from dagster_project.core import database as db
-from dagster_project.core.contracts import AuditPayload
+from dagster_project.core.contracts import AuditPayload, Checkpoint
 from dagster_project.core.guardrail import mask, scrub
 
 PIPELINE_ROLE = "release_pipeline"
@@ -69,6 +75,13 @@ LOOKUP_EDITED = "lookup columns edited"
 EMPTY_TRAIL = "empty trail"
 NO_TRAIL = "no audit trail"
 UNREADABLE = "audit trail unreadable"
+# ... and against the signed checkpoints outside the database.
+NO_CHECKPOINT = "no checkpoint"
+CHECKPOINT_INVALID = "checkpoint invalid"
+CHECKPOINT_FORGED = "checkpoint signature invalid"
+CHAIN_REWRITTEN = "chain rewritten (a checkpoint's head is not in the chain)"
+TAIL_DELETED = "entries deleted (a checkpoint covers more than the trail holds)"
+NO_TRUST = "no trusted checkpoint key"
 
 
 class AuditError(RuntimeError):
@@ -103,7 +116,11 @@ class VerifyResult:
     reason: str | None  # one of the reason constants above; None when ok
     detail: str = ""
     head_seq: int | None = None
-    head_hash: str | None = None  # record it elsewhere to detect a rewritten chain later
+    head_hash: str | None = None
+    checkpoints_checked: int = 0  # signatures and heads verified
+    checkpoint_seq: int | None = None  # the newest verified checkpoint covers up to this seq
+    uncovered: int = 0  # newest entries no checkpoint covers yet (the next append signs them)
+    bad_checkpoint: str | None = None  # the checkpoint file at fault, when one is
 
 
 # --------------------------------------------------------------------------- schema
@@ -205,7 +222,8 @@ def append(
     stored entry with `created=False` (the new payload is not written).
 
     `change_id` identifies the production change (e.g. `<product>:<release>:<run id>`); it is
-    also stored in the payload, so it is covered by the hash.
+    also stored in the payload, so it is covered by the hash. Then the head is signed into the
+    checkpoint log (`record_checkpoint`); the signing key is checked before anything is written.
     """
     if not isinstance(change_id, str) or not change_id.strip():
         raise ValueError("audit change_id is missing or empty")
@@ -217,6 +235,7 @@ def append(
     token = payload["guardrail_token"]
     text = canonical_json({**payload, "change_id": change_id})
     ensure_audit_schema(database)
+    key = checkpoints.signer()  # an unusable or untrusted key refuses before the append
     try:
         with _pipeline_connection(database) as conn, conn.cursor() as cur:
             cur.execute("SET lock_timeout = '30s'")  # a stuck appender surfaces as an error
@@ -230,7 +249,94 @@ def append(
         )
         raise AuditError(scrub(message, token)) from None
     assert row is not None
-    return _entry(row[:9], created=bool(row[9]))
+    entry = _entry(row[:9], created=bool(row[9]))
+    record_checkpoint(database=database, key=key)
+    return entry
+
+
+def record_checkpoint(
+    *, database: str = db.CONTROL_DB, key: checkpoints.Signer | None = None
+) -> Checkpoint | None:
+    """Sign the trail's current head into the checkpoint log, once the entries since the newest
+    valid checkpoint are checked to extend it (the chain links on from its head): a trail that
+    no longer matches it raises CheckpointRefused naming both, and nothing is signed. Returns
+    the checkpoint covering the head (None for an empty trail)."""
+    key = key or checkpoints.signer()
+    base = checkpoints.newest_valid(database, checkpoints.trusted_keys()[0])
+    start = base.seq + 1 if base else 1
+    try:
+        with _snapshot(database) as cur:
+            cur.execute("SELECT seq, hash FROM audit.head WHERE id = 1")
+            head_seq, head_hash = cur.fetchone() or (0, GENESIS_HASH)
+            if base is not None and base.seq >= head_seq:
+                if base.seq == head_seq and base.head_hash == head_hash:
+                    return base
+                raise checkpoints.CheckpointRefused(
+                    f"the trail's head (seq {head_seq}) does not match checkpoint "
+                    f"{checkpoints.file_name(base.seq)} (seq {base.seq}): no checkpoint signed; "
+                    "run release audit verify"
+                )
+            if head_seq == 0:
+                return None
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM audit.entries WHERE seq >= %s ORDER BY seq", (start,)
+            )
+            rows = [_entry(r) for r in cur.fetchall()]
+    except psycopg2.Error as exc:
+        raise AuditError(
+            f"reading the audit trail in {db.server().display_url(database)} to sign a "
+            f"checkpoint failed: {str(exc).strip()}"
+        ) from None
+    result = check_chain(
+        rows, head_seq, head_hash, first_seq=start, first_prev=base.head_hash if base else None
+    )
+    if not result.ok:
+        since = f"checkpoint {checkpoints.file_name(base.seq)}" if base else "the genesis"
+        raise checkpoints.CheckpointRefused(
+            f"the trail does not extend {since} at seq {result.first_bad_seq}: {result.reason} "
+            f"- {result.detail}; no checkpoint signed; run release audit verify"
+        )
+    return checkpoints.write(
+        database, key.sign(checkpoints.trail_name(database), head_seq, head_hash)
+    )
+
+
+def covering(
+    seq: int, entry_hash_: str, *, database: str = db.CONTROL_DB
+) -> tuple[Checkpoint | None, str | None]:
+    """The checkpoint that covers entry `seq` (the first at or after it), and None when it
+    verifies: its signature by a trusted key, and the chain from the entry (with this hash) to
+    the checkpoint's head. Otherwise what is wrong, naming the checkpoint."""
+    try:
+        trusted, _ = checkpoints.trusted_keys()
+    except checkpoints.AuditKeyError as exc:
+        return None, str(exc)
+    later = [i for i in checkpoints.read_log(database) if i.checkpoint and i.checkpoint.seq >= seq]
+    if not later:
+        return None, f"no checkpoint covers seq {seq} yet"
+    item, cp = later[0], later[0].checkpoint
+    assert cp is not None
+    problem = item.problem or checkpoints.signature_problem(cp, trusted)
+    if problem:
+        return cp, f"{item.label}: {problem}"
+    try:
+        with _snapshot(database) as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM audit.entries WHERE seq BETWEEN %s AND %s ORDER BY seq",
+                (seq, cp.seq),
+            )
+            rows = [_entry(r) for r in cur.fetchall()]
+    except psycopg2.Error as exc:
+        return cp, f"the trail cannot be read: {str(exc).strip()}"
+    if not rows or rows[0].seq != seq or rows[0].entry_hash != entry_hash_:
+        return cp, f"entry seq {seq} is no longer in the trail with hash {entry_hash_[:16]}"
+    result = check_chain(rows, cp.seq, cp.head_hash, first_seq=seq, first_prev=rows[0].prev_hash)
+    if not result.ok:
+        return cp, (
+            f"{item.label} (seq {cp.seq}) does not cover seq {seq}: {result.reason} at seq "
+            f"{result.first_bad_seq}"
+        )
+    return cp, None
 
 
 def find(change_id: str, *, database: str = db.CONTROL_DB) -> AuditEntry | None:
@@ -292,6 +398,21 @@ def _pipeline_connection(database: str) -> Iterator[psycopg2.extensions.connecti
         yield conn
 
 
+@contextlib.contextmanager
+def _snapshot(database: str) -> Iterator[psycopg2.extensions.cursor]:
+    """A read-only cursor on one REPEATABLE READ snapshot, acting as `release_pipeline`:
+    head and entries read through it agree even while others append."""
+    ensure_audit_schema(database)
+    with db.connection(database, autocommit=False) as conn:
+        conn.set_session(
+            isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True
+        )
+        with conn.cursor() as cur:
+            cur.execute(f"SET ROLE {PIPELINE_ROLE}")
+            yield cur
+        conn.rollback()
+
+
 def _select(sql: str, params: tuple[Any, ...], database: str) -> list[AuditEntry]:
     ensure_audit_schema(database)
     try:
@@ -325,22 +446,109 @@ def _entry(row: tuple[Any, ...], *, created: bool = False) -> AuditEntry:
 
 
 def verify(*, database: str = db.CONTROL_DB, allow_empty: bool = False) -> VerifyResult:
-    """Recompute the chain from seq 1 and compare it with the head; name the first bad seq.
+    """Recompute the chain from seq 1 and compare it with the head; then the checkpoints
+    outside the database. Names the first bad seq (or checkpoint).
 
     Checks, per entry in seq order: contiguity (a gap is a deleted row), the entry's hash
     over prev_hash + payload (an edited payload), the link to the previous entry's hash
     (reordering, or an edit whose hash was recomputed), the payload's canonical form and
     required fields, and the lookup columns against the payload. Then the head must name the
-    last entry. Fails closed: an empty trail (unless `allow_empty`), a missing schema or a
-    read error is not ok.
+    last entry. Then every checkpoint's signature, then that each checkpoint's head is the
+    chain's hash at its seq (a consistent rewrite of chain and head) and within the trail (a
+    deleted tail). Fails closed: an empty trail (unless `allow_empty`), a missing schema, a
+    read error, entries without any checkpoint or checkpoints without a trusted key are not ok.
     """
     try:
-        return _verify(database, allow_empty)
-    except (psycopg2.Error, db.DatabaseUnavailable) as exc:
+        log = checkpoints.read_log(database)  # first: each names a head committed before it
+        result, hashes = _verify(
+            database, allow_empty, {i.checkpoint.seq for i in log if i.checkpoint}
+        )
+    except (psycopg2.Error, db.DatabaseUnavailable, OSError) as exc:
         return VerifyResult(False, 0, None, UNREADABLE, str(exc).strip())
+    if result.ok or (result.reason == EMPTY_TRAIL and log):
+        return check_log(result, log, hashes, database)
+    return result
 
 
-def _verify(database: str, allow_empty: bool) -> VerifyResult:
+def check_log(
+    chain: VerifyResult, log: list[checkpoints.LogItem], hashes: dict[int, str], database: str
+) -> VerifyResult:
+    """The checkpoints against a chain that verified (`hashes`: its entry hash by seq)."""
+    entries = chain.head_seq or 0
+
+    def bad(
+        reason: str, detail: str, seq: int | None = None, name: str | None = None, good: int = 0
+    ) -> VerifyResult:
+        return dataclasses.replace(
+            chain,
+            ok=False,
+            entries_checked=good,
+            first_bad_seq=seq,
+            reason=reason,
+            detail=detail,
+            bad_checkpoint=name,
+            checkpoint_seq=good or None,
+        )
+
+    where = checkpoints.log_dir(database)
+    if not log:
+        if entries == 0:
+            return chain
+        return bad(
+            NO_CHECKPOINT,
+            f"no signed checkpoint in {where} covers the {entries} entries; after checking "
+            "the trail, `release audit checkpoint` signs its current head",
+            seq=1,
+        )
+    try:
+        trusted, source = checkpoints.trusted_keys()
+    except checkpoints.AuditKeyError as exc:
+        return bad(NO_TRUST, str(exc))
+    if not trusted:
+        return bad(
+            NO_TRUST,
+            f"no trusted public key ({source}): set {checkpoints.ENV_PUBLIC_KEY} or restore "
+            "the trust file to check the checkpoints",
+        )
+    for item in log:  # every signature first
+        assert item.checkpoint is not None or item.problem
+        problem = item.problem or checkpoints.signature_problem(item.checkpoint, trusted)
+        if problem:
+            reason = CHECKPOINT_INVALID if item.problem else CHECKPOINT_FORGED
+            seq = item.checkpoint.seq if item.checkpoint else None
+            return bad(reason, f"{item.label} in {where}: {problem}", seq=seq, name=item.name)
+    good = 0
+    for item in log:  # then each head against the chain
+        cp = item.checkpoint
+        assert cp is not None
+        if cp.seq > entries:
+            return bad(
+                TAIL_DELETED,
+                f"{item.label} covers seq {cp.seq} but the trail ends at seq {entries}: entries "
+                f"{entries + 1}..{cp.seq} were deleted (and the head rewritten)",
+                seq=entries + 1,
+                name=item.name,
+                good=good,
+            )
+        if hashes.get(cp.seq) != cp.head_hash:
+            span = f"seq {good + 1}" if good + 1 == cp.seq else f"a seq from {good + 1} to {cp.seq}"
+            return bad(
+                CHAIN_REWRITTEN,
+                f"{item.label} signed head {cp.head_hash[:16]} for seq {cp.seq}, the chain has "
+                f"{str(hashes.get(cp.seq))[:16]}: chain and head were rewritten from {span}",
+                seq=good + 1,
+                name=item.name,
+                good=good,
+            )
+        good = cp.seq
+    return dataclasses.replace(
+        chain, checkpoints_checked=len(log), checkpoint_seq=good, uncovered=entries - good
+    )
+
+
+def _verify(
+    database: str, allow_empty: bool, wanted: set[int]
+) -> tuple[VerifyResult, dict[int, str]]:
     with db.connection(database, autocommit=False) as conn:
         # One snapshot for head and entries, so concurrent appends cannot look like damage.
         conn.set_session(
@@ -349,32 +557,45 @@ def _verify(database: str, allow_empty: bool) -> VerifyResult:
         with conn.cursor() as cur:
             cur.execute("SELECT to_regclass('audit.entries'), to_regclass('audit.head')")
             if None in cur.fetchone():
+                where = db.server().display_url(database)
                 return VerifyResult(
-                    False,
-                    0,
-                    None,
-                    NO_TRAIL,
-                    f"schema audit does not exist in {db.server().display_url(database)}",
-                )
+                    False, 0, None, NO_TRAIL, f"schema audit does not exist in {where}"
+                ), {}
             cur.execute(f"SET ROLE {PIPELINE_ROLE}")
             cur.execute("SELECT seq, hash FROM audit.head WHERE id = 1")
             head = cur.fetchone()
         if head is None:
-            return VerifyResult(False, 0, None, HEAD_MISMATCH, "the audit.head row is missing")
+            missing = VerifyResult(False, 0, None, HEAD_MISMATCH, "the audit.head row is missing")
+            return missing, {}
         head_seq, head_hash = int(head[0]), head[1]
+        hashes: dict[int, str] = {}
+
+        def kept(row: tuple[Any, ...]) -> AuditEntry:
+            entry = _entry(row)
+            if entry.seq in wanted:  # the checkpoints' seqs, checked against the chain after
+                hashes[entry.seq] = entry.entry_hash
+            return entry
+
         with conn.cursor(name="audit_verify") as rows:
             rows.itersize = 2000  # stream: the trail grows with every release
             rows.execute(f"SELECT {_COLUMNS} FROM audit.entries ORDER BY seq")
-            result = check_chain((_entry(r) for r in rows), head_seq, head_hash, allow_empty)
+            result = check_chain((kept(r) for r in rows), head_seq, head_hash, allow_empty)
         conn.rollback()
-    return result
+    return result, hashes
 
 
 def check_chain(
-    chain: Iterable[AuditEntry], head_seq: int, head_hash: str, allow_empty: bool = False
+    chain: Iterable[AuditEntry],
+    head_seq: int,
+    head_hash: str,
+    allow_empty: bool = False,
+    *,
+    first_seq: int = 1,
+    first_prev: str | None = None,
 ) -> VerifyResult:
-    """The verifier's logic over entries in seq order (pure; `verify()` feeds it from SQL)."""
-    expected_seq, expected_prev, checked = 1, GENESIS_HASH, 0
+    """The verifier's logic over entries in seq order (pure; `verify()` feeds it from SQL).
+    From seq 1, or from `first_seq` linking to `first_prev` (a part of the chain)."""
+    expected_seq, expected_prev, checked = first_seq, first_prev or GENESIS_HASH, 0
 
     def bad(seq: int | None, reason: str, detail: str) -> VerifyResult:
         return VerifyResult(False, checked, seq, reason, detail, head_seq, head_hash)
@@ -461,17 +682,35 @@ VERIFY_NOT_INTACT_EXIT = 3  # the chain does not verify (or there is none): a fa
 
 def verify_output(result: VerifyResult, as_json: bool = False) -> tuple[str, int]:
     """Text (or JSON) and exit code for `release audit verify`: 0 intact, 2 the trail cannot
-    be read (database unreachable, named), 3 not intact (names the first bad entry)."""
+    be read (database unreachable, named) or no trusted checkpoint key is configured, 3 not
+    intact (names the first bad entry or checkpoint)."""
     unreadable = not result.ok and result.reason == UNREADABLE
-    code = 0 if result.ok else VERIFY_UNREADABLE_EXIT if unreadable else VERIFY_NOT_INTACT_EXIT
+    untrusted = not result.ok and result.reason == NO_TRUST
+    code = (
+        0
+        if result.ok
+        else VERIFY_UNREADABLE_EXIT
+        if unreadable or untrusted
+        else VERIFY_NOT_INTACT_EXIT
+    )
     if as_json:
         return json.dumps(asdict(result), indent=2), code
     if result.ok:
+        covered = (
+            f"; {result.checkpoints_checked} signed checkpoints verified, the newest covers "
+            f"seq {result.checkpoint_seq}"
+            if result.checkpoints_checked
+            else ""
+        )
+        if result.uncovered:
+            covered += f" ({result.uncovered} newer entries await the next checkpoint)"
         return (
             f"audit trail intact: {result.entries_checked} entries verified, "
-            f"head seq {result.head_seq} hash {result.head_hash}",
+            f"head seq {result.head_seq} hash {result.head_hash}{covered}",
             code,
         )
+    if untrusted:
+        return f"{NO_TRUST}: the checkpoints cannot be checked: {result.detail}", code
     if unreadable:
         return (
             f"{UNREADABLE}: cannot read the trail, so it was not verified (this says nothing "
@@ -480,11 +719,52 @@ def verify_output(result: VerifyResult, as_json: bool = False) -> tuple[str, int
             code,
         )
     where = f" at seq {result.first_bad_seq}" if result.first_bad_seq is not None else ""
+    if result.bad_checkpoint:
+        where += f" (checkpoint {result.bad_checkpoint})"
     detail = f" - {result.detail}" if result.detail else ""
     return (
         f"audit trail NOT intact{where}: {result.reason}{detail} "
         f"({result.entries_checked} entries verified before it)",
         code,
+    )
+
+
+EXPORT_FORMAT = "release-audit-export/1"
+
+
+def export_lines(since: int = 0, *, database: str = db.CONTROL_DB) -> Iterator[str]:
+    """`release audit export`: JSON Lines for a SIEM, one canonical JSON object per line (keys
+    sorted, compact, UTF-8), every line with `"format": EXPORT_FORMAT` and a `type`:
+
+    - `entry`, one per entry with seq > `since`, in seq order: seq, change_id, product,
+      release, environment, recorded_at, prev_hash, entry_hash, payload (token masked; so the
+      hashes are for correlation, recomputing them needs the stored payload), and
+      `covered_by_checkpoint` (the checkpoint line covers it).
+    - `checkpoint`, last: the newest checkpoint whose signature verifies (`checkpoint`: trail,
+      seq, head_hash, time, key_id, signature, format; or null), the trusted `public_key`
+      (`ed25519:<base64>`) that verifies it over the canonical JSON of the checkpoint without
+      its signature, `since` and the number of `entries` exported.
+    """
+    rows = _select(
+        f"SELECT {_COLUMNS} FROM audit.entries WHERE seq > %s ORDER BY seq", (since,), database
+    )
+    trusted, _ = checkpoints.trusted_keys()
+    newest = checkpoints.newest_valid(database, trusted)
+    base = {"format": EXPORT_FORMAT}
+    for entry in rows:
+        covered = newest is not None and newest.seq >= entry.seq
+        yield canonical_json(
+            {**base, "type": "entry", **masked(entry), "covered_by_checkpoint": covered}
+        )
+    yield canonical_json(
+        {
+            **base,
+            "type": "checkpoint",
+            "checkpoint": newest.model_dump(mode="json") if newest else None,
+            "public_key": checkpoints.public_text(trusted[newest.key_id]) if newest else None,
+            "since": since,
+            "entries": len(rows),
+        }
     )
 
 

@@ -172,4 +172,6 @@ def audit_payload(change: ProductionChange, *, audited_by: str, token: str) -> A
         snapshots=evidence.snapshots,
         waivers=evidence.waivers,
         reason=evidence.reason,
+        gates=evidence.staging_checks,
+        restored_release=evidence.restored_release,
     )

@@ -399,6 +399,11 @@ class AuditPayload(Contract):
     snapshots: list[Snapshot] = Field(default_factory=list)
     waivers: list[Waiver] = Field(default_factory=list)
     reason: str | None = None
+    # The blocking checks the release passed before production (the ticket's gate table).
+    gates: list[GateResult] = Field(default_factory=list)
+    # A rollback: the release production went back to (this release for `release rollback`,
+    # the previous one when this release's watch failed).
+    restored_release: str | None = None
 
     def __repr_args__(self) -> Any:
         yield from super().__repr_args__()
@@ -409,12 +414,76 @@ class AuditPayload(Contract):
         return self.model_dump(mode="json")
 
 
+class Checkpoint(Contract):
+    """A signed statement, kept outside the database, that the audit trail `trail` held `seq`
+    entries ending in `head_hash` at `time` (core/checkpoints.py). `signature` is Ed25519 by
+    the key `key_id` over `signed_text()`."""
+
+    format: Literal["release-audit-checkpoint/1"] = "release-audit-checkpoint/1"
+    trail: str
+    seq: int = Field(ge=1)
+    head_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    time: str
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    signature: str = ""
+
+    def signed_text(self) -> str:
+        import json
+
+        body = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class ChecklistItem(Contract):
+    """One item of the compliance checklist for one audit entry, with its evidence.
+    `passed` is None when the item does not apply to the change's outcome (said in `detail`)."""
+
+    change_id: str
+    item: str
+    passed: bool | None
+    detail: str
+
+
+class StageMaterialization(Contract):
+    """A materialization of one release stage for a partition, as the instance has it (the
+    change's run's own, else one of the entry's artifact, else the latest; none: run_id None)."""
+
+    stage: str
+    run_id: str | None = None
+    artifact_sha256: str | None = None
+
+
+class RunFacts(Contract):
+    """What the Dagster instance says about the run that made a production change (checklist
+    item 2): its status (None: no such run), whether the check runs inside it, the release
+    stage steps of that run that did not succeed, and each stage's materialization."""
+
+    run_id: str
+    status: str | None
+    current: bool = False
+    failed_steps: list[str] = Field(default_factory=list)
+    stages: list[StageMaterialization] = Field(default_factory=list)
+
+
+class SignOff(Contract):
+    """The audit ticket written for an entry (content-addressed in the evidence store) and the
+    checkpoint that covered the entry when it was written."""
+
+    ticket_html: str
+    ticket_html_sha256: str
+    ticket_markdown: str
+    ticket_markdown_sha256: str
+    checklist_passed: bool
+    checkpoint: Checkpoint | None = None
+
+
 class AuditEntryRef(Contract):
     seq: int
     change_id: str
     outcome: ChangeOutcome
     entry_hash: str
     created: bool
+    sign_off: SignOff | None = None
 
 
 class AuditReport(Contract):

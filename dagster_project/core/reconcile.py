@@ -216,15 +216,21 @@ def audit_pending(
 ) -> list[str]:
     """Audit the product's unaudited production changes when a valid token is at hand.
 
-    Without one, nothing is written (the audit trail must carry the token) and the changes
-    wait for the audit sensor or the next deploy."""
-    from dagster_project.core import audit
+    Without one, or without a usable checkpoint signing key, nothing is written (the audit
+    trail must carry the token, and each append is signed) and the changes wait for the audit
+    sensor or the next deploy."""
+    from dagster_project.core import audit, checkpoints
     from dagster_project.core.identity import approver_identity
 
     token = os.environ.get(guardrail.TOKEN_ENV_VAR)
     try:
         token = guardrail.verify(token, spec.guardrail.token_sha256)
     except guardrail.ApprovalRefused:
+        return []
+    try:
+        checkpoints.signer()
+    except checkpoints.AuditKeyError as exc:
+        logger.error("production changes left unaudited: %s", exc)
         return []
     audit.ensure_audit_schema()
     pending = only if only is not None else changes.unaudited(spec.product)

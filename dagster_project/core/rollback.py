@@ -108,12 +108,13 @@ def rollback(
     """Roll production back; see the module doc. Raises RollbackRefused before touching
     anything, ApprovalRefused without a valid token, ProductionOwned while another release
     owns production, RollbackFailed when the target could not take production."""
-    from dagster_project.core import audit, reconcile
+    from dagster_project.core import audit, checkpoints, reconcile
     from dagster_project.core.smoke import post_deploy_smoke
 
     started = time.monotonic()
     spec = load_spec(product)
     token = guardrail.verify(token, spec.guardrail.token_sha256)
+    checkpoints.signer()  # the audit entry will be signed: refuse an unusable key up front
     if platform is None:
         from dagster_project.core.platform.local import LocalPlatform
 

@@ -1,4 +1,4 @@
-"""The audit trail (hash-chained, append-only) as a resource."""
+"""The audit trail (hash-chained, append-only, with signed checkpoints) as a resource."""
 
 from __future__ import annotations
 
@@ -22,3 +22,10 @@ class AuditResource(dg.ConfigurableResource):
         from dagster_project.core import audit
 
         return audit.verify()
+
+    def covering(self, seq: int, entry_hash: str) -> tuple[Any, str | None]:
+        """The signed checkpoint covering entry `seq`, and what is wrong with it (None: it
+        verifies)."""
+        from dagster_project.core import audit
+
+        return audit.covering(seq, entry_hash)
