@@ -125,7 +125,7 @@ def promotion_asset(
         progress: dict[str, bool],
     ) -> PromotionReport:
         from dagster_project.core import ownership
-        from dagster_project.core.contract import changed_surrogate_keys
+        from dagster_project.core.contract import changed_between
         from dagster_project.core.smoke import post_deploy_smoke
 
         current = local.current(ENV)  # re-read now that this run owns production
@@ -147,11 +147,14 @@ def promotion_asset(
             smoke = post_deploy_smoke(spec, local, artifact.version)
             return report.model_copy(update={"post_deploy_smoke": smoke})
 
-        urls = local.api_urls(ENV)
+        # The endpoints whose contract (status, content type, JSON Schema) changed between the
+        # live release and this one: their surrogate keys are purged after the switch.
         changed = [
             PurgedEndpoint.model_validate(item)
             for item in (
-                changed_surrogate_keys(spec, urls["stable"], urls["canary"]) if facts.live else []
+                changed_between(spec, facts.live.artifact_sha256, artifact.sha256)
+                if facts.live
+                else []
             )
         ]
         progress["watched"] = True

@@ -41,11 +41,13 @@ def schema_migration_asset(
     def schema_migration_check(
         context: dg.AssetExecutionContext, artifact: ArtifactRecord, registry: RegistryResource
     ) -> dg.Output[MigrationGateReport]:
+        from dagster_project.core.database import environment_database
         from dagster_project.core.migrations.gate import migration_gate_report
 
         own_staging(context, spec, artifact.sha256)
         migrations_dir = registry.unpacked(artifact.sha256) / spec.migrations_dir
-        report = migration_gate_report(ENV, migrations_dir, run_actor(context), apply=True)
+        db = environment_database(spec.product, ENV)  # the product's own staging database
+        report = migration_gate_report(db, migrations_dir, run_actor(context), apply=True)
         if report.blocked_by:
             context.log.warning(f"migrations not applied to {ENV}: blocked by {report.blocked_by}")
         else:

@@ -1,5 +1,6 @@
-"""Gate on staging: the product's Great Expectations suite against the tables the staging
-workers wrote back during the smoke run. GE is imported only when the check runs."""
+"""Gate on staging: the product's Great Expectations suite (named by its contract) against the
+tables of the product's staging database, written back by the workers during the smoke run. GE
+is imported only when the check runs."""
 
 import dagster as dg
 
@@ -19,9 +20,10 @@ def data_quality_check(
     )
     def data_quality() -> dg.AssetCheckResult:
         from dagster_project.core.data_quality import validate_tables
+        from dagster_project.core.database import environment_database
 
-        suite = suite_path(spec)
-        report = validate_tables("staging", suite)
+        suite = spec.suite_path
+        report = validate_tables(environment_database(spec.product, "staging"), suite)
         failed = [r for r in report.results if not r["success"]]
         return dg.AssetCheckResult(
             passed=bool(report.success and report.evaluated),
@@ -34,10 +36,3 @@ def data_quality_check(
         )
 
     return data_quality
-
-
-def suite_path(spec: ProductSpec):
-    suites = sorted(spec.expectations_path.glob("*.json"))
-    if not suites:
-        raise FileNotFoundError(f"no expectation suite (*.json) in {spec.expectations_path}")
-    return suites[-1]

@@ -52,10 +52,12 @@ def migration_checks(
         description="Live staging schema equals the schema its recorded migrations define.",
     )
     def staging_schema_drift(schema_migration_check: MigrationGateReport) -> dg.AssetCheckResult:
+        from dagster_project.core.database import environment_database
         from dagster_project.core.migrations.drift import check_drift
         from dagster_project.core.migrations.gate import schema_drift
 
-        report = check_drift("staging", Path(schema_migration_check.migrations_dir))
+        db = environment_database(spec.product, "staging")
+        report = check_drift(db, Path(schema_migration_check.migrations_dir))
         return drift_result(schema_drift(report), "staging")
 
     @dg.asset_check(

@@ -46,7 +46,7 @@ def platform(spec: ProductSpec) -> Iterator[LocalPlatform]:
     local = LocalPlatform(PRODUCT)
     try:
         local.up()
-        apply_pending(ENV, spec.migrations_path, actor="test_canary_analysis")
+        apply_pending(local.database(ENV), spec.migrations_path, actor="test_canary_analysis")
         local.deploy(ENV, "stable", registry.push(registry.build_artifact(spec, "1.0.0")))
         yield local
     finally:

@@ -42,7 +42,7 @@ def platform() -> Iterator[LocalPlatform]:
         spec = load_spec(PRODUCT)
         stable = registry.push(registry.build_artifact(spec, "1.0.0"))
         for env in ENVS:
-            apply_pending(env, spec.migrations_path, actor="test_edge")
+            apply_pending(local.database(env), spec.migrations_path, actor="test_edge")
             local.deploy(env, "stable", stable)
         yield local
     finally:

@@ -59,7 +59,9 @@ def artifacts(platform: LocalPlatform) -> dict[str, registry.Artifact]:
 def deployed(platform: LocalPlatform, artifacts: dict[str, registry.Artifact]) -> LocalPlatform:
     """Migrations applied and 1.0.0 serving as stable in both environments."""
     for env in ENVS:
-        apply_pending(env, load_spec(PRODUCT).migrations_path, actor="test_platform")
+        apply_pending(
+            platform.database(env), load_spec(PRODUCT).migrations_path, actor="test_platform"
+        )
         platform.deploy(env, "stable", artifacts["1.0.0"])
     return platform
 

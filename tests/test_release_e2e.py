@@ -13,9 +13,11 @@ import pytest
 
 from conftest import GUARDRAIL_TOKEN, PRODUCT
 from dagster_project import deploy as deploy_cli
-from dagster_project.core import audit, changes
+from dagster_project.core import audit, changes, database
 
 pytestmark = pytest.mark.slow
+
+STAGING_DB = database.environment_database(PRODUCT, "staging")  # the product's own database
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,7 @@ def test_hand_made_schema_change_on_staging_blocks_on_schema_drift(platform: obj
     from dagster_project.core import database
 
     before = _production(platform)
-    with database.connection("staging") as conn, conn.cursor() as cur:
+    with database.connection(STAGING_DB) as conn, conn.cursor() as cur:
         cur.execute("ALTER TABLE items ADD COLUMN hand_made text")
     try:
         assert _deploy_cli("1.2.1") == deploy_cli.EXIT_BLOCKED
@@ -143,7 +145,7 @@ def test_hand_made_schema_change_on_staging_blocks_on_schema_drift(platform: obj
         assert "schema_drift" in summary
         assert "hand_made" in summary  # the difference is shown
     finally:
-        with database.connection("staging") as conn, conn.cursor() as cur:
+        with database.connection(STAGING_DB) as conn, conn.cursor() as cur:
             cur.execute("ALTER TABLE items DROP COLUMN hand_made")
     assert _production(platform) == before
 
@@ -152,7 +154,7 @@ def test_bad_data_in_staging_blocks_on_data_quality(platform: object) -> None:
     from dagster_project.core import database
 
     before = _production(platform)
-    with database.connection("staging") as conn, conn.cursor() as cur:
+    with database.connection(STAGING_DB) as conn, conn.cursor() as cur:
         # A dead letter claiming zero attempts: no constraint forbids it, the suite does.
         cur.execute(
             "INSERT INTO dead_letter (job_key, queue, payload, attempts, last_error) "
@@ -163,7 +165,7 @@ def test_bad_data_in_staging_blocks_on_data_quality(platform: object) -> None:
         assert outcome.exit_code == deploy_cli.EXIT_BLOCKED, outcome.headline
         assert "data_quality" in [b["check"] for b in outcome.blocked_by]
     finally:
-        with database.connection("staging") as conn, conn.cursor() as cur:
+        with database.connection(STAGING_DB) as conn, conn.cursor() as cur:
             cur.execute("DELETE FROM dead_letter WHERE job_key = 'e2e-bad-dlq'")
     assert _production(platform) == before
 

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def _write_spec(tmp_path: Path, mutate) -> Path:
     folder.mkdir()
     path = folder / "product.yaml"
     path.write_text(yaml.safe_dump(raw))
+    shutil.copy(product_dir(PRODUCT) / "contract.yaml", folder / "contract.yaml")
     return path
 
 
@@ -117,6 +119,7 @@ def test_problems_are_reported_together_with_line_and_column(tmp_path: Path) -> 
     folder.mkdir()
     path = folder / "product.yaml"
     path.write_text(text)
+    shutil.copy(product_dir(PRODUCT) / "contract.yaml", folder / "contract.yaml")
     lines = text.splitlines()
     ttl_line = next(i for i, line in enumerate(lines, 1) if "dynamic: -5" in line)
     bake_line = next(i for i, line in enumerate(lines, 1) if "bake_seconds: 0" in line)

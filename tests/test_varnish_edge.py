@@ -45,7 +45,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPlatform
         local = LocalPlatform(PRODUCT)
         try:
             local.up()
-            apply_pending(ENV, load_spec(PRODUCT).migrations_path, actor="test_varnish_edge")
+            apply_pending(
+                local.database(ENV), load_spec(PRODUCT).migrations_path, actor="test_varnish_edge"
+            )
             spec = load_spec(PRODUCT)
             local.deploy(ENV, "stable", registry.push(registry.build_artifact(spec, "1.0.0")))
             yield local

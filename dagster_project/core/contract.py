@@ -1,48 +1,55 @@
-"""The contract of an endpoint, as seen by clients: status, content type and JSON shape.
+"""Which endpoints changed their contract between two releases.
 
 Promotion purges the edge selectively: only the surrogate keys of endpoints whose contract
-differs between the old and the new version (the architecture note: "purge selectively on
-schema or contract changes").
+(expected status, content type and JSON Schema, from each release's `contract.yaml`) differs
+between the old and the new version (the architecture note: "purge selectively on schema or
+contract changes"). Both contracts come from the artifacts, so the comparison is of what each
+release promises, not of a sample of answers.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import httpx
-
-from dagster_project.core.spec import ProductSpec
+from dagster_project.core.spec import Contract, ProductSpec, SpecError, read_contract
 
 
-def shape(value: Any) -> Any:
-    """The JSON shape: keys and value types, not values."""
-    if isinstance(value, dict):
-        return {key: shape(item) for key, item in sorted(value.items())}
-    if isinstance(value, list):
-        return [shape(value[0])] if value else []
-    return type(value).__name__
-
-
-def contract(base_url: str, path: str, client: httpx.Client) -> dict[str, Any]:
-    url = base_url.rstrip("/") + path
+def artifact_contract(root: Path, contract_file: str) -> Contract | None:
+    """The contract an unpacked artifact shipped; None when it shipped none (built before
+    contracts were packaged) or one that no longer reads: its endpoints count as changed."""
+    path = root / contract_file
+    if not path.is_file():
+        return None
     try:
-        response = client.get(url)
-    except httpx.HTTPError as exc:
-        raise ConnectionError(f"cannot read the contract of {url}: {exc}") from exc
-    content_type = response.headers.get("content-type", "").split(";")[0]
-    body = response.json() if content_type == "application/json" else None
-    return {"status": response.status_code, "content_type": content_type, "shape": shape(body)}
+        return read_contract(path)
+    except SpecError:
+        return None
 
 
-def changed_surrogate_keys(spec: ProductSpec, old_url: str, new_url: str) -> list[dict[str, Any]]:
-    """Endpoints whose contract differs between two API processes, with their surrogate keys."""
+def changed_surrogate_keys(
+    spec: ProductSpec, old: Contract | None, new: Contract
+) -> list[dict[str, Any]]:
+    """Endpoints of the spec whose contract differs between `old` and `new` (all of them when
+    the old contract is unknown), with their surrogate keys."""
     changed = []
-    with httpx.Client(timeout=5.0) as client:
-        for endpoint in spec.endpoints:
-            old = contract(old_url, endpoint.path, client)
-            new = contract(new_url, endpoint.path, client)
-            if old != new:
-                changed.append(
-                    {"path": endpoint.path, "surrogate_keys": list(endpoint.surrogate_keys)}
-                )
+    for endpoint in spec.endpoints:
+        before = old.for_path(endpoint.path) if old is not None else None
+        after = new.for_path(endpoint.path)
+        if before is None or after is None or before.model_dump() != after.model_dump():
+            changed.append({"path": endpoint.path, "surrogate_keys": list(endpoint.surrogate_keys)})
     return changed
+
+
+def changed_between(spec: ProductSpec, old_sha256: str, new_sha256: str) -> list[dict[str, Any]]:
+    """`changed_surrogate_keys` for two pushed artifacts (by SHA-256): the old release's
+    contract against the new one's (the current folder's when the new artifact has none)."""
+    from dagster_project.core import registry
+
+    def shipped(sha256: str) -> Contract | None:
+        try:
+            return artifact_contract(registry.unpacked(sha256), spec.contract_file)
+        except (registry.ArtifactNotFound, OSError):
+            return None
+
+    return changed_surrogate_keys(spec, shipped(old_sha256), shipped(new_sha256) or spec.contract)

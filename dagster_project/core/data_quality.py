@@ -1,9 +1,10 @@
 """Data-quality gate: a versioned Great Expectations suite validated against Postgres tables.
 
-The suite is a JSON file in the product's `expectations/` folder:
+The suite is a JSON file in the product's `expectations/` folder, named by the product's
+contract (`data_quality.suite`); its `tables` are the tables the gate reads:
 
     {"name": "release_quality", "version": 1,
-     "tables": {"items": {"min_rows": 1, "expectations": [
+     "tables": {"orders": {"min_rows": 1, "expectations": [
          {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "id"}}]}}}
 
 `expectations` entries are Great Expectations 1.x configurations (`type` + `kwargs`), so any
@@ -31,9 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.engine import make_url
 
 from dagster_project.core import database
-from dagster_project.core.settings import product_dir
 
-SUITE_FILENAME = "release_quality.json"
 ROW_COUNT_EXPECTATION = "expect_table_row_count_to_be_between"
 
 
@@ -71,7 +70,10 @@ class QualitySuite(_Strict):
 
 
 def default_suite_path(product_id: str) -> Path:
-    return product_dir(product_id) / "expectations" / SUITE_FILENAME
+    """The suite the product's contract names."""
+    from dagster_project.core.spec import load_spec
+
+    return load_spec(product_id).suite_path
 
 
 def load_suite(suite_path: Path | str) -> QualitySuite:

@@ -65,6 +65,24 @@ def physical_name(database: str) -> str:
     return os.environ.get(ENV_PREFIX, "") + database
 
 
+# Postgres cuts identifiers at 63 bytes; longer names would silently collide.
+MAX_IDENTIFIER = 63
+
+
+def environment_database(product: str, env: str) -> str:
+    """The logical database of one product's environment, e.g. `shop_orders_staging`: each
+    product's staging and production have their own database (tables, migration history,
+    advisory locks), so products never see each other's data. A name that would pass
+    Postgres's 63-byte limit (with `$RELEASE_DB_PREFIX`) is shortened with a hash."""
+    name = f"{product.replace('-', '_')}_{env}"
+    room = MAX_IDENTIFIER - len(physical_name(""))
+    if len(name) <= room:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    keep = max(room - len(env) - len(digest) - 2, 1)
+    return f"{name[:keep]}_{digest}_{env}"
+
+
 def embedded_data_dir() -> Path:
     return release_home() / "pg"
 

@@ -1,7 +1,8 @@
 """The artifact registry: deterministic, content-addressed release artifacts.
 
 An artifact is a `tar.gz` of the product's `service/`, `migrations/`, `expectations/`, its
-`product.yaml` and a `manifest.json` (product, version, settings, source file hashes). The
+`product.yaml`, its `contract.yaml` and a `manifest.json` (product, version, settings, source
+file hashes). The
 archive is byte-for-byte reproducible (sorted entries, zeroed mtimes and owners, normalised
 modes, gzip mtime 0), so the same source and manifest always give the same SHA-256.
 
@@ -83,6 +84,8 @@ def validate_settings(settings: dict[str, SettingValue] | None) -> dict[str, Set
 def _source_files(spec: ProductSpec) -> dict[str, Path]:
     """Archive name -> file on disk, for everything that ships in the artifact."""
     files: dict[str, Path] = {"product.yaml": spec.root / "product.yaml"}
+    if spec.contract_path.is_file():  # what the release promises its clients (core/contract.py)
+        files[spec.contract_file] = spec.contract_path
     for arc_dir, source_dir in (
         ("service", spec.service_path),
         ("migrations", spec.migrations_path),

@@ -13,7 +13,7 @@ from pathlib import Path
 from dagster_project.core.knobs import quote  # a 10,000-character key is never echoed whole
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PRODUCTS_DIR = Path(os.environ.get("RELEASE_PRODUCTS_DIR", PROJECT_ROOT / "products"))
+PRODUCTS_ENV = "RELEASE_PRODUCTS_DIR"
 
 # Release keys become Dagster partition keys and file names: keep them boring.
 RELEASE_KEY_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
@@ -52,14 +52,22 @@ def _writable_dir(path: Path, variable: str) -> Path:
     return path
 
 
+def products_dir() -> Path:
+    """Where the product folders live: `$RELEASE_PRODUCTS_DIR`, else `<project>/products/`.
+    Read at every call, so a process (or a test) that sets the variable sees its products."""
+    return Path(os.environ.get(PRODUCTS_ENV) or PROJECT_ROOT / "products")
+
+
 def product_dir(product_id: str) -> Path:
-    return PRODUCTS_DIR / product_id
+    return products_dir() / product_id
 
 
 def list_products() -> list[str]:
-    if not PRODUCTS_DIR.is_dir():
+    """Every folder under `products_dir()` holding a `product.yaml` (valid or not)."""
+    root = products_dir()
+    if not root.is_dir():
         return []
-    return sorted(p.name for p in PRODUCTS_DIR.iterdir() if (p / "product.yaml").is_file())
+    return sorted(p.name for p in root.iterdir() if (p / "product.yaml").is_file())
 
 
 def validate_release_key(key: str) -> str:

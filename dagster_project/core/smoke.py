@@ -1,16 +1,20 @@
 """The smoke suite: run through an environment's edge after a deploy (staging) or a promotion
 (production).
 
-Three sections, each a list of rows `{section, name, passed, detail, seconds}`:
+Three sections, each a list of rows `{section, name, passed, detail, seconds}`. Everything
+product-specific comes from the product's folder: the spec (endpoints, TTL classes, queues) and
+the contract (`contract.yaml`: expected status, content type and JSON Schema per endpoint, the
+worker probes and where their results land).
 
-- `smoke`: `/healthz`, `/readyz` and every spec endpoint marked `smoke: true` answer 200 with
-  the expected content type and shape, served by the release under test (`X-Release`).
-- `edge_cache`: for one dynamic and one static endpoint, MISS then HIT with `Age`, the TTL the
-  edge serves equals the spec's TTL class, purge by surrogate key and by URL each force a MISS,
-  and a purge without the purge key is refused (403).
-- `worker_dlq`: a normal job is done after one attempt with one result written back, a poison
-  job lands in the dead-letter queue after exactly the queue's `max_attempts`, and enqueueing a
-  known key again does not process it twice.
+- `smoke`: `/healthz`, `/readyz` (the platform's probes) and every spec endpoint marked
+  `smoke: true` answer with their contract's status, content type and body (JSON Schema),
+  served by the release under test (`X-Release`).
+- `edge_cache`: for one endpoint of each TTL class, MISS then HIT with `Age`, the TTL the edge
+  serves equals the class's TTL, purge by surrogate key and by URL each force a MISS, and a
+  purge without the purge key is refused (403).
+- `worker_dlq`: the contract's `ok` probe job is done after one attempt with one row in the
+  results table, a `poison` job in every queue lands in the dead-letter table after exactly the
+  queue's `max_attempts`, and enqueueing a known key again does not process it twice.
 
 Fail closed: a section that was asked for and has no rows, or whose checks raised (connection
 refused, timeout: the detail names the URL), is FAILED. Every request carries a per-run query
@@ -20,7 +24,6 @@ string (`?smoke=<run id>`) so runs never see each other's cache entries.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -30,11 +33,11 @@ from typing import Any, Protocol
 
 import httpx
 from psycopg2 import sql
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from dagster_project.core import database
 from dagster_project.core.contracts import SmokeReport, SmokeRow, SmokeSection
-from dagster_project.core.spec import Endpoint, ProductSpec, Queue
+from dagster_project.core.spec import Endpoint, EndpointContract, ProductSpec, Queue
 
 Section = SmokeSection
 SECTIONS: tuple[Section, ...] = ("smoke", "edge_cache", "worker_dlq")
@@ -42,7 +45,6 @@ SECTIONS: tuple[Section, ...] = ("smoke", "edge_cache", "worker_dlq")
 # Job keys the suite enqueues; tests make a release fail normal jobs by matching this prefix.
 NORMAL_JOB_PREFIX = "smoke-ok-"
 POISON_JOB_PREFIX = "smoke-poison-"
-NORMAL_JOB_VALUES = [1, 2, 3, 4]
 
 REQUEST_TIMEOUT_SECONDS = 5.0
 RETRY_DELAY_SECONDS = 0.2
@@ -69,64 +71,42 @@ class CheckFailed(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Response shapes of the product's API (extra fields are allowed: the contract is a minimum)
+# Response bodies against the product's contract (its JSON Schemas)
 # --------------------------------------------------------------------------------------------
 
-
-class _Item(BaseModel):
-    id: int
-    name: str
-    price_cents: int
-
-
-class _ItemList(BaseModel):
-    items: list[_Item]
-
-
-class _Count(BaseModel):
-    count: int = Field(ge=0)
-
-
-class _Summary(BaseModel):
-    items: _Count
-    jobs: dict[str, int]
-    dead_letter: _Count
-
-
 _JSON_OBJECT = TypeAdapter(dict[str, Any])
-
-# Which shape each kind of API path must have; first match wins.
-_SHAPES: tuple[tuple[re.Pattern[str], str, type[BaseModel] | None], ...] = (
-    (re.compile(r"^/v1/items$"), "items list", _ItemList),
-    (re.compile(r"^/v1/items/[^/]+$"), "item object", _Item),
-    (re.compile(r"^/v1/summary$"), "summary object", _Summary),
-    (re.compile(r"^/v1/"), "JSON object", None),
-)
+_VALIDATORS: dict[str, Any] = {}  # one compiled validator per schema (by its JSON text)
 
 
-def check_json_shape(path: str, body: Any) -> str:
-    """Validate an API response body against the contract for its path; returns a short
-    description, raises CheckFailed naming the path and the field."""
-    for pattern, label, model in _SHAPES:
-        if not pattern.match(path):
-            continue
-        try:
-            if model is None:
-                _JSON_OBJECT.validate_python(body)
-                return label
-            parsed = model.model_validate(body)
-        except ValidationError as exc:
-            fields = "; ".join(
-                f"field '{'.'.join(str(p) for p in err['loc']) or '(top level)'}': {err['msg']}"
-                for err in exc.errors()[:3]
-            )
-            raise CheckFailed(f"{path}: body is not a valid {label}: {fields}") from None
-        if isinstance(parsed, _ItemList):
-            if not parsed.items:
-                raise CheckFailed(f"{path}: items list is empty (no catalogue rows served)")
-            return f"{label} ({len(parsed.items)} items)"
-        return label
-    raise CheckFailed(f"{path}: no JSON contract known for this path")
+def schema_problems(schema: dict[str, Any], body: Any, limit: int = 3) -> list[str]:
+    """The first `limit` ways `body` violates the JSON Schema `schema` (draft 2020-12), each
+    naming the field path (`items.0.price_cents`) and the rule; empty when it conforms."""
+    from jsonschema import Draft202012Validator  # ~0.2 s: only when a body is checked
+
+    key = json.dumps(schema, sort_keys=True)
+    validator = _VALIDATORS.get(key)
+    if validator is None:
+        validator = _VALIDATORS[key] = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+    return [
+        f"field '{'.'.join(str(p) for p in error.absolute_path) or '(top level)'}': "
+        f"{_snippet(error.message, 160)}"
+        for error in errors[:limit]
+    ]
+
+
+def check_body(path: str, contract: EndpointContract, body: Any) -> str:
+    """Validate a JSON body against the endpoint's contract; returns a short description,
+    raises CheckFailed naming the path and the fields that violate the schema."""
+    assert contract.json_schema is not None
+    problems = schema_problems(contract.json_schema, body)
+    if problems:
+        raise CheckFailed(f"{path}: body does not match its contract: " + "; ".join(problems))
+    if isinstance(body, dict):
+        return f"matches its JSON Schema ({len(body)} keys)"
+    if isinstance(body, list):
+        return f"matches its JSON Schema ({len(body)} entries)"
+    return "matches its JSON Schema"
 
 
 def effective_ttl(cache_control: str | None) -> int | None:
@@ -323,11 +303,13 @@ def _check_health(run: _Run, path: str) -> str:
 
 
 def _check_endpoint(run: _Run, endpoint: Endpoint) -> str:
+    contract = run.spec.contract.endpoints[endpoint.path]
     response = run.request("GET", run.tagged(endpoint.path, "contract"))
     problems: list[str] = []
-    if response.status_code != 200:
+    if response.status_code != contract.status:
         problems.append(
-            f"status {response.status_code}, expected 200 (body: {_snippet(response.text)})"
+            f"status {response.status_code}, expected {contract.status} "
+            f"(body: {_snippet(response.text)})"
         )
     release = response.headers.get("X-Release")
     if release != run.expected_version:
@@ -335,27 +317,26 @@ def _check_endpoint(run: _Run, endpoint: Endpoint) -> str:
             f"X-Release {release!r}, expected {run.expected_version!r} (release under test)"
         )
     content_type = response.headers.get("Content-Type", "")
+    media_type = content_type.split(";")[0].strip().lower()
     shape = ""
-    if response.status_code == 200:
-        if endpoint.path.startswith("/v1/"):
-            if not content_type.startswith("application/json"):
-                problems.append(f"Content-Type {content_type!r}, expected application/json")
-            else:
-                try:
-                    shape = check_json_shape(endpoint.path, response.json())
-                except ValueError as exc:
-                    problems.append(f"body is not JSON: {exc}")
-                except CheckFailed as exc:
-                    problems.append(str(exc))
+    if response.status_code == contract.status:
+        if media_type != contract.content_type:
+            problems.append(f"Content-Type {content_type!r}, expected {contract.content_type}")
+        elif contract.is_json:
+            try:
+                shape = check_body(endpoint.path, contract, response.json())
+            except ValueError as exc:
+                problems.append(f"body is not JSON: {exc}")
+            except CheckFailed as exc:
+                problems.append(str(exc))
         else:
-            if not response.content:
-                problems.append("empty body")
-            if endpoint.path.endswith(".js") and "javascript" not in content_type:
-                problems.append(f"Content-Type {content_type!r}, expected a JavaScript type")
+            if len(response.content) < contract.min_bytes:
+                size, least = len(response.content), contract.min_bytes
+                problems.append(f"body of {size} bytes, expected at least {least}")
             shape = f"{len(response.content)} bytes"
     if problems:
         raise CheckFailed(f"GET {response.url}: " + "; ".join(problems))
-    return f"200 {content_type.split(';')[0]}, {shape}, X-Release {release}"
+    return f"{response.status_code} {media_type}, {shape}, X-Release {release}"
 
 
 def _snippet(text: str, limit: int = 120) -> str:
@@ -367,13 +348,26 @@ def _snippet(text: str, limit: int = 120) -> str:
 
 
 def _edge_cache_section(run: _Run) -> None:
-    for ttl_class in ("dynamic", "static"):
-        endpoint = next((e for e in run.spec.endpoints if e.ttl_class == ttl_class), None)
+    """One endpoint of each of the spec's TTL classes (the first the edge may cache: its
+    contract expects 200)."""
+    contracts = run.spec.contract.endpoints
+    for ttl_class in run.spec.ttl_classes:
+        endpoint = next(
+            (
+                e
+                for e in run.spec.endpoints
+                if e.ttl_class == ttl_class and contracts[e.path].status == 200
+            ),
+            None,
+        )
         if endpoint is None:
             run.record(
                 "edge_cache",
                 f"{ttl_class} endpoint",
-                _fail(f"the product spec has no {ttl_class} endpoint to test the edge with"),
+                _fail(
+                    f"the product spec has no {ttl_class} endpoint answering 200 to test the "
+                    "edge with"
+                ),
             )
             continue
         _cache_checks(run, endpoint)
@@ -540,11 +534,13 @@ class _Job:
 
 
 def _worker_section(run: _Run) -> None:
-    queues = run.spec.queues
-    normal = _Job(f"{NORMAL_JOB_PREFIX}{run.run_id}", queues.high, poison=False)
+    """The contract's `ok` probe on the first (highest-priority) queue, a `poison` probe on
+    every queue."""
+    queues = run.spec.queues.ordered
+    normal = _Job(f"{NORMAL_JOB_PREFIX}{run.run_id}", queues[0], poison=False)
     poison = [
         _Job(f"{POISON_JOB_PREFIX}{queue.name}-{run.run_id}", queue, poison=True)
-        for queue in (queues.high, queues.low)
+        for queue in queues
     ]
     jobs = [normal, *poison]
     for job in jobs:
@@ -569,17 +565,23 @@ def _worker_section(run: _Run) -> None:
 
 
 def _enqueue(run: _Run, job: _Job) -> str | None:
-    """POST the job; returns an error text, or None when the edge accepted it."""
-    payload: dict[str, Any] = {"poison": True} if job.poison else {"values": NORMAL_JOB_VALUES}
+    """POST the job as the contract says; returns an error text, or None when accepted."""
+    worker = run.spec.contract.worker
+    enqueue = worker.enqueue
+    payload = worker.probes.poison if job.poison else worker.probes.ok
     try:
         response = run.request(
             "POST",
-            "/v1/jobs",
-            json={"key": job.key, "priority": job.queue.name, "payload": payload},
+            enqueue.path,
+            json={
+                enqueue.key_field: job.key,
+                enqueue.queue_field: job.queue.name,
+                enqueue.payload_field: payload,
+            },
         )
     except CheckFailed as exc:
         return str(exc)
-    if response.status_code not in (200, 201, 202):
+    if response.status_code not in enqueue.accepted:
         return (
             f"POST {response.url} (key {job.key}): status {response.status_code} "
             f"(body: {_snippet(response.text)})"
@@ -588,7 +590,7 @@ def _enqueue(run: _Run, job: _Job) -> str | None:
 
 
 def _job_state(run: _Run, key: str) -> dict[str, Any]:
-    response = run.request("GET", f"/v1/jobs/{key}")
+    response = run.request("GET", run.spec.contract.worker.status_url_path(key))
     if response.status_code != 200:
         raise CheckFailed(
             f"GET {response.url}: status {response.status_code} (body: {_snippet(response.text)})"
@@ -599,22 +601,27 @@ def _job_state(run: _Run, key: str) -> dict[str, Any]:
         raise CheckFailed(f"GET {response.url}: not a JSON object: {exc}") from None
 
 
-_FINAL_STATUSES = ("done", "dead")
+def _state(run: _Run, state: dict[str, Any]) -> tuple[Any, Any]:
+    """(status, attempts) of a job's state, by the contract's field names."""
+    recognise = run.spec.contract.worker.recognise
+    return state.get(recognise.status_field), state.get(recognise.attempts_field)
 
 
 def _wait_for_final_states(run: _Run, jobs: Iterable[_Job]) -> None:
     """Poll every job until it is done or dead, or its deadline passes (bounded loop)."""
+    recognise = run.spec.contract.worker.recognise
+    final = (recognise.done, recognise.dead)
     pending = [job for job in jobs if job.enqueue_error is None]
     while pending:
         for job in list(pending):
             try:
                 job.state = _job_state(run, job.key)
             except CheckFailed as exc:
-                job.state = {"status": "(unreadable)", "error": str(exc)}
+                job.state = {"(unreadable)": str(exc)}
                 pending.remove(job)  # the edge is failing: stop polling, the row says why
                 continue
             now = time.monotonic()
-            if job.state.get("status") in _FINAL_STATUSES:
+            if _state(run, job.state)[0] in final:
                 job.settled_after = now - job.enqueued_at
                 pending.remove(job)
             elif now > job.deadline:
@@ -627,70 +634,80 @@ def _settled_state(job: _Job) -> dict[str, Any]:
     if job.enqueue_error:
         raise CheckFailed(job.enqueue_error)
     state = job.state or {}
-    if "error" in state and state.get("status") == "(unreadable)":
-        raise CheckFailed(str(state["error"]))
+    if "(unreadable)" in state:
+        raise CheckFailed(str(state["(unreadable)"]))
     return state
 
 
 def _check_done(run: _Run, job: _Job) -> str:
+    worker = run.spec.contract.worker
     state = _settled_state(job)
-    status, attempts = state.get("status"), state.get("attempts")
-    if status != "done":
+    status, attempts = _state(run, state)
+    if status != worker.recognise.done:
         raise CheckFailed(
             f"job {job.key}: status {status!r} after {attempts} attempts "
-            f"(last error: {state.get('last_error')!r}), expected 'done' within "
+            f"(state: {_snippet(json.dumps(state, sort_keys=True, default=str), 200)}), "
+            f"expected {worker.recognise.done!r} within "
             f"{job_deadline_seconds(job.queue, run.job_slack):.1f}s"
         )
     if attempts != 1:
         raise CheckFailed(f"job {job.key}: done after {attempts} attempts, expected exactly 1")
-    if state.get("result") is None:
-        raise CheckFailed(f"GET /v1/jobs/{job.key}: done but no result reported")
-    results = _count_rows(run.env, "job_results", job.key)
-    if results != 1:
+    result = state.get(worker.recognise.result_field)
+    if result is None:
         raise CheckFailed(
-            f"job {job.key}: {results} rows in {run.env}.job_results, expected exactly 1"
+            f"GET {worker.status_url_path(job.key)}: done but no "
+            f"{worker.recognise.result_field!r} reported"
         )
+    table = worker.results.table
+    results = _count_rows(run, table, worker.results.key_column, job.key)
+    if results != 1:
+        raise CheckFailed(f"job {job.key}: {results} rows in {run.env}.{table}, expected exactly 1")
     return (
         f"done in {job.settled_after or 0:.2f}s, 1 attempt, 1 result written back "
-        f"({_snippet(json.dumps(state.get('result'), sort_keys=True), 60)})"
+        f"({_snippet(json.dumps(result, sort_keys=True), 60)})"
     )
 
 
 def _check_dead_lettered(run: _Run, job: _Job) -> str:
+    worker = run.spec.contract.worker
+    dead_letter = run.spec.queues.dead_letter
     state = _settled_state(job)
-    status, attempts = state.get("status"), state.get("attempts")
+    status, attempts = _state(run, state)
     wanted = job.queue.max_attempts
-    if status != "dead":
+    if status != worker.recognise.dead:
         raise CheckFailed(
             f"poison job {job.key}: status {status!r} after {attempts} attempts, expected "
-            f"'dead' within {job_deadline_seconds(job.queue, run.job_slack):.1f}s"
+            f"{worker.recognise.dead!r} within "
+            f"{job_deadline_seconds(job.queue, run.job_slack):.1f}s"
         )
     if attempts != wanted:
         raise CheckFailed(
             f"poison job {job.key}: dead after {attempts} attempts, expected exactly {wanted} "
             f"(max_attempts of queue {job.queue.name!r})"
         )
-    dlq_rows = _count_rows(run.env, "dead_letter", job.key)
+    dlq_rows = _count_rows(run, dead_letter, worker.dead_letter_key_column, job.key)
     if dlq_rows != 1:
         raise CheckFailed(
-            f"poison job {job.key}: {dlq_rows} rows in {run.env}.dead_letter "
-            f"(queue {run.spec.queues.dead_letter!r}), expected 1"
+            f"poison job {job.key}: {dlq_rows} rows in {run.env}.{dead_letter} "
+            "(queues.dead_letter), expected 1"
         )
-    results = _count_rows(run.env, "job_results", job.key)
+    results = _count_rows(run, worker.results.table, worker.results.key_column, job.key)
     if results:
         raise CheckFailed(f"poison job {job.key}: {results} results written back, expected 0")
     return (
         f"dead after {attempts} attempts in {job.settled_after or 0:.2f}s "
         f"(backoff schedule {sum(backoff_delays(job.queue)):.2f}s), "
-        f"in {run.spec.queues.dead_letter}, no result"
+        f"in {dead_letter}, no result"
     )
 
 
 def _check_idempotent(run: _Run, job: _Job) -> str:
+    worker = run.spec.contract.worker
     before = _settled_state(job)
-    if before.get("status") != "done":
+    status, attempts = _state(run, before)
+    if status != worker.recognise.done:
         raise CheckFailed(
-            f"job {job.key} never reached 'done' (status {before.get('status')!r}); "
+            f"job {job.key} never reached {worker.recognise.done!r} (status {status!r}); "
             "idempotency cannot be judged"
         )
     error = _enqueue(run, job)
@@ -699,29 +716,30 @@ def _check_idempotent(run: _Run, job: _Job) -> str:
     watch_until = time.monotonic() + IDEMPOTENCY_WATCH_SECONDS
     polls = 0
     while True:
-        state = _job_state(run, job.key)
+        now_status, now_attempts = _state(run, _job_state(run, job.key))
         polls += 1
-        if state.get("status") != "done" or state.get("attempts") != before.get("attempts"):
+        if now_status != worker.recognise.done or now_attempts != attempts:
             raise CheckFailed(
-                f"job {job.key} re-enqueued: status {state.get('status')!r}, attempts "
-                f"{state.get('attempts')} (was done after {before.get('attempts')}): "
-                "processed twice"
+                f"job {job.key} re-enqueued: status {now_status!r}, attempts "
+                f"{now_attempts} (was done after {attempts}): processed twice"
             )
         if time.monotonic() >= watch_until:
             break
         time.sleep(JOB_POLL_INTERVAL_SECONDS * 2)
-    results = _count_rows(run.env, "job_results", job.key)
+    table = worker.results.table
+    results = _count_rows(run, table, worker.results.key_column, job.key)
     if results != 1:
-        raise CheckFailed(
-            f"job {job.key}: {results} rows in {run.env}.job_results after re-enqueue"
-        )
+        raise CheckFailed(f"job {job.key}: {results} rows in {run.env}.{table} after re-enqueue")
     return f"still done after 1 attempt, 1 result ({polls} polls over {IDEMPOTENCY_WATCH_SECONDS}s)"
 
 
-def _count_rows(env: str, table: str, job_key: str) -> int:
-    """Rows for a job key in the environment database (the worker's write-back tables)."""
-    query = sql.SQL("SELECT count(*) FROM {} WHERE job_key = %s").format(sql.Identifier(table))
-    with database.connection(env) as conn, conn.cursor() as cur:
+def _count_rows(run: _Run, table: str, key_column: str, job_key: str) -> int:
+    """Rows for a job key in the product's environment database (the worker's tables)."""
+    query = sql.SQL("SELECT count(*) FROM {} WHERE {} = %s").format(
+        sql.Identifier(table), sql.Identifier(key_column)
+    )
+    db = database.environment_database(run.spec.product, run.env)
+    with database.connection(db) as conn, conn.cursor() as cur:
         cur.execute(query, (job_key,))
         row = cur.fetchone()
     return int(row[0]) if row else 0

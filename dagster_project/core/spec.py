@@ -1,24 +1,45 @@
-"""The product spec (`products/<id>/product.yaml`), validated with pydantic.
+"""The product spec (`products/<id>/product.yaml`) and the product's contract
+(`products/<id>/contract.yaml`), validated with pydantic.
 
-A bad spec fails with `SpecError` naming the file, the line and column, the field path and
-the reason, for every problem at once. Every number has a range, so a negative TTL or a
-zero bake time fails here, before any work, not in a later stage.
+A bad spec or contract fails with `SpecError` naming the file, the line and column, the field
+path and the reason, for every problem at once (`SpecError.problems` holds them as data).
+Every number has a range, so a negative TTL or a zero bake time fails here, before any work,
+not in a later stage.
+
+The contract is what the generic pipeline knows of a product's API and data, and all it
+knows: per endpoint the expected status, content type and a JSON Schema of the body (the
+smoke suite validates answers against it; promotion purges the surrogate keys of endpoints
+whose contract changed between releases), how the worker probes enqueue jobs and recognise
+their results and which tables hold them, and the data-quality suite.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dagster_project.core.knobs import quote
 from dagster_project.core.settings import list_products, product_dir
 
-TtlClass = Literal["dynamic", "static"]
+# A TTL class is a name the product chooses (e.g. `dynamic`, `static`, `hourly`).
+TtlClass = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 PRODUCT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+CONTRACT_FILE = "contract.yaml"
+# libyaml when present: a spec and a contract per product are parsed at every code-location load.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 DAY_SECONDS = 86_400
 HOUR_MS = 3_600_000
 # A TTL of at least a second and at most a year: 0 or less would never cache (or crash the edge).
@@ -27,8 +48,31 @@ TtlSeconds = Annotated[int, Field(gt=0, le=365 * DAY_SECONDS)]
 _SECRET_FIELDS = ("guardrail",)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a product's files: where (file, 1-based line and column, field path)
+    and what. `line` is 0 when the problem is the file as a whole."""
+
+    file: str
+    line: int
+    column: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        if self.field:
+            return f"{where}: field '{self.field}': {self.message}"
+        return f"{where}: {self.message}"
+
+
 class SpecError(ValueError):
-    """An invalid or missing product spec; the message names file, field and reason."""
+    """An invalid or missing product spec or contract; the message names file, field and
+    reason, and `problems` lists them one by one."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
 
 
 class _Model(BaseModel):
@@ -91,9 +135,129 @@ class Queue(_Model):
 
 
 class Queues(_Model):
-    high: Queue
-    low: Queue
+    """The product's job queues by name, in priority order (workers drain the first one
+    first), and the dead-letter table: `{<name>: {name: <name>, max_attempts: ...}, ...,
+    dead_letter: <table>}`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, Queue] = Field(init=False)  # type: ignore[assignment]
+
     dead_letter: str = Field(pattern=r"^[a-z_][a-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _named_queues(self) -> Queues:
+        queues = self.__pydantic_extra__ or {}
+        if not queues:
+            raise ValueError("at least one queue is needed besides dead_letter")
+        for key, queue in queues.items():
+            if queue.name != key:
+                raise ValueError(f"queue {key!r} has name {queue.name!r}: they must be equal")
+        return self
+
+    @property
+    def ordered(self) -> tuple[Queue, ...]:
+        """The queues in priority order (as written in the spec)."""
+        return tuple((self.__pydantic_extra__ or {}).values())
+
+    def __getitem__(self, name: str) -> Queue:
+        return (self.__pydantic_extra__ or {})[name]
+
+
+# --- the contract (contract.yaml) -------------------------------------------------------------
+
+RoutePath = Annotated[str, Field(pattern=r"^/[A-Za-z0-9/._-]*$", max_length=200)]
+JsonField = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")]
+SqlName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+
+
+class EndpointContract(_Model):
+    """What a client may rely on for one endpoint: its status, content type and, for JSON,
+    the JSON Schema (draft 2020-12) of its body."""
+
+    status: int = Field(default=200, ge=100, le=599)
+    content_type: str = Field(
+        default="application/json", pattern=r"^[a-z]+/[A-Za-z0-9.+-]+$", max_length=100
+    )
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    # A body shorter than this fails (a static asset must not be empty).
+    min_bytes: int = Field(default=1, ge=0, le=1_000_000_000)
+
+    @property
+    def is_json(self) -> bool:
+        return self.content_type == "application/json" or self.content_type.endswith("+json")
+
+    @model_validator(mode="after")
+    def _json_needs_a_schema(self) -> EndpointContract:
+        if self.is_json and self.json_schema is None:
+            raise ValueError("a JSON endpoint needs a 'schema' (the JSON Schema of its body)")
+        if not self.is_json and self.json_schema is not None:
+            raise ValueError(f"'schema' applies to JSON bodies, not {self.content_type}")
+        return self
+
+
+class Enqueue(_Model):
+    """`POST <path>` with `{<key_field>: key, <queue_field>: queue, <payload_field>: {...}}`."""
+
+    path: RoutePath
+    key_field: JsonField = "key"
+    queue_field: JsonField = "queue"
+    payload_field: JsonField = "payload"
+    accepted: tuple[int, ...] = Field(default=(200, 201, 202), min_length=1)
+
+
+class ProbeJobs(_Model):
+    """Payloads of the worker probes: `ok` must be done after one attempt with one result
+    row; `poison` must fail every attempt and land in the dead-letter table."""
+
+    ok: dict[str, Any]
+    poison: dict[str, Any]
+
+
+class Recognise(_Model):
+    """How a job's state is read from `GET <status_path>`."""
+
+    status_field: JsonField = "status"
+    attempts_field: JsonField = "attempts"
+    result_field: JsonField = "result"
+    done: str = Field(default="done", min_length=1)
+    dead: str = Field(default="dead", min_length=1)
+
+
+class KeyedTable(_Model):
+    table: SqlName
+    key_column: SqlName
+
+
+class WorkerContract(_Model):
+    enqueue: Enqueue
+    status_path: str = Field(pattern=r"^/[A-Za-z0-9/._-]*\{key\}[A-Za-z0-9/._-]*$")
+    probes: ProbeJobs
+    recognise: Recognise = Recognise()
+    # The workers' write-back table (one row per done job) in the environment database.
+    results: KeyedTable
+    # The key column of the dead-letter table (the table is `queues.dead_letter` of the spec).
+    dead_letter_key_column: SqlName
+
+    def status_url_path(self, key: str) -> str:
+        return self.status_path.replace("{key}", key)
+
+
+class DataQualityContract(_Model):
+    # The Great Expectations suite (a file in the spec's expectations_dir); its `tables` are
+    # the tables the data-quality gate reads in staging.
+    suite: str = Field(default="release_quality.json", pattern=r"^[A-Za-z0-9_.-]+\.json$")
+
+
+class Contract(_Model):
+    endpoints: dict[RoutePath, EndpointContract] = Field(min_length=1)
+    worker: WorkerContract
+    data_quality: DataQualityContract = DataQualityContract()
+
+    # Set by load_spec; not part of the YAML.
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    def for_path(self, path: str) -> EndpointContract | None:
+        return self.endpoints.get(path)
 
 
 class Guardrail(_Model):
@@ -160,16 +324,27 @@ class ProductSpec(_Model):
     migrations_dir: str = "migrations"
     expectations_dir: str = "expectations"
     service_dir: str = "service"
+    contract_file: str = Field(default=CONTRACT_FILE, pattern=r"^[A-Za-z0-9_.-]+\.ya?ml$")
 
     # Set by load_spec; not part of the YAML.
     source_path: Path | None = Field(default=None, exclude=True)
+    _contract: Contract | None = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _ttl_for_every_class(self) -> ProductSpec:
-        missing = sorted({e.ttl_class for e in self.endpoints} - set(self.ttl_classes))
-        if missing:
-            raise ValueError(f"ttl_classes has no TTL for {missing}")
-        return self
+    @property
+    def contract(self) -> Contract:
+        """The product's contract (contract.yaml), loaded and checked by `load_spec`."""
+        if self._contract is None:
+            raise SpecError(f"{self.contract_path}: the contract was not loaded (use load_spec)")
+        return self._contract
+
+    @property
+    def contract_path(self) -> Path:
+        return self.root / self.contract_file
+
+    @property
+    def suite_path(self) -> Path:
+        """The data-quality suite the contract names."""
+        return self.expectations_path / self.contract.data_quality.suite
 
     @property
     def root(self) -> Path:
@@ -207,37 +382,122 @@ def validate_product_id(product_id: object) -> str:
 
 
 def load_spec(product_id_or_path: str | Path) -> ProductSpec:
-    """Load and validate a spec by product id or by path to a product.yaml."""
+    """Load and validate a product by id or by path to its product.yaml: the spec, then its
+    contract (contract.yaml beside it). Raises SpecError naming file:line:column and field."""
     path = Path(product_id_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = product_dir(validate_product_id(str(product_id_or_path))) / "product.yaml"
     if not path.is_file():
-        raise SpecError(f"{path}: product spec not found (unknown product?)")
+        raise SpecError(
+            f"{path}: product spec not found (unknown product?)",
+            [Problem(str(path), 0, 0, "", "product spec not found")],
+        )
+    text, raw = _read_yaml(path, "product spec")
+    spec = _validate(ProductSpec, path, text, raw, "product spec")
+    found: list[tuple[tuple[Any, ...], str]] = []
+    for index, endpoint in enumerate(spec.endpoints):
+        if endpoint.ttl_class not in spec.ttl_classes:
+            known = ", ".join(spec.ttl_classes) or "none"
+            found.append(
+                (
+                    ("endpoints", index, "ttl_class"),
+                    f"no TTL for class {endpoint.ttl_class!r} in ttl_classes (known: {known})",
+                )
+            )
+    if path.parent.name != spec.product:
+        found.append(
+            (("product",), f"{spec.product!r} does not match its folder {path.parent.name!r}")
+        )
+    _raise_found(path, text, "product spec", found)
+    spec._contract = load_contract(spec)
+    return spec
+
+
+def load_contract(spec: ProductSpec) -> Contract:
+    """The product's contract file, checked on its own and against the spec: every spec
+    endpoint has a contract and every contract names a spec endpoint."""
+    path = spec.contract_path
+    if not path.is_file():
+        raise SpecError(
+            f"{path}: the product's contract is missing (the expected status and JSON Schema "
+            "of each endpoint, the worker probes, the data-quality suite; `release new` "
+            "writes one)",
+            [Problem(str(path), 0, 0, "", "the product's contract is missing")],
+        )
+    text, raw = _read_yaml(path, "product contract")
+    contract: Contract = _validate(Contract, path, text, raw, "product contract")
+    found: list[tuple[tuple[Any, ...], str]] = []
+    paths = [e.path for e in spec.endpoints]
+    for endpoint_path in paths:
+        if endpoint_path not in contract.endpoints:
+            found.append((("endpoints",), f"no contract for the spec's endpoint {endpoint_path!r}"))
+    for endpoint_path in contract.endpoints:
+        if endpoint_path not in paths:
+            found.append(
+                (("endpoints", endpoint_path), "not an endpoint of the spec (product.yaml)")
+            )
+    _raise_found(path, text, "product contract", found)
+    return contract
+
+
+def read_contract(path: Path) -> Contract:
+    """A contract file on its own (e.g. the one a release's artifact shipped)."""
+    text, raw = _read_yaml(path, "product contract")
+    contract: Contract = _validate(Contract, path, text, raw, "product contract")
+    return contract
+
+
+def _read_yaml(path: Path, what: str) -> tuple[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader (CSafeLoader/SafeLoader)
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read the product spec: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level")
-    try:
-        spec = ProductSpec.model_validate({**raw, "source_path": path.resolve()})
-    except ValidationError as exc:
-        raise SpecError(_format_errors(path, exc, text)) from None
-    if path.parent.name != spec.product:
-        line, column = _position(_compose(text), ("product",))
         raise SpecError(
-            f"{path}:{line}:{column}: field 'product': {spec.product!r} does not match its "
-            f"folder {path.parent.name!r}"
-        )
-    return spec
+            f"{path}: cannot read the {what}: {exc}",
+            [Problem(str(path), 0, 0, "", f"cannot read the {what}: {exc}")],
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+        reason = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        problem = Problem(str(path), line, column, "", f"not valid YAML: {reason}")
+        raise SpecError(f"{problem}", [problem]) from None
+    if not isinstance(raw, dict):
+        problem = Problem(str(path), 1, 1, "", "expected a mapping at the top level")
+        raise SpecError(str(problem), [problem])
+    return text, raw
+
+
+def _validate(model: type[Any], path: Path, text: str, raw: dict[str, Any], what: str) -> Any:
+    try:
+        return model.model_validate({**raw, "source_path": path.resolve()})
+    except ValidationError as exc:
+        problems = _problems(path, exc, text)
+        raise SpecError(_report(path, what, problems), problems) from None
+
+
+def _raise_found(
+    path: Path, text: str, what: str, found: list[tuple[tuple[Any, ...], str]]
+) -> None:
+    if not found:
+        return
+    root = _compose(text)
+    problems = [
+        Problem(str(path), *_position(root, loc), ".".join(str(p) for p in loc), message)
+        for loc, message in found
+    ]
+    raise SpecError(_report(path, what, problems), problems)
+
+
+def _report(path: Path, what: str, problems: list[Problem]) -> str:
+    lines = [f"{path}: invalid {what} ({len(problems)} problem(s))"]
+    lines += [f"  {problem}" for problem in problems]
+    return "\n".join(lines)
 
 
 def _compose(text: str) -> yaml.Node | None:
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
         return None
 
@@ -265,9 +525,9 @@ def _position(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _format_errors(path: Path, exc: ValidationError, text: str = "") -> str:
+def _problems(path: Path, exc: ValidationError, text: str = "") -> list[Problem]:
     root = _compose(text)
-    lines = [f"{path}: invalid product spec ({exc.error_count()} problem(s))"]
+    problems = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if p != "[key]")
         field = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(top level)"
@@ -281,5 +541,10 @@ def _format_errors(path: Path, exc: ValidationError, text: str = "") -> str:
             else ""
         )
         message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {path}:{line}:{column}: field '{field}': {message}{shown}")
-    return "\n".join(lines)
+        problems.append(Problem(str(path), line, column, field, f"{message}{shown}"))
+    return problems
+
+
+def problems_of(exc: SpecError) -> list[Problem]:
+    """The problems of a SpecError, or one problem holding its message."""
+    return exc.problems or [Problem("", 0, 0, "", str(exc))]

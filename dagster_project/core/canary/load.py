@@ -111,8 +111,10 @@ class LoadGenerator:
 
     @classmethod
     def for_spec(cls, spec: ProductSpec, base_url: str, **kwargs: Any) -> LoadGenerator:
+        # The endpoints of the product's shortest TTL class are its dynamic ones.
+        shortest = min(spec.ttl_classes[e.ttl_class] for e in spec.endpoints)
         targets = [
-            Target(e.path, e.load_weight, unique_query=e.ttl_class == "dynamic")
+            Target(e.path, e.load_weight, unique_query=spec.ttl_classes[e.ttl_class] == shortest)
             for e in spec.endpoints
         ]
         return cls(base_url, targets, rps=kwargs.pop("rps", spec.canary.load_rps), **kwargs)

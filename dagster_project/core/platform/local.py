@@ -77,8 +77,9 @@ class LocalPlatform:
         stopped or given-up serving process is started again, on its port). Returns
         status()."""
         edges.require_installed(self.spec, ENVIRONMENTS)  # before any work: names the package
-        for name in (*ENVIRONMENTS, database.CONTROL_DB):
-            database.ensure_database(name)
+        for env in ENVIRONMENTS:  # the product's own databases, one per environment
+            database.ensure_database(self.database(env))
+        database.ensure_database(database.CONTROL_DB)
         self.state.ensure_schema()
         self.supervisor.ensure_running()
         if any(edges.metrics_kind(self.spec, env) == "prometheus" for env in ENVIRONMENTS):
@@ -406,7 +407,7 @@ class LocalPlatform:
         port = processes.free_port()
         service_env = _child_env(
             {
-                "SERVICE_DATABASE_URL": database.server().dsn(env),
+                "SERVICE_DATABASE_URL": database.server().dsn(self.database(env)),
                 "SERVICE_VERSION": version,
                 "SERVICE_TRACK": track,
                 "SERVICE_MANIFEST": str(deploy_dir / "manifest.json"),
@@ -709,6 +710,10 @@ class LocalPlatform:
 
     # -- queries -------------------------------------------------------------------------
 
+    def database(self, env: str) -> str:
+        """The logical database of the product's environment (its own, per product)."""
+        return database.environment_database(self.product, check_env(env))
+
     def _require_up(self, env: str) -> EnvironmentRecord:
         check_env(env)
         record = self.state.environment(env)
@@ -826,7 +831,7 @@ class LocalPlatform:
             "edge": edge_info,
             "metrics": metrics_info,
             "healthy": not problems,
-            "database": database.server().display_url(env),
+            "database": database.server().display_url(self.database(env)),
             "weights": record.weights if record else None,
             "tracks": tracks,
             "restarts": restarts,
