@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -131,6 +132,31 @@ def test_bad_release_is_blocked_at_the_canary_with_production_untouched(platform
     aborted = [c for c in changes.for_release(PRODUCT, "1.2.0") if c.outcome == "aborted"]
     assert len(aborted) == 1
     assert audit.find(aborted[0].change_id) is not None  # production carried canary traffic
+
+
+def test_after_a_promotion_and_an_abort_the_trail_verifies_and_the_tickets_sign_off(
+    platform: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15's done-when: `release audit verify` exits 0 and checks the signed checkpoints;
+    `release audit ticket` writes the promotion's page with its snapshots embedded, and the
+    aborted canary's, whose deploy items do not apply."""
+    import base64
+
+    from dagster_project.cli import release_main
+
+    assert release_main(["audit", "verify"]) == 0
+    out = capsys.readouterr().out
+    assert "signed checkpoints verified" in out, out
+    assert release_main(["audit", "ticket", PRODUCT, "1.1.0", "--out", str(tmp_path)]) == 0
+    (page,) = tmp_path.glob("1.1.0-promoted-seq*.html")
+    (promoted,) = [c for c in changes.for_release(PRODUCT, "1.1.0") if c.outcome == "promoted"]
+    assert promoted.details.snapshots
+    for snap in promoted.details.snapshots:
+        embedded = base64.b64encode(Path(snap.path).read_bytes()).decode()
+        assert f"data:image/png;base64,{embedded}" in page.read_text()
+    assert release_main(["audit", "ticket", PRODUCT, "1.2.0", "--out", str(tmp_path)]) == 0
+    assert "not applicable" in next(tmp_path.glob("1.2.0-aborted-seq*.md")).read_text()
+    assert GUARDRAIL_TOKEN not in capsys.readouterr().out
 
 
 def test_hand_made_schema_change_on_staging_blocks_on_schema_drift(platform: object) -> None:
