@@ -37,12 +37,24 @@ def require_prometheus() -> None:
 
 def contract_changed_product(root: Path, field: str = "schema_version") -> Path:
     """A copy of the product under `root/<product>` whose `/v1/summary` answers one more
-    field (its contract changes; every other endpoint's stays). Returns the products dir."""
+    field and promises it in its contract.yaml (that endpoint's contract changes; every
+    other endpoint's stays). Returns the products dir."""
     target = root / PRODUCT
     shutil.copytree(PROJECT_ROOT / "products" / PRODUCT, target)
-    api = target / "service" / "api.py"
-    text = api.read_text()
-    anchor = '            "dead_letter": {"count": row["dead_letter"]},\n'
-    assert text.count(anchor) == 1, "the summary handler changed: update contract_changed_product"
-    api.write_text(text.replace(anchor, anchor + f'            "{field}": 2,\n'))
+    _replace_once(
+        target / "service" / "api.py",
+        '            "dead_letter": {"count": row["dead_letter"]},\n',
+        f'            "{field}": 2,\n',
+    )
+    _replace_once(
+        target / "contract.yaml",
+        "      required: [items, jobs, dead_letter]\n      properties:\n",
+        f"        {field}: {{type: integer}}\n",
+    )
     return root
+
+
+def _replace_once(path: Path, anchor: str, added: str) -> None:
+    text = path.read_text()
+    assert text.count(anchor) == 1, f"{path} changed: update contract_changed_product"
+    path.write_text(text.replace(anchor, anchor + added))

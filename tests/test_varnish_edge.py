@@ -22,7 +22,7 @@ import pytest
 from real_parts import PRODUCT, contract_changed_product, require_varnish
 
 from dagster_project.core import registry
-from dagster_project.core.contract import changed_surrogate_keys
+from dagster_project.core.contract import changed_between
 from dagster_project.core.migrations.history import apply_pending
 from dagster_project.core.platform import LocalPlatform, varnish
 from dagster_project.core.platform.processes import free_port, is_alive
@@ -321,8 +321,8 @@ def test_after_a_promotion_exactly_the_changed_keys_are_purged(
     platform.rollback(ENV)  # canary 1.1.0 gone; stable 1.0.0 at 100%
     _warm(platform, ["/v1/summary", "/static/app.js?p=1"])
     platform.deploy(ENV, "canary", new)
-    urls = platform.api_urls(ENV)
-    changed = changed_surrogate_keys(load_spec(PRODUCT), urls["stable"], urls["canary"])
+    old = platform.current(ENV)["stable"]["artifact_sha"]
+    changed = changed_between(load_spec(PRODUCT), str(old), new.sha256)
     assert changed == [{"path": "/v1/summary", "surrogate_keys": ["summary"]}]
     platform.promote(ENV)
     purged = {k: platform.purge(ENV, surrogate_key=k) for c in changed for k in c["surrogate_keys"]}

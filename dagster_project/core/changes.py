@@ -174,4 +174,5 @@ def audit_payload(change: ProductionChange, *, audited_by: str, token: str) -> A
         reason=evidence.reason,
         gates=evidence.staging_checks,
         restored_release=evidence.restored_release,
+        purged=evidence.purged,
     )

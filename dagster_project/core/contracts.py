@@ -404,6 +404,8 @@ class AuditPayload(Contract):
     # A rollback: the release production went back to (this release for `release rollback`,
     # the previous one when this release's watch failed).
     restored_release: str | None = None
+    # A promotion: the endpoints whose contract changed and the surrogate keys purged for them.
+    purged: list[PurgedEndpoint] = Field(default_factory=list)
 
     def __repr_args__(self) -> Any:
         yield from super().__repr_args__()

@@ -249,7 +249,8 @@ class LocalPlatform:
         """Where this product's Prometheus answers; PlatformError when it does not run."""
         instance = self._prometheus()
         info = self.supervisor.info(instance.program)
-        if instance.url is None or info is None or not info.running:
+        # Running, or being restarted by supervisord (queries meanwhile fail: fail closed).
+        if instance.url is None or info is None or not (info.running or info.restarting):
             raise PlatformError(
                 f"Prometheus of {self.product} is not running (program {instance.program}): "
                 f"run `release platform up` with {edges.METRICS_VARIABLE}=prometheus or the "
