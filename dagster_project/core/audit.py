@@ -236,26 +236,30 @@ def append(
     text = canonical_json({**payload, "change_id": change_id})
     ensure_audit_schema(database)
     key = checkpoints.signer()  # an unusable or untrusted key refuses before the append
-    try:
-        with _pipeline_connection(database) as conn, conn.cursor() as cur:
-            cur.execute("SET lock_timeout = '30s'")  # a stuck appender surfaces as an error
-            cur.execute("SELECT * FROM audit.append(%s, %s)", (change_id, text))
-            row = cur.fetchone()
-    except psycopg2.Error as exc:
-        # `from None`: the driver's exception may quote the statement, which holds the token.
-        message = (
-            f"audit append of change {change_id!r} to {db.server().display_url(database)} "
-            f"failed: {str(exc).strip()}"
-        )
-        raise AuditError(scrub(message, token)) from None
-    assert row is not None
-    entry = _entry(row[:9], created=bool(row[9]))
-    record_checkpoint(database=database, key=key)
+    with _pipeline_connection(database) as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET lock_timeout = '30s'")  # a stuck appender surfaces as an error
+                cur.execute("SELECT * FROM audit.append(%s, %s)", (change_id, text))
+                row = cur.fetchone()
+        except psycopg2.Error as exc:
+            # `from None`: the driver's exception may quote the statement, which holds the token.
+            message = (
+                f"audit append of change {change_id!r} to {db.server().display_url(database)} "
+                f"failed: {str(exc).strip()}"
+            )
+            raise AuditError(scrub(message, token)) from None
+        assert row is not None
+        entry = _entry(row[:9], created=bool(row[9]))
+        record_checkpoint(database=database, key=key, conn=conn)
     return entry
 
 
 def record_checkpoint(
-    *, database: str = db.CONTROL_DB, key: checkpoints.Signer | None = None
+    *,
+    database: str = db.CONTROL_DB,
+    key: checkpoints.Signer | None = None,
+    conn: psycopg2.extensions.connection | None = None,
 ) -> Checkpoint | None:
     """Sign the trail's current head into the checkpoint log, once the entries since the newest
     valid checkpoint are checked to extend it (the chain links on from its head): a trail that
@@ -265,7 +269,7 @@ def record_checkpoint(
     base = checkpoints.newest_valid(database, checkpoints.trusted_keys()[0])
     start = base.seq + 1 if base else 1
     try:
-        with _snapshot(database) as cur:
+        with _snapshot(database, conn) as cur:
             cur.execute("SELECT seq, hash FROM audit.head WHERE id = 1")
             head_seq, head_hash = cur.fetchone() or (0, GENESIS_HASH)
             if base is not None and base.seq >= head_seq:
@@ -399,9 +403,20 @@ def _pipeline_connection(database: str) -> Iterator[psycopg2.extensions.connecti
 
 
 @contextlib.contextmanager
-def _snapshot(database: str) -> Iterator[psycopg2.extensions.cursor]:
+def _snapshot(
+    database: str, conn: psycopg2.extensions.connection | None = None
+) -> Iterator[psycopg2.extensions.cursor]:
     """A read-only cursor on one REPEATABLE READ snapshot, acting as `release_pipeline`:
-    head and entries read through it agree even while others append."""
+    head and entries read through it agree even while others append. On `conn` (an open
+    autocommit pipeline connection) when given, else on a connection of its own."""
+    if conn is not None:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield cur
+            finally:
+                cur.execute("ROLLBACK")
+        return
     ensure_audit_schema(database)
     with db.connection(database, autocommit=False) as conn:
         conn.set_session(

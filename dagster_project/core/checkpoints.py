@@ -268,26 +268,27 @@ def file_name(seq: int) -> str:
 def read_log(database: str) -> list[LogItem]:
     """Every checkpoint file of the trail, in seq order (file-name order)."""
     directory = log_dir(database)
+    return [_read_item(directory, name, database) for name in _names(directory)]
+
+
+def _names(directory: Path) -> list[str]:
     try:
-        names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+        return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
     except FileNotFoundError:
         return []
-    items = []
-    for name in names:
-        path = directory / name
-        try:
-            checkpoint = Checkpoint.model_validate_json(path.read_bytes())
-        except (ValueError, ContractError) as exc:
-            first = str(exc).splitlines()[0][:200]
-            items.append(LogItem(name, None, f"not a checkpoint ({first})"))
-            continue
-        if name != file_name(checkpoint.seq):
-            items.append(LogItem(name, checkpoint, f"names seq {checkpoint.seq}: file renamed"))
-        elif checkpoint.trail != trail_name(database):
-            items.append(LogItem(name, checkpoint, f"belongs to trail {checkpoint.trail!r}"))
-        else:
-            items.append(LogItem(name, checkpoint))
-    return items
+
+
+def _read_item(directory: Path, name: str, database: str) -> LogItem:
+    try:
+        checkpoint = Checkpoint.model_validate_json((directory / name).read_bytes())
+    except (ValueError, ContractError) as exc:
+        first = str(exc).splitlines()[0][:200]
+        return LogItem(name, None, f"not a checkpoint ({first})")
+    if name != file_name(checkpoint.seq):
+        return LogItem(name, checkpoint, f"names seq {checkpoint.seq}: file renamed")
+    if checkpoint.trail != trail_name(database):
+        return LogItem(name, checkpoint, f"belongs to trail {checkpoint.trail!r}")
+    return LogItem(name, checkpoint)
 
 
 def signature_problem(checkpoint: Checkpoint, trusted: dict[str, Any]) -> str | None:
@@ -306,7 +307,9 @@ def signature_problem(checkpoint: Checkpoint, trusted: dict[str, Any]) -> str | 
 
 def newest_valid(database: str, trusted: dict[str, Any]) -> Checkpoint | None:
     """The newest checkpoint of the log that a trusted key signed (None: there is none)."""
-    for item in reversed(read_log(database)):
+    directory = log_dir(database)
+    for name in reversed(_names(directory)):  # newest first: one file read, as a rule
+        item = _read_item(directory, name, database)
         cp = item.checkpoint
         if cp and not item.problem and not signature_problem(cp, trusted):
             return cp
