@@ -49,6 +49,7 @@ EXIT_BY_ERROR_CLASS: tuple[tuple[str, int], ...] = (
     ("EvidenceError", EXIT_BLOCKED),  # the evidence store holds other bytes under a hash
     ("DatabaseUnavailable", EXIT_BAD_INPUT),  # before MigrationError: an outage is not a block
     ("StateDirError", EXIT_BAD_INPUT),
+    ("PartChoiceError", EXIT_BAD_INPUT),  # RELEASE_EDGE/METRICS unknown, or its binary missing
     ("MigrationError", EXIT_BLOCKED),
     ("BadInput", EXIT_BAD_INPUT),
     ("CliError", EXIT_BAD_INPUT),

@@ -71,7 +71,12 @@ def guardrail_token(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 # The longest files first, so two workers finish together (pytest-xdist `--dist loadfile`).
-_LONGEST_FIRST = ("test_production_faults.py", "test_release_e2e.py", "test_automations.py")
+_LONGEST_FIRST = (
+    "test_production_faults.py",
+    "test_release_e2e.py",
+    "test_real_edge_e2e.py",
+    "test_automations.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
