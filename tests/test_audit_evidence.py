@@ -590,6 +590,34 @@ def test_cli_verify_names_the_first_bad_item(capsys: pytest.CaptureFixture[str],
         )
 
 
+def test_cli_checkpoint_signs_an_uncovered_head_and_refuses_a_rewritten_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trail_restored():
+        append(MAIN, 1)
+        written = append(MAIN, 2)
+        for entry in written:
+            checkpoint_file(MAIN, entry.seq).unlink()  # a crash between append and checkpoint
+        code, out, _ = cli(capsys, "audit", "verify")
+        assert code == 0 and "2 newer entries await the next checkpoint" in out
+        code, out, _ = cli(capsys, "audit", "checkpoint")
+        assert (
+            code == 0 and f"checkpoint seq {written[-1].seq} head {written[-1].entry_hash}" in out
+        )
+        assert cli(capsys, "audit", "verify")[0] == 0
+
+        _, pinned = keypair()
+        monkeypatch.setenv(checkpoints.ENV_PUBLIC_KEY, pinned)
+        code, _, err = cli(capsys, "audit", "checkpoint")
+        assert code == 2 and checkpoints.ENV_PUBLIC_KEY in err
+        monkeypatch.delenv(checkpoints.ENV_PUBLIC_KEY)
+
+        more = append(MAIN, 1)
+        rewrite_consistently(MAIN, more[0].seq - 1)
+        code, _, err = cli(capsys, "audit", "checkpoint")
+        assert code == 3 and checkpoints.file_name(more[0].seq) in err
+
+
 def test_cli_a_truncate_attempt_is_refused_and_the_trail_stays_intact(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
