@@ -291,6 +291,15 @@ def test_canary_answers_never_fill_the_stable_cache(platform: LocalPlatform) -> 
     assert platform.purge(ENV, url="/v1/items?iso=1") == 2
 
 
+def test_an_older_route_table_never_replaces_a_newer_one(platform: LocalPlatform) -> None:
+    routes = platform.state.routes(ENV)
+    older = {**routes, "generation": routes["generation"] - 1, "weights": {"canary": 100}}
+    assert platform._edge(ENV).push_routes(older)["applied"] is False
+    tracks = {_get(f"{_edge(platform)}/v1/items?older={i}").headers["X-Track"] for i in range(20)}
+    assert tracks == {"stable"}
+    assert platform._edge(ENV).push_routes(routes)["applied"] is True  # the same one again
+
+
 def test_a_killed_varnishd_comes_back_on_its_port_with_the_current_routes(
     platform: LocalPlatform,
 ) -> None:

@@ -181,8 +181,8 @@ class VarnishEdge:
         self.instance.write_vcl(self.vcl(routes))
 
     def push_routes(self, routes: Mapping[str, Any]) -> dict[str, Any]:
-        timings = self.instance.load(self.vcl(routes), f"g{int(routes.get('generation') or 0)}")
-        return {"applied": True, "generation": routes.get("generation"), **timings}
+        generation = int(routes.get("generation") or 0)
+        return {"generation": generation, **self.instance.load(self.vcl(routes), generation)}
 
     def purge(self, url: str | None, surrogate_key: str | None) -> int:
         if url is not None:

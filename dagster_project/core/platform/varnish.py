@@ -606,26 +606,34 @@ class VarnishInstance:
             raise VclError(f"varnishadm {command[0]} failed (exit {done.returncode}): {answer}")
         return done.stdout
 
-    def load(self, vcl: str, label: str) -> dict[str, Any]:
-        """Write the VCL (what a restart loads), then load it into the running varnishd under
-        a new name, make it active, and discard the VCLs it replaced. The cache survives.
-        Returns timings."""
+    def load(self, vcl: str, generation: int) -> dict[str, Any]:
+        """Load the VCL of routes generation `generation` into the running varnishd under a
+        new name, make it active, discard the VCLs it replaced (the cache survives), and
+        only then make it what a restart loads (`-f`). A table older than the active one is
+        not applied (a slow caller never undoes a newer push). Returns timings."""
         started = time.monotonic()
-        name = f"{label}_{int(time.time() * 1000)}_{secrets.token_hex(2)}"
+        name = f"g{generation}_{int(time.time() * 1000)}_{secrets.token_hex(2)}"
         with self.lock():
-            self.write_vcl(vcl)
+            active = _generation_of(self.active_vcl())
+            if active is not None and generation < active:
+                return {"applied": False, "vcl": self.active_vcl(), "active_generation": active}
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            candidate = self.workdir / "edge.next.vcl"
+            _write_private(candidate, vcl)
             try:
-                self.admin("vcl.load", name, str(self.vcl_path))
+                self.admin("vcl.load", name, str(candidate))
             except VclError as exc:
-                raise VclError(f"VCL {self.vcl_path} was not loaded: {exc}") from None
+                raise VclError(f"VCL {candidate} was not loaded: {exc}") from None
             loaded = time.monotonic()
             self.admin("vcl.use", name)
             used = time.monotonic()
+            os.replace(candidate, self.vcl_path)
             for other in self.vcl_names():
                 if other != name:
                     with contextlib.suppress(VclError):  # still busy: discarded when cold
                         self.admin("vcl.discard", other)
         return {
+            "applied": True,
             "vcl": name,
             "load_seconds": round(loaded - started, 4),
             "use_seconds": round(used - loaded, 4),
@@ -648,6 +656,12 @@ class VarnishInstance:
 
     def remove_files(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _generation_of(vcl_name: str | None) -> int | None:
+    """The routes generation a loaded VCL's name carries (`g<generation>_...`)."""
+    match = re.match(r"^g(\d+)_", vcl_name or "")
+    return int(match[1]) if match else None
 
 
 def _write_private(path: Path, text: str) -> None:
