@@ -2,7 +2,8 @@
 
     deploy PRODUCT [--release VERSION] [--set KEY=VALUE ...]
     release status PRODUCT [--json]
-    release platform up|down|status [--json] [--product ID]
+    release platform up|down|status [--json] [--product ID]   (every product without --product)
+    release new PRODUCT | release validate PRODUCT [--json]   (cli_products.py)
     release audit verify [--json] | show PRODUCT [--json] | ticket PRODUCT VERSION [--out DIR]
     release audit export [--since SEQ] [--format jsonl] | release audit checkpoint
     release ui                                   (dagster dev on the shared instance)
@@ -60,34 +61,81 @@ def _exit_code(exc: BaseException) -> int | None:
 # -- release platform ------------------------------------------------------------------------
 
 
-def _platform(args: argparse.Namespace) -> Any:
+def _platforms(args: argparse.Namespace) -> list[Any]:
+    """The platform of `--product`, else of every product folder: each product has its own
+    environments, databases and ports. Without --product, a folder whose spec does not load
+    is listed with its first problem (file:line:column and field) and skipped."""
     from dagster_project.core.platform import LocalPlatform
+    from dagster_project.core.settings import list_products
+    from dagster_project.core.spec import SpecError, problems_of
 
-    return LocalPlatform(args.product)
+    if args.product is not None:
+        return [LocalPlatform(args.product)]
+    platforms = []
+    for product in list_products():
+        try:
+            platforms.append(LocalPlatform(product))
+        except SpecError as exc:
+            first = problems_of(exc)[0]
+            print(f"{product}: invalid product folder, skipped: {first}", file=sys.stderr)
+    return platforms
 
 
 def _platform_up(args: argparse.Namespace) -> int:
-    status = _platform(args).up()
-    _print_status(status, as_json=args.json)
-    return 0 if all(env["healthy"] for env in status.values()) else 1
+    statuses = {p.product: p.up() for p in _platforms(args)}
+    _print_statuses(statuses, args)
+    return 0 if _healthy(statuses) else 1
 
 
 def _platform_down(args: argparse.Namespace) -> int:
-    _platform(args).down()
+    downed = []
+    for platform in _platforms(args):
+        platform.down()
+        downed.append(platform.product)
     if args.json:
-        print(json.dumps({"down": True}))
+        print(json.dumps({"down": True, "products": downed}))
     else:
-        Console().print("platform down: every platform process stopped, state cleared")
+        Console().print(
+            f"platform down ({', '.join(downed) or 'no product'}): every platform process "
+            "stopped, state cleared"
+        )
     return 0
 
 
 def _platform_status(args: argparse.Namespace) -> int:
-    status = _platform(args).status()
-    _print_status(status, as_json=args.json)
-    return 0 if all(env["healthy"] for env in status.values()) else 1
+    statuses = {p.product: p.status() for p in _platforms(args)}
+    _print_statuses(statuses, args)
+    return 0 if _healthy(statuses) else 1
 
 
-def _print_status(status: dict[str, Any], *, as_json: bool) -> None:
+def _healthy(statuses: dict[str, dict[str, Any]]) -> bool:
+    """Every environment of every product healthy; a product never brought up (no edge in
+    either environment) is listed as down, not counted as unhealthy, unless it was asked for."""
+    return all(
+        env["healthy"]
+        for status in statuses.values()
+        if len(statuses) == 1 or any(env.get("edge_url") for env in status.values())
+        for env in status.values()
+    )
+
+
+def _print_statuses(statuses: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    """With --product: that product's environments (JSON: {env: ...}); without: every product
+    (JSON: {product: {env: ...}})."""
+    if args.json:
+        shown: Any = next(iter(statuses.values())) if args.product is not None else statuses
+        print(json.dumps(shown, indent=2, sort_keys=True))
+        return
+    if not statuses:
+        Console().print("no product folder found (release new PRODUCT writes one)")
+    for product, status in statuses.items():
+        if len(statuses) > 1 and not any(env.get("edge_url") for env in status.values()):
+            Console().print(f"{product}: down (release platform up --product {product})")
+            continue
+        _print_status(status, as_json=False, product=product)
+
+
+def _print_status(status: dict[str, Any], *, as_json: bool, product: str = "") -> None:
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return
@@ -96,7 +144,8 @@ def _print_status(status: dict[str, Any], *, as_json: bool) -> None:
         verdict = "[green]healthy[/]" if info["healthy"] else "[red]unhealthy[/]"
         weights = info.get("weights") or {}
         table = Table(
-            title=f"{env}: {verdict}  edge {info.get('edge_url') or '-'}  "
+            title=f"{product + ' ' if product else ''}{env}: {verdict}  "
+            f"edge {info.get('edge_url') or '-'}  "
             f"weights {' / '.join(f'{t} {w}%' for t, w in weights.items()) or '-'}",
             title_justify="left",
         )
@@ -128,7 +177,7 @@ def _add_platform(commands: argparse._SubParsersAction) -> None:
     ):
         action = actions.add_parser(name, help=help_text)
         action.add_argument("--json", action="store_true", help="print JSON")
-        action.add_argument("--product", default=None, help="product id (default: the only one)")
+        action.add_argument("--product", default=None, help="product id (default: every product)")
         action.set_defaults(handler=handler)
 
 
@@ -222,7 +271,7 @@ def _release_status(args: argparse.Namespace) -> int:
 
 def _add_status(commands: argparse._SubParsersAction) -> None:
     status = commands.add_parser("status", help="per environment: version, SHA, weights, health")
-    status.add_argument("product", help="product id, e.g. 4pnihc40q-yj")
+    status.add_argument("product", help="product id (a folder under the products directory)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_release_status)
 
@@ -443,18 +492,25 @@ def _add_rollback(commands: argparse._SubParsersAction) -> None:
         help="production back to the previous (or a named) promoted release; needs "
         "GUARDRAIL_TOKEN; audited",
     )
-    rollback.add_argument("product", help="product id, e.g. 4pnihc40q-yj")
+    rollback.add_argument("product", help="product id (a folder under the products directory)")
     rollback.add_argument("--to", metavar="VERSION", help="a release promoted before")
     rollback.set_defaults(handler=_rollback)
 
 
 # Each adds one subcommand group to `release`.
+def _add_products(commands: argparse._SubParsersAction) -> None:
+    from dagster_project.cli_products import add_product_commands
+
+    add_product_commands(commands)
+
+
 _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_status,
     _add_platform,
     _add_audit,
     _add_ui,
     _add_rollback,
+    _add_products,
 ]
 
 
@@ -508,7 +564,7 @@ def build_deploy_parser() -> argparse.ArgumentParser:
         "(product, release key, --set, token, spec, migrations) is checked before work starts.",
         epilog=EXIT_CODES_HELP.replace("0 done", "0 promoted and audited, or already live"),
     )
-    parser.add_argument("product", help="product id, e.g. 4pnihc40q-yj")
+    parser.add_argument("product", help="product id (a folder under the products directory)")
     parser.add_argument(
         "--release",
         help="release key, 1-64 of letters, digits, '.', '_', '+', '-' (default: src-<hash> of "

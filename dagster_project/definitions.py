@@ -1,8 +1,13 @@
-"""The code location: Definitions assembled from the product specs.
+"""The code location: Definitions assembled from the product folders.
+
+Every folder with a product.yaml under `$RELEASE_PRODUCTS_DIR` (default `products/`) is one
+product: one asset group, its own partitions, jobs, sensors and schedules. A folder whose spec
+or contract does not load becomes one asset naming each problem's file, line and field
+(assets/product_error.py); the others load as usual.
 
 Kept light on purpose: loading this module imports dagster, pydantic and yaml, never
-great_expectations, scipy, sqlfluff or matplotlib (those load inside the steps that use them),
-and starts nothing (Postgres and the platform start when a step needs them).
+great_expectations, scipy, sqlfluff, matplotlib or jsonschema (those load inside the steps that
+use them), and starts nothing (Postgres and the platform start when a step needs them).
 """
 
 import warnings
@@ -12,7 +17,7 @@ import dagster as dg
 from assets import release_assets
 from checks import blocking_check_keys_before_promotion, release_checks
 from dagster_project.core.settings import list_products
-from dagster_project.core.spec import load_spec
+from dagster_project.core.spec import SpecError, load_spec
 from dagster_project.jobs import release_jobs
 from dagster_project.partitions import releases_partitions
 from dagster_project.resources import resources_for_deployment
@@ -25,7 +30,12 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 
 def product_definitions(product_id: str) -> dg.Definitions:
-    spec = load_spec(product_id)
+    try:
+        spec = load_spec(product_id)
+    except SpecError as error:  # never takes the other products down
+        from assets.product_error import invalid_product_asset
+
+        return dg.Definitions(assets=[invalid_product_asset(product_id, error)])
     partitions_def = releases_partitions(spec.product)
     checks = release_checks(spec, partitions_def)
     assets = release_assets(spec, partitions_def, blocking_check_keys_before_promotion(checks))

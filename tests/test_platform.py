@@ -264,7 +264,7 @@ def test_cli_status_json_lists_both_edges(deployed: LocalPlatform) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
-    status = json.loads(completed.stdout)
+    status = json.loads(completed.stdout)[PRODUCT]  # every product, by id
     for env in ENVS:
         assert status[env]["edge_url"] == deployed.edge_url(env)
         assert status[env]["healthy"] is True

@@ -130,7 +130,7 @@ class MigrationGateReport(Contract):
 
 class DriftDifference(Contract):
     kind: str  # table, column, constraint, index, sequence, view, function, enum, ...
-    object: str  # qualified name, e.g. public.items.price_cents
+    object: str  # qualified name, e.g. public.orders.total_cents
     change: Literal["missing", "unexpected", "changed"]
     expected: dict[str, JsonValue] | None = None
     actual: dict[str, JsonValue] | None = None

@@ -80,7 +80,7 @@ _VALIDATORS: dict[str, Any] = {}  # one compiled validator per schema (by its JS
 
 def schema_problems(schema: dict[str, Any], body: Any, limit: int = 3) -> list[str]:
     """The first `limit` ways `body` violates the JSON Schema `schema` (draft 2020-12), each
-    naming the field path (`items.0.price_cents`) and the rule; empty when it conforms."""
+    naming the field path (`orders.0.total_cents`) and the rule; empty when it conforms."""
     from jsonschema import Draft202012Validator  # ~0.2 s: only when a body is checked
 
     key = json.dumps(schema, sort_keys=True)
@@ -733,13 +733,13 @@ def _check_idempotent(run: _Run, job: _Job) -> str:
     return f"still done after 1 attempt, 1 result ({polls} polls over {IDEMPOTENCY_WATCH_SECONDS}s)"
 
 
-def _count_rows(run: _Run, table: str, key_column: str, job_key: str) -> int:
+def _count_rows(run: _Run, table: str, key_column: str, key: str) -> int:
     """Rows for a job key in the product's environment database (the worker's tables)."""
     query = sql.SQL("SELECT count(*) FROM {} WHERE {} = %s").format(
         sql.Identifier(table), sql.Identifier(key_column)
     )
     db = database.environment_database(run.spec.product, run.env)
     with database.connection(db) as conn, conn.cursor() as cur:
-        cur.execute(query, (job_key,))
+        cur.execute(query, (key,))
         row = cur.fetchone()
     return int(row[0]) if row else 0

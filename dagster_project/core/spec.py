@@ -199,9 +199,9 @@ class Enqueue(_Model):
     """`POST <path>` with `{<key_field>: key, <queue_field>: queue, <payload_field>: {...}}`."""
 
     path: RoutePath
-    key_field: JsonField = "key"
-    queue_field: JsonField = "queue"
-    payload_field: JsonField = "payload"
+    key_field: JsonField
+    queue_field: JsonField
+    payload_field: JsonField
     accepted: tuple[int, ...] = Field(default=(200, 201, 202), min_length=1)
 
 
@@ -216,11 +216,11 @@ class ProbeJobs(_Model):
 class Recognise(_Model):
     """How a job's state is read from `GET <status_path>`."""
 
-    status_field: JsonField = "status"
-    attempts_field: JsonField = "attempts"
-    result_field: JsonField = "result"
-    done: str = Field(default="done", min_length=1)
-    dead: str = Field(default="dead", min_length=1)
+    status_field: JsonField
+    attempts_field: JsonField
+    result_field: JsonField
+    done: str = Field(min_length=1)  # the status value of a job done
+    dead: str = Field(min_length=1)  # the status value of a job in the dead-letter table
 
 
 class KeyedTable(_Model):
@@ -232,7 +232,7 @@ class WorkerContract(_Model):
     enqueue: Enqueue
     status_path: str = Field(pattern=r"^/[A-Za-z0-9/._-]*\{key\}[A-Za-z0-9/._-]*$")
     probes: ProbeJobs
-    recognise: Recognise = Recognise()
+    recognise: Recognise
     # The workers' write-back table (one row per done job) in the environment database.
     results: KeyedTable
     # The key column of the dead-letter table (the table is `queues.dead_letter` of the spec).
@@ -245,13 +245,13 @@ class WorkerContract(_Model):
 class DataQualityContract(_Model):
     # The Great Expectations suite (a file in the spec's expectations_dir); its `tables` are
     # the tables the data-quality gate reads in staging.
-    suite: str = Field(default="release_quality.json", pattern=r"^[A-Za-z0-9_.-]+\.json$")
+    suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.json$")
 
 
 class Contract(_Model):
     endpoints: dict[RoutePath, EndpointContract] = Field(min_length=1)
     worker: WorkerContract
-    data_quality: DataQualityContract = DataQualityContract()
+    data_quality: DataQualityContract
 
     # Set by load_spec; not part of the YAML.
     source_path: Path | None = Field(default=None, exclude=True)
@@ -483,7 +483,7 @@ def _raise_found(
         return
     root = _compose(text)
     problems = [
-        Problem(str(path), *_position(root, loc), ".".join(str(p) for p in loc), message)
+        Problem(str(path), *_position(root, loc, at_key=True), ".".join(map(str, loc)), message)
         for loc, message in found
     ]
     raise SpecError(_report(path, what, problems), problems)
@@ -502,20 +502,23 @@ def _compose(text: str) -> yaml.Node | None:
         return None
 
 
-def _position(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int, int]:
+def _position(
+    root: yaml.Node | None, loc: tuple[Any, ...], *, at_key: bool = False
+) -> tuple[int, int]:
     """1-based line and column of the YAML node at a pydantic `loc` (field names and list
     indexes), or of the deepest node that exists on the way (a missing field points at the
-    mapping that lacks it)."""
+    mapping that lacks it). `at_key`: the last part's key rather than its value."""
     node = root
     if node is None:
         return 1, 1
-    for part in loc:
+    for index, part in enumerate(loc):
         child = None
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode) and key.value == str(part):
                     # An unknown key is reported at the key itself, a bad value at the value.
-                    child = value
+                    last = at_key and index == len(loc) - 1
+                    child = key if last else value
                     break
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part >= 0:
             child = node.value[part] if part < len(node.value) else None
@@ -543,6 +546,16 @@ def _problems(path: Path, exc: ValidationError, text: str = "") -> list[Problem]
         message = err["msg"].removeprefix("Value error, ")
         problems.append(Problem(str(path), line, column, field, f"{message}{shown}"))
     return problems
+
+
+def locate(path: Path, loc: tuple[Any, ...]) -> tuple[int, int]:
+    """1-based (line, column) of the node at `loc` (keys and list indexes) in a YAML file, or
+    of the deepest node on the way; (1, 1) when the file does not parse."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return 1, 1
+    return _position(_compose(text), loc)
 
 
 def problems_of(exc: SpecError) -> list[Problem]:

@@ -224,7 +224,7 @@ class PrometheusSource:
         attempts: int = 3,
         excluded_paths: frozenset[str] = DEFAULT_EXCLUDED_PATHS,
     ) -> None:
-        """`selector`: extra label matchers, e.g. `job="api-i",env="production"`;
+        """`selector`: extra label matchers, e.g. `job="api-orders",env="production"`;
         `instances`: per track, the one scrape target (`host:port`) to count, so a process
         that served the track before (and whose series are still fresh) is never added in."""
         self.base_url = base_url.rstrip("/")

@@ -71,7 +71,7 @@ class SchemaSnapshot:
     # Child -> owning relation (columns, indexes, constraints, triggers, policies, owned
     # sequences), so a missing table is reported once rather than once per column.
     parents: dict[ObjectKey, ObjectKey] = field(default_factory=dict)
-    # Key -> the unquoted name parts, e.g. ("public", "items", "price_cents") for a column
+    # Key -> the unquoted name parts, e.g. ("public", "orders", "total_cents") for a column
     # (the qualified name in the key quotes parts where Postgres would need it).
     names: dict[ObjectKey, tuple[str, ...]] = field(default_factory=dict)
 

@@ -35,7 +35,7 @@ class DriftCheckError(RuntimeError):
 @dataclass(frozen=True)
 class DriftItem:
     kind: str  # table, column, constraint, index, sequence, view, function, enum, ...
-    object: str  # qualified name, e.g. public.items.price_cents
+    object: str  # qualified name, e.g. public.orders.total_cents
     change: str  # missing | unexpected | changed
     expected: dict[str, Any] | None  # changed: only the attributes that differ
     actual: dict[str, Any] | None

@@ -2,7 +2,7 @@
 
 Run as its own process (started by `LocalPlatform.up`):
 
-    python -m dagster_project.core.platform.edge --product 4pnihc40q-yj --env staging --port N
+    python -m dagster_project.core.platform.edge --product PRODUCT --env staging --port N
 
 - Caching follows RFC 9111 through hishel's state machine as a shared cache. The product
   spec is authoritative for TTLs: for a spec endpoint, a 200 from the origin gets
@@ -319,7 +319,7 @@ class EndpointPolicy:
 
 def endpoint_policies(spec: ProductSpec) -> Callable[[str], EndpointPolicy | None]:
     """Match a request path to its spec endpoint: exact path, else the longest endpoint that
-    is a directory prefix of it (so /v1/items/7 is treated like /v1/items)."""
+    is a directory prefix of it (so /orders/7 is treated like /orders)."""
     policies = sorted(
         (
             (
