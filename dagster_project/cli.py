@@ -145,7 +145,8 @@ def _print_status(status: dict[str, Any], *, as_json: bool, product: str = "") -
         weights = info.get("weights") or {}
         table = Table(
             title=f"{product + ' ' if product else ''}{env}: {verdict}  "
-            f"edge {info.get('edge_url') or '-'}  "
+            f"edge {info.get('edge_url') or '-'} ({(info.get('edge') or {}).get('kind', '-')})  "
+            f"metrics {(info.get('metrics') or {}).get('kind', '-')}  "
             f"weights {' / '.join(f'{t} {w}%' for t, w in weights.items()) or '-'}",
             title_justify="left",
         )

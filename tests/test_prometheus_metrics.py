@@ -48,7 +48,7 @@ def platform() -> Iterator[LocalPlatform]:
             yield local
         finally:
             local.down()
-    assert not (release_home() / "prometheus" / PRODUCT).exists()
+    assert not (release_home() / "prometheus").exists()
     assert f"{PRODUCT}.prometheus" not in local.supervisor.all_info()
 
 

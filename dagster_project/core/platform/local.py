@@ -13,6 +13,7 @@ Contract: docs/ARCHITECTURE.md, "Local platform".
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -124,6 +125,9 @@ class LocalPlatform:
             for env in ENVIRONMENTS:
                 self._edge_impl(env, "varnish", 0, "").remove_files()
             self._prometheus().remove_files()
+            for parent in ("varnish", "prometheus"):  # gone once no product has files there
+                with contextlib.suppress(OSError):
+                    (release_home() / parent).rmdir()
         if not self.supervisor.shutdown_if_idle():
             logger.info("down: supervisord keeps running programs of other products")
 
