@@ -15,6 +15,7 @@ their results and which tables hold them, and the data-quality suite.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,18 +368,23 @@ class ProductSpec(_Model):
 def validate_product_id(product_id: object) -> str:
     """A product id is a folder name under products/, never a path; unknown ids list the
     known ones. Raises SpecError."""
-    known = ", ".join(list_products()) or "(none)"
     if not isinstance(product_id, str) or not PRODUCT_ID_RE.fullmatch(product_id):
         raise SpecError(
             f"product id {quote(product_id)} is refused: expected 1-63 lowercase letters, "
-            f"digits and '-' (a product name, not a path); known products: {known}"
+            f"digits and '-' (a product name, not a path); known products: {_known()}"
         )
     if not (product_dir(product_id) / "product.yaml").is_file():
         raise SpecError(
             f"unknown product {quote(product_id)}: {product_dir(product_id)}/product.yaml not "
-            f"found; known products: {known}"
+            f"found; known products: {_known()}"
         )
     return product_id
+
+
+def _known() -> str:
+    # Listed only for an error: a scan of the products directory per load would make loading
+    # N products cost N^2.
+    return ", ".join(list_products()) or "(none)"
 
 
 def load_spec(product_id_or_path: str | Path) -> ProductSpec:
@@ -449,8 +455,9 @@ def read_contract(path: Path) -> Contract:
 
 def _read_yaml(path: Path, what: str) -> tuple[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-        raw = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader (CSafeLoader/SafeLoader)
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+        raw = _parsed(data, text)
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(
             f"{path}: cannot read the {what}: {exc}",
@@ -466,6 +473,38 @@ def _read_yaml(path: Path, what: str) -> tuple[str, Any]:
         problem = Problem(str(path), 1, 1, "", "expected a mapping at the top level")
         raise SpecError(str(problem), [problem])
     return text, raw
+
+
+def _parsed(data: bytes, text: str) -> Any:
+    """The YAML document, through a cache of its JSON by content hash under
+    `$RELEASE_HOME/cache/yaml/`: the code location parses every product's spec and contract at
+    every load, and building Python objects is most of YAML's cost. Only documents that
+    survive a JSON round trip unchanged are cached; without a usable state directory, or for
+    anything else, it is parsed as usual (a safe loader, libyaml's when present)."""
+    import hashlib
+    import json
+
+    from dagster_project.core.settings import StateDirError, release_home
+
+    try:
+        cache = release_home() / "cache" / "yaml" / f"{hashlib.sha256(data).hexdigest()}.json"
+    except StateDirError:
+        return yaml.load(text, Loader=_YAML_LOADER)
+    try:
+        return json.loads(cache.read_bytes())
+    except (OSError, ValueError):
+        pass
+    raw = yaml.load(text, Loader=_YAML_LOADER)
+    try:
+        encoded = json.dumps(raw)
+        if json.loads(encoded) == raw:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.part")
+            partial.write_text(encoded)
+            os.replace(partial, cache)
+    except (TypeError, ValueError, OSError):
+        pass  # not JSON (dates, non-string keys), or a read-only cache: parse it next time
+    return raw
 
 
 def _validate(model: type[Any], path: Path, text: str, raw: dict[str, Any], what: str) -> Any:
