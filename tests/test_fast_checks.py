@@ -27,6 +27,7 @@ from checks.artifact import artifact_integrity_check
 from checks.common import rows_result
 from checks.compliance import compliance_check, judge_compliance
 from checks.edge_cache import edge_cache_check
+from checks.edge_vcl import edge_vcl_check
 from checks.migrations import drift_result, migration_checks, production_drift_result
 from checks.slo import judge_slo, slo_regression_check
 from checks.smoke import judge_post_deploy, judge_smoke, post_deploy_smoke_check, smoke_check
@@ -111,6 +112,7 @@ def test_the_factories_build_the_release_checks_of_the_definitions(
         slo_regression_check(spec, partitions_def),
         post_deploy_smoke_check(spec, partitions_def),
         compliance_check(spec, partitions_def),
+        edge_vcl_check(spec, partitions_def),
     ]
     keys = {key for d in ours for key in d.check_keys}
     served = {key for d in release_checks(spec, partitions_def) for key in d.check_keys}
