@@ -95,7 +95,7 @@ def test_deploy_that_never_gets_ready_names_endpoint_and_log(
     platform.ready_deadline_seconds = 3.0
     try:
         with (
-            _table_hidden("production", "dead_letter"),
+            _table_hidden(platform.database("production"), "dead_letter"),
             pytest.raises(ProcessStartError) as failure,
         ):
             platform.deploy("production", "stable", artifacts["1.0.0"])
@@ -569,11 +569,12 @@ def test_two_ups_at_once_start_one_supervisord_and_one_edge_per_environment(
 
 
 @contextlib.contextmanager
-def _table_hidden(env: str, table: str) -> Iterator[None]:
+def _table_hidden(db: str, table: str) -> Iterator[None]:
     """Rename a product table away for the block (other test modules of the session may
     already have applied the migrations to this database)."""
     hidden = f"{table}_hidden_by_test"
-    with database.connection(env) as conn, conn.cursor() as cur:
+    database.ensure_database(db)  # the product's environment database, maybe not made yet
+    with database.connection(db) as conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"public.{table}",))
         row = cur.fetchone()
         present = bool(row and row[0])
