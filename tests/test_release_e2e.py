@@ -325,8 +325,8 @@ def test_the_token_is_recorded_in_the_audit_trail_and_nowhere_else(
     # The control database: platform state, production changes, registry; the audit schema
     # is the one place the token belongs.
     leaks += _tables_containing(database.CONTROL_DB, token, skip_schemas=("audit",))
-    for env in ("staging", "production"):
-        leaks += _tables_containing(env, token, skip_schemas=())
+    for env in ("staging", "production"):  # the product's own databases
+        leaks += _tables_containing(database.environment_database(PRODUCT, env), token, ())
     assert leaks == []
     # Every file in the state directory but the database's own data files: Dagster compute
     # logs, platform process logs, artifacts, snapshots, caches.
