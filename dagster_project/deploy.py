@@ -125,7 +125,8 @@ def prepare(
         checkpoints.signer()  # the audit checkpoint key: usable and trusted (first use: made)
         if os.environ.get(database.ENV_URL):
             database.server()  # parses the URL only; an embedded server is not started here
-        spec = load_spec(product)
+        spec = load_spec(product)  # the spec and the contract
+        _check_schemas(spec)  # the contract's JSON Schemas are JSON Schemas
         if spec.migrations_path.is_dir():
             read_migrations(spec.migrations_path)  # misnamed files, version clashes
     except (
@@ -148,6 +149,15 @@ def prepare(
     except knobs.KnobError as exc:
         raise BadInput(str(exc)) from None
     return spec, version, settings, parsed
+
+
+def _check_schemas(spec: ProductSpec) -> None:
+    from dagster_project.core.validate import schema_problems
+
+    problems = schema_problems(spec)
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        raise SpecError(f"{spec.contract_path}: invalid JSON Schema(s):\n{lines}", problems)
 
 
 def check_token(spec: ProductSpec, environ: Mapping[str, str] | None = None) -> str:

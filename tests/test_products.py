@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import tokenize
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,6 +180,25 @@ def test_validate_reports_unsafe_and_unlinted_migrations_by_file_and_line(produc
     problems = validate_product("unsafe-one", with_database=False).problems
     found = [p for p in problems if p.file == str(migration)]
     assert any(p.line == 2 and "concurrently" in p.message.lower() for p in found), found
+
+
+def test_deploy_refuses_a_bad_contract_up_front_naming_file_line_and_field(
+    products: Path,
+) -> None:
+    folder = scaffold.create_product("schema-one").path
+    line = _edit(folder / "contract.yaml", "total: {type: integer", "total: {type: integr")
+    code = "from dagster_project.cli import deploy_main; raise SystemExit(deploy_main())"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code, "schema-one"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RELEASE_PRODUCTS_DIR": str(products), "GUARDRAIL_TOKEN": "t" * 20},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    field = "field 'endpoints./api/records.schema.properties.total.type'"
+    output = done.stdout + done.stderr
+    assert f"{folder}/contract.yaml:{line}:" in output and field in output
+    assert "Traceback" not in output
+    assert time.monotonic() - started < 30  # answered before any work
 
 
 def test_validate_of_an_unknown_product_lists_the_known_ones(products: Path) -> None:
