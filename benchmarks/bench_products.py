@@ -75,9 +75,15 @@ def main(rounds: int, counts: list[int]) -> None:
                 f"{name:<20}{wall:>9.3f}{cpu:>9.3f}{wall / bare_wall:>9.2f}{cpu / bare_cpu:>9.2f}"
             )
         largest = f"{max(counts)} product(s)"
-        ratio = statistics.median(w for w, _ in samples[largest]) / bare_wall
-        verdict = "met" if ratio <= TARGET else "NOT met"
-        print(f"target: {largest} at most {TARGET}x the bare import: {ratio:.2f}x, {verdict}")
+        wall_ratio = statistics.median(w for w, _ in samples[largest]) / bare_wall
+        cpu_ratio = statistics.median(c for _, c in samples[largest]) / bare_cpu
+        verdict = "met" if cpu_ratio <= TARGET else "NOT met"
+        # CPU time is what loading costs; wall time also counts waiting for a CPU, which on a
+        # shared machine varies from one fresh interpreter to the next.
+        print(
+            f"target: {largest} at most {TARGET}x the bare import: {cpu_ratio:.2f}x CPU "
+            f"({wall_ratio:.2f}x wall), {verdict}"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

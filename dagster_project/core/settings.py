@@ -63,11 +63,16 @@ def product_dir(product_id: str) -> Path:
 
 
 def list_products() -> list[str]:
-    """Every folder under `products_dir()` holding a `product.yaml` (valid or not)."""
+    """Every folder under `products_dir()` holding a `product.yaml` (valid or not); hidden
+    ones (`.name`, e.g. a folder `release new` is still writing) are not products."""
     root = products_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "product.yaml").is_file())
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not p.name.startswith(".") and (p / "product.yaml").is_file()
+    )
 
 
 def validate_release_key(key: str) -> str:
