@@ -110,7 +110,7 @@ def first_releases(products: Path, token: str) -> dict[str, Released]:
     """Both products released by `deploy` in two processes started together."""
     started = time.monotonic()
     sample = _cli("deploy_main", PRODUCT, "--release", "many-1.0.0", token=GUARDRAIL_TOKEN)
-    second = _cli("deploy_main", SECOND, "--release", "1.0.0", token=token)
+    second = _cli("deploy_main", SECOND, "--release", "d-1.0.0", token=token)
     return {SECOND: _finish(second, started), PRODUCT: _finish(sample, started)}
 
 
@@ -185,7 +185,7 @@ def test_two_products_release_at_the_same_time_without_waiting(
     shorter = min(a_end - a_start, b_end - b_start)
     # Had one waited for the other, their runs would barely overlap.
     assert overlap > 0.6 * shorter, (windows, overlap, shorter)
-    assert _production(SECOND)["stable"]["version"] == "1.0.0"
+    assert _production(SECOND)["stable"]["version"] == "d-1.0.0"
     assert _production(PRODUCT)["stable"]["version"] == "many-1.0.0"
 
 
@@ -207,8 +207,8 @@ def test_each_product_has_its_own_databases_ports_and_partitions(
     }
     assert len(set(edges.values())) == 4, edges
     instance = get_instance()
-    assert instance.get_dynamic_partitions(releases_partitions_name(SECOND)) == ["1.0.0"]
-    assert "1.0.0" not in instance.get_dynamic_partitions(releases_partitions_name(PRODUCT))
+    assert instance.get_dynamic_partitions(releases_partitions_name(SECOND)) == ["d-1.0.0"]
+    assert "d-1.0.0" not in instance.get_dynamic_partitions(releases_partitions_name(PRODUCT))
     status = subprocess.run(
         [sys.executable, "-m", "dagster_project.cli", "platform", "status", "--json"],
         capture_output=True, text=True, timeout=300, env=_env(),
@@ -226,13 +226,13 @@ def test_a_bad_release_of_the_new_product_is_blocked_and_touches_nothing(
 ) -> None:
     sample_before = _production(PRODUCT)
     code, output = release(
-        "deploy_main", SECOND, "--release", "1.1.0-bad", "--set", "error_rate=0.2", token=token
+        "deploy_main", SECOND, "--release", "d-1.1.0-bad", "--set", "error_rate=0.2", token=token
     )
     assert code == 3, output
     assert "blocked by" in output and "slo_regression" in output
-    assert _production(SECOND)["stable"]["version"] == "1.0.0"
+    assert _production(SECOND)["stable"]["version"] == "d-1.0.0"
     assert "canary" not in _production(SECOND)
-    assert _served(SECOND, "/api/records") == {"200 1.0.0": 20}
+    assert _served(SECOND, "/api/records") == {"200 d-1.0.0": 20}
     assert _production(PRODUCT) == sample_before
 
 
@@ -251,13 +251,13 @@ def test_a_second_migration_and_a_changed_contract_are_released_and_purged_selec
     old = "        parked: {type: integer, minimum: 0}\n"
     assert text.count(old) == 1
     contract.write_text(text.replace(old, old + "        note: {type: string}\n"))
-    code, output = release("deploy_main", SECOND, "--release", "1.2.0", token=token)
+    code, output = release("deploy_main", SECOND, "--release", "d-1.2.0", token=token)
     assert code == 0, output
-    assert _production(SECOND)["stable"]["version"] == "1.2.0"
+    assert _production(SECOND)["stable"]["version"] == "d-1.2.0"
     columns = "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
     assert "note" in _query(SECOND, "production", columns, "records")
     assert "note" in _query(SECOND, "staging", columns, "records")
-    (promoted,) = [c for c in changes.for_release(SECOND, "1.2.0") if c.outcome == "promoted"]
+    (promoted,) = [c for c in changes.for_release(SECOND, "d-1.2.0") if c.outcome == "promoted"]
     purged = [(p.path, list(p.surrogate_keys)) for p in promoted.details.purged]
     assert purged == [("/api/stats", ["stats"])]  # only the endpoint whose contract changed
 
@@ -269,9 +269,9 @@ def test_audit_entries_are_per_product_and_the_trail_verifies(
 
     mine = audit.entries(SECOND)
     outcomes = sorted((e.release, e.payload["outcome"]) for e in mine)
-    assert ("1.0.0", "promoted") in outcomes and ("1.1.0-bad", "aborted") in outcomes
+    assert ("d-1.0.0", "promoted") in outcomes and ("d-1.1.0-bad", "aborted") in outcomes
     assert all(e.payload["product"] == SECOND for e in mine)
-    assert not [e for e in audit.entries(PRODUCT) if e.release in ("1.0.0", "1.1.0-bad")]
+    assert not [e for e in audit.entries(PRODUCT) if e.release in ("d-1.0.0", "d-1.1.0-bad")]
     code, output = release("release_main", "audit", "show", SECOND, "--json")
     assert code == 0, output
     code, output = release("release_main", "audit", "verify")

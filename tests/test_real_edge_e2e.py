@@ -100,12 +100,12 @@ def test_a_release_on_varnish_and_prometheus_is_promoted_and_audited(
     assert status["edge"]["kind"] == "varnish", status["edge"]
     assert status["metrics"]["kind"] == "prometheus" and status["metrics"]["prometheus"]["ready"]
     queries = _promql_queries(platform)
-    code, output = _deploy_cli("1.0.0")
+    code, output = _deploy_cli("edge-1.0.0")
     assert code == deploy_cli.EXIT_OK, output[-2000:]
-    assert platform.current(ENV)["stable"]["version"] == "1.0.0"
+    assert platform.current(ENV)["stable"]["version"] == "edge-1.0.0"
     assert "canary" not in platform.current(ENV)
-    assert _served(platform, "first") == {"1.0.0": 40}
-    entry = audit.find(_change("1.0.0", "promoted").change_id)
+    assert _served(platform, "first") == {"edge-1.0.0": 40}
+    entry = audit.find(_change("edge-1.0.0", "promoted").change_id)
     assert entry is not None and entry.payload["environment"] == ENV
     # The canary judge and the watch read their figures from Prometheus.
     assert _promql_queries(platform) - queries >= 20
@@ -117,20 +117,20 @@ def test_a_contract_change_purges_exactly_its_keys_and_the_audit_lists_them(
     for path in ("/static/app.js?e2e=kept", "/v1/summary"):
         _get(platform, path)
         assert _get(platform, path).headers["X-Cache"] == "HIT", path
-    code, output = _deploy_cli("1.1.0", products_dir=contract_changed_product(tmp_path))
+    code, output = _deploy_cli("edge-1.1.0", products_dir=contract_changed_product(tmp_path))
     assert code == deploy_cli.EXIT_OK, output[-2000:]
-    assert platform.current(ENV)["stable"]["version"] == "1.1.0"
-    promoted = _change("1.1.0", "promoted")
+    assert platform.current(ENV)["stable"]["version"] == "edge-1.1.0"
+    promoted = _change("edge-1.1.0", "promoted")
     purged = [{"path": "/v1/summary", "surrogate_keys": ["summary"]}]
     assert [p.model_dump() for p in promoted.details.purged] == purged
     entry = audit.find(promoted.change_id)
     assert entry is not None and entry.payload["purged"] == purged
     summary = _get(platform, "/v1/summary")
-    assert summary.headers["X-Release"] == "1.1.0" and "schema_version" in summary.json()
-    # Nothing else was purged: the static file cached before is still the 1.0.0 copy.
+    assert summary.headers["X-Release"] == "edge-1.1.0" and "schema_version" in summary.json()
+    # Nothing else was purged: the static file cached before is still the edge-1.0.0 copy.
     kept = _get(platform, "/static/app.js?e2e=kept")
-    assert (kept.headers["X-Cache"], kept.headers["X-Release"]) == ("HIT", "1.0.0")
-    assert _served(platform, "second") == {"1.1.0": 40}
+    assert (kept.headers["X-Cache"], kept.headers["X-Release"]) == ("HIT", "edge-1.0.0")
+    assert _served(platform, "second") == {"edge-1.1.0": 40}
 
 
 def test_a_latency_regression_is_blocked_by_slo_regression_from_promql(
@@ -138,11 +138,11 @@ def test_a_latency_regression_is_blocked_by_slo_regression_from_promql(
 ) -> None:
     before = platform.current(ENV)
     queries = _promql_queries(platform)
-    code, output = _deploy_cli("1.2.0", "--set", "extra_latency_ms=150")
+    code, output = _deploy_cli("edge-1.2.0", "--set", "extra_latency_ms=150")
     assert code == deploy_cli.EXIT_BLOCKED, output[-2000:]
     assert "slo_regression" in output
-    assert platform.current(ENV) == before  # 1.1.0 alone, no canary left
-    assert _served(platform, "after-slow") == {"1.1.0": 40}
-    assert audit.find(_change("1.2.0", "aborted").change_id) is not None
+    assert platform.current(ENV) == before  # edge-1.1.0 alone, no canary left
+    assert _served(platform, "after-slow") == {"edge-1.1.0": 40}
+    assert audit.find(_change("edge-1.2.0", "aborted").change_id) is not None
     assert _promql_queries(platform) - queries >= 10
     assert audit.verify().ok
