@@ -21,8 +21,10 @@ def rows_result(
     what: str,
     columns: Sequence[str] | None = COLUMNS,
     extra: Mapping[str, Any] | None = None,
+    details: bool = False,
 ) -> dg.AssetCheckResult:
-    """Pass only when there is at least one row and every row passed."""
+    """Pass only when there is at least one row and every row passed. `details`: the
+    description also carries the failed rows' details (what broke, e.g. which rule)."""
     failed = [r for r in rows if not r.passed]
     if not rows:
         return dg.AssetCheckResult(
@@ -35,7 +37,8 @@ def rows_result(
     return dg.AssetCheckResult(
         passed=passed,
         description=f"{what}: {len(rows) - len(failed)}/{len(rows)} passed"
-        + ("" if passed else f"; failed: {names}"),
+        + ("" if passed else f"; failed: {names}")
+        + (f" ({'; '.join(r.detail[:300] for r in failed[:5])})" if details and failed else ""),
         metadata={
             "verdict": "pass" if passed else "fail",
             "results": table(rows, columns),

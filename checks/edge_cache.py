@@ -1,6 +1,8 @@
-"""Gate on staging: the edge applies the spec's TTLs and purges by URL and surrogate key, and
-refuses purges without the environment's key (the note's "validate edge cache TTLs and purge
-rules")."""
+"""Gate on staging: what the origin declares obeys the spec's cache policy per TTL class
+(the description names the endpoint and the rule it breaks), the edge caches and expires as
+declared (HIT with 0 < Age <= TTL, MISS after the TTL, never a HIT for an authenticated
+request), purges by URL and surrogate key, and refuses purges without the environment's key
+(the note's "validate edge cache TTLs and purge rules")."""
 
 import dagster as dg
 
@@ -18,9 +20,11 @@ def edge_cache_check(
         name="edge_cache",
         blocking=True,
         partitions_def=partitions_def,
-        description="Edge TTL per endpoint class, HIT/MISS and Age, purge by URL and key.",
+        description="TTL policy per endpoint class, HIT/MISS and Age, expiry, no HIT for an "
+        "authenticated request, purge by URL and key.",
     )
     def edge_cache(staging_smoke: StagingSmokeReport) -> dg.AssetCheckResult:
-        return rows_result(section_rows(staging_smoke.smoke, "edge_cache"), what="edge cache")
+        rows = section_rows(staging_smoke.smoke, "edge_cache")
+        return rows_result(rows, what="edge cache", details=True)
 
     return edge_cache

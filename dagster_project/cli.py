@@ -578,7 +578,9 @@ def build_deploy_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="carried in the artifact manifest: error_rate (0..1), extra_latency_ms "
-        "(0..60000), fail_jobs_matching (a regex of at most 256 characters)",
+        "(0..60000), fail_jobs_matching (a regex of at most 256 characters), "
+        "dynamic_max_age (seconds, 1..31536000: the max-age the API declares on its dynamic "
+        "endpoints; the edge_cache gate judges it against the spec's cache_policy)",
     )
     return parser
 

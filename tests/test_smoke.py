@@ -256,7 +256,11 @@ def test_healthy_release_passes_all_sections(
     assert {row.name for row in smoke_rows} >= {"GET /v1/items", "GET /static/app.js"}
     cache_names = [row.name for row in report.section_rows("edge_cache")]
     for kind in ("dynamic", "static"):
-        assert sum(f"({kind})" in name for name in cache_names) == 6, cache_names
+        probe_rows = [n for n in cache_names if f"({kind}):" in n and "policy" not in n]
+        assert len(probe_rows) == 7 + (kind == "dynamic"), cache_names  # + expiry (short TTL)
+        assert any(f"({kind}): authenticated request never a HIT" in n for n in cache_names)
+    policy_rows = [n for n in cache_names if n.endswith("headers obey the cache policy")]
+    assert len(policy_rows) == len(spec.endpoints), cache_names
     worker_rows = report.section_rows("worker_dlq")
     assert len(worker_rows) == 4
     assert "dead after 4 attempts" in worker_rows[1].detail

@@ -104,6 +104,13 @@ KNOBS: dict[str, Knob] = {
         Knob("error_rate", "number", "share of API answers turned into 500s", 0.0, 1.0),
         Knob("extra_latency_ms", "number", "delay added to every API data request", 0.0, 60_000.0),
         Knob("fail_jobs_matching", "regex", "the worker fails jobs whose key matches"),
+        Knob(
+            "dynamic_max_age",
+            "number",
+            "max-age (seconds) the API declares on its dynamic endpoints instead of the class TTL",
+            1.0,
+            31_536_000.0,
+        ),
     )
 }
 SETTING_KEYS: tuple[str, ...] = tuple(KNOBS)

@@ -9,9 +9,12 @@ worker probes and where their results land).
 - `smoke`: `/healthz`, `/readyz` (the platform's probes) and every spec endpoint marked
   `smoke: true` answer with their contract's status, content type and body (JSON Schema),
   served by the release under test (`X-Release`).
-- `edge_cache`: for one endpoint of each TTL class, MISS then HIT with `Age`, the TTL the edge
-  serves equals the class's TTL, purge by surrogate key and by URL each force a MISS, and a
-  purge without the purge key is refused (403).
+- `edge_cache`: every endpoint's headers obey its class's `cache_policy` (declared TTL within
+  `max_ttl_seconds`/`min_ttl_seconds`, `immutable` where asked, no `Set-Cookie` on a cacheable
+  response: the row names the endpoint and the rule); for one endpoint of each TTL class, MISS
+  then HIT with `0 < Age <= TTL`, a request with `Authorization` is never a HIT, purge by
+  surrogate key and by URL each force a MISS, and a purge without the purge key is refused
+  (403); an object of a short class (TTL <= 10 s) is a MISS again after the class's TTL.
 - `worker_dlq`: the contract's `ok` probe job is done after one attempt with one row in the
   results table, a `poison` job in every queue lands in the dead-letter table after exactly the
   queue's `max_attempts`, and enqueueing a known key again does not process it twice.
@@ -37,7 +40,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from dagster_project.core import database
 from dagster_project.core.contracts import SmokeReport, SmokeRow, SmokeSection
-from dagster_project.core.spec import Endpoint, EndpointContract, ProductSpec, Queue
+from dagster_project.core.spec import CachePolicy, Endpoint, EndpointContract, ProductSpec, Queue
 
 Section = SmokeSection
 SECTIONS: tuple[Section, ...] = ("smoke", "edge_cache", "worker_dlq")
@@ -51,6 +54,10 @@ RETRY_DELAY_SECONDS = 0.2
 # The edge's purge endpoint (core/platform/edge.py); it wants the key in this header.
 EDGE_PURGE_PATH = "/_edge/purge"
 PURGE_KEY_HEADER = "X-Purge-Key"
+# The TTL-expiry check waits out a class's TTL only for classes at most this long.
+MAX_EXPIRY_WAIT_SECONDS = 10
+# The Authorization header the suite sends to check that authenticated answers are not shared.
+SMOKE_AUTHORIZATION = "Bearer smoke-not-a-real-token"
 # Added to the backoff schedule when waiting for a job: worker poll interval, process start.
 JOB_DEADLINE_SLACK_SECONDS = 10.0
 JOB_POLL_INTERVAL_SECONDS = 0.1
@@ -124,6 +131,61 @@ def effective_ttl(cache_control: str | None) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def cache_directives(cache_control: str | None) -> dict[str, str]:
+    """`Cache-Control` as {directive (lower case): value ('' when none)}."""
+    directives: dict[str, str] = {}
+    for part in (cache_control or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip():
+            directives[name.strip().lower()] = value.strip().strip('"')
+    return directives
+
+
+def is_cacheable(cache_control: str | None) -> bool:
+    """Whether a shared cache may store a response declaring `cache_control`."""
+    directives = cache_directives(cache_control)
+    if {"no-store", "no-cache", "private"} & set(directives):
+        return False
+    ttl = effective_ttl(cache_control)
+    return ttl is not None and ttl > 0
+
+
+def policy_problems(
+    label: str,
+    ttl_class: str,
+    policy: CachePolicy | None,
+    cache_control: str | None,
+    set_cookie: bool = False,
+) -> list[str]:
+    """How the headers an endpoint was served with break its TTL class's policy, each naming
+    the endpoint (`label`, e.g. `GET /path`) and the rule; empty when they obey it."""
+    directives = cache_directives(cache_control)
+    ttl = effective_ttl(cache_control)
+    cacheable = is_cacheable(cache_control)
+    which = "s-maxage" if "s-maxage" in directives else "max-age"
+    problems: list[str] = []
+    if policy is not None:
+        high, low = policy.max_ttl_seconds, policy.min_ttl_seconds
+        if high is not None and cacheable and ttl is not None and ttl > high:
+            problems.append(
+                f"{label}: {ttl_class} {which} {ttl} > policy {high} (rule max_ttl_seconds)"
+            )
+        if low is not None and (not cacheable or ttl is None or ttl < low):
+            shown = f"{which} {ttl}" if cacheable else f"not cacheable ({cache_control!r})"
+            problems.append(f"{label}: {ttl_class} {shown} < policy {low} (rule min_ttl_seconds)")
+        if policy.immutable and "immutable" not in directives:
+            problems.append(
+                f"{label}: {ttl_class} Cache-Control {cache_control!r} lacks immutable "
+                "(rule immutable)"
+            )
+    if cacheable and set_cookie:
+        problems.append(
+            f"{label}: Set-Cookie on a cacheable response ({cache_control!r}) "
+            "(rule no_set_cookie_when_cacheable)"
+        )
+    return problems
 
 
 def backoff_delays(queue: Queue) -> list[float]:
@@ -348,9 +410,16 @@ def _snippet(text: str, limit: int = 120) -> str:
 
 
 def _edge_cache_section(run: _Run) -> None:
-    """One endpoint of each of the spec's TTL classes (the first the edge may cache: its
-    contract expects 200)."""
+    """The policy of every endpoint answering 200; the cache behaviour for one endpoint of
+    each of the spec's TTL classes (the first the edge may cache: its contract expects 200)."""
     contracts = run.spec.contract.endpoints
+    for endpoint in run.spec.endpoints:
+        if contracts[endpoint.path].status == 200:
+            run.record(
+                "edge_cache",
+                f"GET {endpoint.path} ({endpoint.ttl_class}): headers obey the cache policy",
+                lambda e=endpoint: _check_policy(run, e),
+            )
     for ttl_class in run.spec.ttl_classes:
         endpoint = next(
             (
@@ -371,6 +440,81 @@ def _edge_cache_section(run: _Run) -> None:
             )
             continue
         _cache_checks(run, endpoint)
+    _expiry_check(run)  # last: the purges above may remove objects of the same surrogate keys
+
+
+def _check_policy(run: _Run, endpoint: Endpoint) -> str:
+    response = run.request("GET", run.tagged(endpoint.path, "policy"))
+    if response.status_code != 200:
+        raise CheckFailed(f"GET {response.url}: status {response.status_code}, expected 200")
+    cache_control = response.headers.get("Cache-Control")
+    policy = run.spec.cache_policy.get(endpoint.ttl_class)
+    problems = policy_problems(
+        f"GET {endpoint.path}",
+        endpoint.ttl_class,
+        policy,
+        cache_control,
+        set_cookie="set-cookie" in response.headers,
+    )
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    rules = policy.model_dump(exclude_defaults=True) if policy else {}
+    return f"Cache-Control {cache_control!r} within {rules or 'the always-on rules'}"
+
+
+def _expiry_check(run: _Run) -> None:
+    """One object of the shortest TTL class (if at most MAX_EXPIRY_WAIT_SECONDS): stored, a
+    HIT at once, a MISS again once the class's TTL is over."""
+    contracts = run.spec.contract.endpoints
+    candidates = [
+        e
+        for e in run.spec.endpoints
+        if contracts[e.path].status == 200
+        and run.spec.ttl_classes[e.ttl_class] <= MAX_EXPIRY_WAIT_SECONDS
+    ]
+    if not candidates:
+        return
+    endpoint = min(candidates, key=lambda e: run.spec.ttl_classes[e.ttl_class])
+    ttl = run.spec.ttl_classes[endpoint.ttl_class]
+    path = run.tagged(endpoint.path, "expiry")
+
+    def check() -> str:
+        first = run.request("GET", path)
+        stored_at = time.monotonic()
+        if first.status_code != 200 or _x_cache(first) != "MISS":
+            raise CheckFailed(
+                f"GET {first.url}: status {first.status_code}, X-Cache {_x_cache(first)!r}, "
+                "expected a 200 MISS (first request of this run)"
+            )
+        second = run.request("GET", path)
+        if _x_cache(second) != "HIT":
+            raise CheckFailed(f"GET {second.url}: X-Cache {_x_cache(second)!r}, expected HIT")
+        time.sleep(max(0.0, stored_at + ttl + 1.1 - time.monotonic()))
+        response = run.request("GET", path)
+        got = _x_cache(response)
+        elapsed = time.monotonic() - stored_at
+        if got == "MISS":
+            return f"HIT at once, MISS {elapsed:.1f}s after it was stored"
+        # An edge with grace (Varnish) may answer one stale HIT while it refetches in the
+        # background: expired all the same if the object is then replaced by a younger one.
+        stale_age = _age(response)
+        for _ in range(3):
+            time.sleep(0.5)
+            again = run.request("GET", path)
+            if _x_cache(again) == "MISS" or _age(again) < stale_age:
+                return (
+                    f"HIT at once; after the TTL one stale HIT (Age {stale_age}, grace), then "
+                    f"refetched ({_x_cache(again)}, Age {_age(again)})"
+                )
+        raise CheckFailed(
+            f"GET {response.url}: X-Cache {got!r} (Age {response.headers.get('Age')}, "
+            f"Cache-Control {response.headers.get('Cache-Control')!r}) {elapsed:.1f}s after "
+            f"it was stored, still Age {_age(again)} 1.5s later: cached past the "
+            f"{endpoint.ttl_class} TTL {ttl}s"
+        )
+
+    name = f"{endpoint.path} ({endpoint.ttl_class}): MISS again after the {ttl}s TTL"
+    run.record("edge_cache", name, check)
 
 
 def _fail(detail: str) -> Callable[[], str]:
@@ -419,6 +563,12 @@ class _CacheProbe:
             )
 
 
+def _age(response: httpx.Response) -> int:
+    """The `Age` header in seconds (0 when missing or not a number)."""
+    age = response.headers.get("Age", "0")
+    return int(age) if age.isdigit() else 0
+
+
 def _x_cache(response: httpx.Response) -> str:
     return response.headers.get("X-Cache", "(missing)").upper()
 
@@ -437,21 +587,41 @@ def _cache_checks(run: _Run, endpoint: Endpoint) -> None:
         return  # nothing cached: the later checks would only repeat this failure
 
     def second_hit() -> str:
+        # Age counts whole seconds: wait past one so a HIT has 0 < Age.
+        time.sleep(max(0.0, (probe.stored_at or 0.0) + 1.1 - time.monotonic()))
         response = probe.get()
         probe.expect(response, "HIT", "(second request)")
         age = response.headers.get("Age")
         if age is None or not age.isdigit():
             raise CheckFailed(f"GET {response.url}: HIT without a numeric Age header ({age!r})")
-        ttl = effective_ttl(response.headers.get("Cache-Control"))
-        if ttl != probe.ttl:
+        cache_control = response.headers.get("Cache-Control")
+        ttl = effective_ttl(cache_control)
+        if ttl is None:
             raise CheckFailed(
-                f"GET {response.url}: Cache-Control {response.headers.get('Cache-Control')!r} "
-                f"gives TTL {ttl}, expected the {endpoint.ttl_class} TTL {probe.ttl}s"
+                f"GET {response.url}: HIT but Cache-Control {cache_control!r} grants no TTL"
             )
-        return f"HIT, Age {age}, TTL {ttl}s = {endpoint.ttl_class} class"
+        if not 0 < int(age) <= ttl:
+            raise CheckFailed(f"GET {response.url}: HIT with Age {age}, expected 0 < Age <= {ttl}")
+        return f"HIT, 0 < Age {age} <= TTL {ttl}s"
 
-    if not run.record(section, f"{label}: second request HIT with Age and TTL", second_hit):
+    if not run.record(section, f"{label}: second request HIT with 0 < Age <= TTL", second_hit):
         return
+
+    def authenticated_not_hit() -> str:
+        headers = {"Authorization": SMOKE_AUTHORIZATION}
+        seen = []
+        for _ in range(2):
+            response = run.request("GET", probe.path, headers=headers)
+            got = _x_cache(response)
+            if got == "HIT":
+                raise CheckFailed(
+                    f"GET {response.url} with Authorization: X-Cache HIT (rule: a response to "
+                    "an authenticated request is never cached or served from the cache)"
+                )
+            seen.append(got)
+        return f"with Authorization: {', '.join(seen)} (never from the cache)"
+
+    run.record(section, f"{label}: authenticated request never a HIT", authenticated_not_hit)
 
     def surrogate_keys_served() -> str:
         response = probe.get()

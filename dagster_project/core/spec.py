@@ -98,6 +98,24 @@ class Endpoint(_Model):
     load_weight: int = Field(default=1, ge=0, le=1000)
 
 
+class CachePolicy(_Model):
+    """What the origin may declare for one TTL class (judged by the edge_cache gate against
+    the `Cache-Control` it observes through the staging edge). Every class also obeys the
+    rules that need no field: a response to an authenticated request is never cached, and a
+    cacheable response carries no `Set-Cookie`."""
+
+    max_ttl_seconds: TtlSeconds | None = None  # e.g. dynamic data: cached at most this long
+    min_ttl_seconds: TtlSeconds | None = None  # e.g. static assets: cached at least this long
+    immutable: bool = False  # the origin must declare `immutable` (fingerprinted assets)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CachePolicy:
+        low, high = self.min_ttl_seconds, self.max_ttl_seconds
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min_ttl_seconds {low} is above max_ttl_seconds {high}")
+        return self
+
+
 class Slos(_Model):
     success_rate_min: float = Field(gt=0, le=1)
     p99_latency_ms_max: float = Field(gt=0, le=60_000)
@@ -315,6 +333,8 @@ class ProductSpec(_Model):
     description: str = ""
     tiers: Tiers
     ttl_classes: dict[TtlClass, TtlSeconds]
+    # Per TTL class, what a release's origin may declare (none: only the always-on rules).
+    cache_policy: dict[TtlClass, CachePolicy] = Field(default_factory=dict)
     endpoints: tuple[Endpoint, ...] = Field(min_length=1)
     slos: Slos
     canary: Canary
@@ -410,6 +430,32 @@ def load_spec(product_id_or_path: str | Path) -> ProductSpec:
                     f"no TTL for class {endpoint.ttl_class!r} in ttl_classes (known: {known})",
                 )
             )
+    for ttl_class, policy in spec.cache_policy.items():
+        ttl = spec.ttl_classes.get(ttl_class)
+        if ttl is None:
+            known = ", ".join(spec.ttl_classes) or "none"
+            found.append(
+                (("cache_policy", ttl_class), f"no TTL class {ttl_class!r} (known: {known})")
+            )
+            continue
+        for field, broken in (
+            (
+                "max_ttl_seconds",
+                policy.max_ttl_seconds is not None and ttl > policy.max_ttl_seconds,
+            ),
+            (
+                "min_ttl_seconds",
+                policy.min_ttl_seconds is not None and ttl < policy.min_ttl_seconds,
+            ),
+        ):
+            if broken:
+                found.append(
+                    (
+                        ("cache_policy", ttl_class, field),
+                        f"the {ttl_class} TTL {ttl}s in ttl_classes breaks its own policy "
+                        f"({field} {getattr(policy, field)})",
+                    )
+                )
     if path.parent.name != spec.product:
         found.append(
             (("product",), f"{spec.product!r} does not match its folder {path.parent.name!r}")

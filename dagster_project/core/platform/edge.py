@@ -4,11 +4,12 @@ Run as its own process (started by `LocalPlatform.up`):
 
     python -m dagster_project.core.platform.edge --product PRODUCT --env staging --port N
 
-- Caching follows RFC 9111 through hishel's state machine as a shared cache. The product
-  spec is authoritative for TTLs: for a spec endpoint, a 200 from the origin gets
-  `Cache-Control: public, s-maxage=<ttl of its class>` before the cache logic sees it; any
-  other response keeps the origin's Cache-Control, or gets `no-store` if it has none (the edge
-  never caches heuristically).
+- Caching follows RFC 9111 through hishel's state machine as a shared cache. The origin is
+  authoritative for TTLs: its `Cache-Control` is honoured as sent (the edge_cache gate judges
+  it against the spec's `cache_policy`). A spec endpoint's 200 without one gets
+  `Cache-Control: public, s-maxage=<ttl of its class>`; any other response without one gets
+  `no-store` (the edge never caches heuristically). A request with `Authorization` bypasses
+  the cache (never stored, never served from it).
 - The cache key is track + release version + artifact + full URL; the method is matched by
   the state machine inside a key (hishel keeps all methods of a URL under one key so an
   unsafe request can invalidate them). So a canary answer never fills the stable cache and
@@ -510,14 +511,18 @@ class Edge:
             return await self._forward(outgoing, body, upstream, policy)
 
         try:
-            response, cache_status = await _handle_with_rfc(
-                cache_request,
-                send,
-                self.storage,
-                key,
-                CACHE_OPTIONS,
-                ttl=_storage_ttl(policy),
-            )
+            if "authorization" in request.headers:  # per-user answers are never shared
+                response = await send(cache_request)
+                cache_status = hishel.CacheStatus(from_cache=False, revalidated=False, stored=False)
+            else:
+                response, cache_status = await _handle_with_rfc(
+                    cache_request,
+                    send,
+                    self.storage,
+                    key,
+                    CACHE_OPTIONS,
+                    ttl=_storage_ttl(policy),
+                )
         except httpx.HTTPError as exc:
             return JSONResponse(
                 {
@@ -566,9 +571,11 @@ class Edge:
         headers = _grouped(upstream_response.headers.raw)
         for name in HOP_BY_HOP:
             headers.pop(name, None)
-        if policy is not None and upstream_response.status_code == 200:
+        if "cache-control" in headers:
+            pass  # the origin decides; the gate judges what it declared
+        elif policy is not None and upstream_response.status_code == 200:
             headers["cache-control"] = [f"public, s-maxage={policy.ttl}"]
-        elif "cache-control" not in headers:
+        else:
             headers["cache-control"] = ["no-store"]
         keys = set(policy.surrogate_keys if policy else ())
         for value in headers.pop("surrogate-key", []):

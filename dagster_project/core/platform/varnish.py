@@ -12,10 +12,12 @@ What the VCL does (the same contract as the embedded edge, edge.py):
   track's copy. Unlike the embedded edge the key does not contain the release: after a
   promotion the stable objects of the previous release stay until their TTL runs out or they
   are purged, as on a real CDN; that is what the selective purge after a promotion is for.
-- A spec endpoint's 200 is cached for the TTL of its class, with the class's grace; its
+- A spec endpoint's 200 is cached as the origin's `Cache-Control` says (the TTL of its class
+  when the origin sends none), with the class's grace; its
   surrogate keys (spec plus origin's `Surrogate-Key`) are indexed by the xkey vmod. Anything
   else is cached only as the origin's `Cache-Control` allows, never heuristically (no
-  `Cache-Control` -> `no-store`; `default_ttl` is 0).
+  `Cache-Control` -> `no-store`; `default_ttl` is 0). A request with `Authorization` is
+  passed to the origin, never cached.
 - Responses carry `Age`, `X-Cache: HIT|MISS`, `X-Release`, `X-Track`, `Surrogate-Key`.
 - `POST /_edge/purge` and the `PURGE` method are answered only for loopback clients
   presenting the environment's purge key in `X-Purge-Key` (403 otherwise): by surrogate key
@@ -248,6 +250,10 @@ def render_vcl(spec: ProductSpec, env: str, routes: Mapping[str, Any], purge_key
         '    if (req.method != "GET" && req.method != "HEAD") {',
         "        return (pass);",
         "    }",
+        "    if (req.http.Authorization) {",
+        "        # Per-user answers are never shared.",
+        "        return (pass);",
+        "    }",
         "    return (hash);",
         "}",
         "",
@@ -411,7 +417,16 @@ def _endpoint_rules(spec: ProductSpec) -> list[str]:
         lines += [
             f'    {keyword} (beresp.status == 200 && bereq.url ~ "{pattern}") {{',
             f"        # {endpoint.path}: {endpoint.ttl_class} (TTL {ttl}s, grace {grace}s)",
-            f"        set beresp.ttl = {ttl}s;",
+            "        # The origin's Cache-Control decides; the class TTL only when it sends none.",
+            "        if (!beresp.http.Cache-Control) {",
+            f'            set beresp.http.Cache-Control = "public, s-maxage={ttl}";',
+            f"            set beresp.ttl = {ttl}s;",
+            "        }",
+            '        if (beresp.http.Cache-Control ~ "(no-store|no-cache|private)") {',
+            "            set beresp.uncacheable = true;",
+            "            set beresp.ttl = 0s;",
+            "            return (deliver);",
+            "        }",
             f"        set beresp.grace = {grace}s;",
         ]
         for key in endpoint.surrogate_keys:  # the spec's keys, each once, after the origin's

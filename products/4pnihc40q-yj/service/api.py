@@ -9,7 +9,8 @@ labelled with version and track so the canary judge can compare the two tracks.
 
 Release knobs (manifest `settings`) act on the data endpoints through the real code path:
 `extra_latency_ms` sleeps inside the handler, `error_rate` makes that exact fraction of
-requests raise, which the app answers with a 500.
+requests raise, which the app answers with a 500; `dynamic_max_age` replaces the max-age the
+dynamic endpoints declare (a release that would keep dynamic data cached too long).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from service_config import ConfigError, ServiceConfig, load_config
+from service_config import ConfigError, EndpointPolicy, ServiceConfig, load_config
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
@@ -301,10 +302,10 @@ class ReleaseMiddleware:
         self.routes = routes
         self.config = config
         # TTL of each spec endpoint's route template, so /v1/items/7 gets /v1/items/1's TTL.
-        self.ttl_by_template: dict[str, int] = {}
+        self.by_template: dict[str, EndpointPolicy] = {}
         for endpoint in config.endpoints.values():
             template = route_template(routes, _probe_scope(endpoint.path))
-            self.ttl_by_template.setdefault(template, endpoint.ttl_seconds)
+            self.by_template.setdefault(template, endpoint)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -335,9 +336,13 @@ class ReleaseMiddleware:
         endpoint = self.config.endpoints.get(path)
         if endpoint is not None and endpoint.surrogate_keys:
             headers["Surrogate-Key"] = " ".join(endpoint.surrogate_keys)
-        ttl = endpoint.ttl_seconds if endpoint else self.ttl_by_template.get(template)
-        if ttl is not None and status < 400:
-            headers["Cache-Control"] = f"public, max-age={ttl}"
+        endpoint = endpoint or self.by_template.get(template)
+        if endpoint is not None and status < 400:
+            ttl = endpoint.ttl_seconds
+            if endpoint.ttl_class == "dynamic" and self.config.knobs.dynamic_max_age:
+                ttl = self.config.knobs.dynamic_max_age  # release knob: a too-long TTL
+            immutable = ", immutable" if endpoint.immutable else ""
+            headers["Cache-Control"] = f"public, max-age={ttl}{immutable}"
         else:
             # Errors and non-spec endpoints (jobs, probes, metrics) must never be cached.
             headers["Cache-Control"] = "no-store"

@@ -27,7 +27,7 @@ import yaml
 ARTIFACT_ROOT = Path(__file__).resolve().parent.parent
 TRACKS = ("stable", "canary")
 QUEUE_NAMES = ("high", "low")
-KNOWN_SETTINGS = ("error_rate", "extra_latency_ms", "fail_jobs_matching")
+KNOWN_SETTINGS = ("error_rate", "extra_latency_ms", "fail_jobs_matching", "dynamic_max_age")
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,8 @@ class Knobs:
     error_rate: float = 0.0
     extra_latency_ms: float = 0.0
     fail_jobs_matching: re.Pattern[str] | None = None
+    # Seconds of max-age the API declares on `dynamic` endpoints instead of their class TTL.
+    dynamic_max_age: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class EndpointPolicy:
     path: str
     ttl_seconds: int
     surrogate_keys: tuple[str, ...]
+    ttl_class: str = ""
+    immutable: bool = False  # the spec's cache_policy for the class asks for `immutable`
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,18 @@ def parse_knobs(settings: dict[str, Any], *, source: str = "settings") -> Knobs:
             raise ConfigError(
                 f"{source}: setting 'fail_jobs_matching' is not a valid regex: {exc}"
             ) from None
+    dynamic_max_age = None
+    if settings.get("dynamic_max_age") not in (None, ""):
+        dynamic_max_age = int(_number(settings, "dynamic_max_age", 0.0, source))
+        if dynamic_max_age < 1:
+            raise ConfigError(
+                f"{source}: setting 'dynamic_max_age' must be >= 1, got {dynamic_max_age}"
+            )
     return Knobs(
-        error_rate=error_rate, extra_latency_ms=extra_latency_ms, fail_jobs_matching=compiled
+        error_rate=error_rate,
+        extra_latency_ms=extra_latency_ms,
+        fail_jobs_matching=compiled,
+        dynamic_max_age=dynamic_max_age,
     )
 
 
@@ -222,8 +236,11 @@ def _endpoints(spec: dict[str, Any], path: Path) -> dict[str, EndpointPolicy]:
         ttl_class = entry["ttl_class"]
         if ttl_class not in ttl_classes:
             raise ConfigError(f"{where}.ttl_class': no TTL for class {ttl_class!r} in ttl_classes")
+        class_policy = (spec.get("cache_policy") or {}).get(ttl_class) or {}
         endpoints[entry["path"]] = EndpointPolicy(
             path=entry["path"],
+            ttl_class=str(ttl_class),
+            immutable=bool(class_policy.get("immutable", False)),
             ttl_seconds=int(ttl_classes[ttl_class]),
             surrogate_keys=tuple(str(k) for k in entry.get("surrogate_keys") or ()),
         )
