@@ -8,11 +8,12 @@ is not supervision: free ports, HTTP readiness probes, log tails.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -135,3 +136,15 @@ def probe(url: str, *, timeout: float = 1.0) -> tuple[bool, str]:
     if response.status_code != 200:
         return False, f"{url} answered HTTP {response.status_code}"
     return True, "ok"
+
+
+@contextlib.contextmanager
+def file_lock(directory: Path) -> Iterator[None]:
+    """An exclusive flock on `directory/.lock`, across processes (created on demand)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -14,7 +14,6 @@ line, i.e. on the same port. Liveness, pids and start times come from supervisor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import logging
@@ -35,6 +34,7 @@ from typing import Any
 import psutil
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
+from dagster_project.core.platform import processes
 from dagster_project.core.platform.errors import PlatformError
 
 logger = logging.getLogger("release.platform.supervision")
@@ -112,13 +112,8 @@ class Supervisor:
     def lock(self) -> Iterator[None]:
         """Serialise start, stop and config changes of this supervisord across processes
         (it is shared by every product of the state directory)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with processes.file_lock(self.dir):
+            yield
 
     def is_running(self) -> bool:
         try:

@@ -33,7 +33,6 @@ file, and `-f` the last VCL written, so a restart by supervisord serves the curr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dagster_project.core.platform import processes
 from dagster_project.core.platform.errors import PlatformError
 from dagster_project.core.spec import ProductSpec
 
@@ -589,13 +589,8 @@ class VarnishInstance:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Serialises VCL loads of this varnishd across processes."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.workdir / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with processes.file_lock(self.workdir):
+            yield
 
     def admin(self, *command: str, timeout: float = ADMIN_TIMEOUT_SECONDS) -> str:
         """One varnishadm command; VclError with varnishd's answer on failure."""
