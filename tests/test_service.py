@@ -329,7 +329,8 @@ def test_static_asset_is_served_with_the_long_ttl(api: Deployed) -> None:
     response = httpx.get(f"{api.url}/static/app.js", timeout=5)
     assert response.status_code == 200
     assert "summary" in response.text
-    assert response.headers["Cache-Control"] == "public, max-age=86400"
+    # the spec's cache_policy for the static class asks for `immutable`
+    assert response.headers["Cache-Control"] == "public, max-age=86400, immutable"
     assert response.headers["Surrogate-Key"] == "static"
     assert response.headers["X-Release"] == "1.0.0"
 
