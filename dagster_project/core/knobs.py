@@ -104,6 +104,7 @@ KNOBS: dict[str, Knob] = {
         Knob("error_rate", "number", "share of API answers turned into 500s", 0.0, 1.0),
         Knob("extra_latency_ms", "number", "delay added to every API data request", 0.0, 60_000.0),
         Knob("fail_jobs_matching", "regex", "the worker fails jobs whose key matches"),
+        Knob("job_latency_ms", "number", "time the worker spends on every job", 0.0, 60_000.0),
         Knob(
             "dynamic_max_age",
             "number",

@@ -240,10 +240,12 @@ async def enqueue_job(request: Request) -> JSONResponse:
     if not isinstance(payload, dict):
         return _bad_request("payload", "must be a JSON object")
 
+    # The job's lane is this API's track: during a canary the edge sends the canary its
+    # weight's share of producers, so the canary's workers take that share of the jobs.
     inserted = await query(
-        "INSERT INTO jobs (job_key, queue, payload) VALUES (%s, %s, %s::JSONB) "
+        "INSERT INTO jobs (job_key, queue, payload, lane) VALUES (%s, %s, %s::JSONB, %s) "
         "ON CONFLICT (job_key) DO NOTHING RETURNING job_key, queue, status, attempts",
-        (key, priority, json.dumps(payload)),
+        (key, priority, json.dumps(payload), CONFIG.track),
     )
     if inserted:
         return JSONResponse({**jsonable(inserted[0]), "key": key, "created": True}, 202)
@@ -265,7 +267,7 @@ async def get_job(request: Request) -> JSONResponse:
     rows = await query(
         """
         SELECT j.job_key, j.queue, j.status, j.attempts, j.next_attempt_at, j.last_error,
-               j.created_at, j.updated_at, r.result, r.written_at
+               j.created_at, j.updated_at, j.lane, j.processed_version, r.result, r.written_at
         FROM jobs AS j LEFT JOIN job_results AS r ON r.job_key = j.job_key
         WHERE j.job_key = %s
         """,
@@ -273,7 +275,15 @@ async def get_job(request: Request) -> JSONResponse:
     )
     if not rows:
         return JSONResponse({"error": f"job {key!r} not found"}, 404)
-    job = jsonable(rows[0])
+    # Every settled attempt, oldest first (a replayed job's attempts count from 1 again).
+    attempt_log = await query(
+        """
+        SELECT attempt, outcome, track, worker_version, error, started_at, finished_at
+        FROM job_attempts WHERE job_key = %s ORDER BY id
+        """,
+        (key,),
+    )
+    job = jsonable({**rows[0], "attempt_log": attempt_log})
     job["key"] = job.pop("job_key")
     job["priority"] = job["queue"]
     return JSONResponse(job)

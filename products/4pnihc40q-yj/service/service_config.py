@@ -27,7 +27,13 @@ import yaml
 ARTIFACT_ROOT = Path(__file__).resolve().parent.parent
 TRACKS = ("stable", "canary")
 QUEUE_NAMES = ("high", "low")
-KNOWN_SETTINGS = ("error_rate", "extra_latency_ms", "fail_jobs_matching", "dynamic_max_age")
+KNOWN_SETTINGS = (
+    "error_rate",
+    "extra_latency_ms",
+    "fail_jobs_matching",
+    "job_latency_ms",
+    "dynamic_max_age",
+)
 
 
 class ConfigError(ValueError):
@@ -41,6 +47,7 @@ class Knobs:
     error_rate: float = 0.0
     extra_latency_ms: float = 0.0
     fail_jobs_matching: re.Pattern[str] | None = None
+    job_latency_ms: float = 0.0  # the worker sleeps this long in every job (a slow release)
     # Seconds of max-age the API declares on `dynamic` endpoints instead of their class TTL.
     dynamic_max_age: int | None = None
 
@@ -142,6 +149,9 @@ def parse_knobs(settings: dict[str, Any], *, source: str = "settings") -> Knobs:
         raise ConfigError(
             f"{source}: setting 'extra_latency_ms' must be >= 0, got {extra_latency_ms}"
         )
+    job_latency_ms = _number(settings, "job_latency_ms", 0.0, source)
+    if job_latency_ms < 0:
+        raise ConfigError(f"{source}: setting 'job_latency_ms' must be >= 0, got {job_latency_ms}")
     pattern = settings.get("fail_jobs_matching")
     compiled = None
     if pattern not in (None, ""):
@@ -162,6 +172,7 @@ def parse_knobs(settings: dict[str, Any], *, source: str = "settings") -> Knobs:
         error_rate=error_rate,
         extra_latency_ms=extra_latency_ms,
         fail_jobs_matching=compiled,
+        job_latency_ms=job_latency_ms,
         dynamic_max_age=dynamic_max_age,
     )
 
