@@ -327,6 +327,13 @@ def main() -> int:
         if not port.isdigit() or not 0 < int(port) < 65536:
             print(f"worker: SERVICE_METRICS_PORT: not a port number: {port!r}", file=sys.stderr)
             return 2
+        # Every series exists from the start, so "no series" means "never scraped", not 0.
+        for queue in config.queues:
+            labels = {"version": config.version, "track": config.track, "queue": queue}
+            for outcome in ("done", "retry", "dead"):
+                ATTEMPTS.labels(outcome=outcome, **labels)
+            DEAD_LETTERS.labels(**labels)
+            LATENCY.labels(**labels)
         start_http_server(int(port), addr="127.0.0.1", registry=METRICS)
     run(config, stop)
     return 0
