@@ -60,9 +60,33 @@ def audit_asset(spec: ProductSpec, partitions_def: dg.PartitionsDefinition) -> d
                 )
             )
         context.log.info(f"audit trail: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+        _observe_dead_letters(context)
         return dg.Output(
             AuditReport(release=release, entries=entries),
             metadata={"entries": table([_row(e) for e in entries]), "count": len(entries), **links},
+        )
+
+    def _observe_dead_letters(context: dg.AssetExecutionContext) -> None:
+        """After each release: the dead-letter depth and oldest age per environment, as an
+        observation of this asset (`release dlq list` shows the jobs). Never fails the audit."""
+        import psycopg2
+
+        from dagster_project.core import dlq
+        from dagster_project.core.database import DatabaseUnavailable
+
+        metadata: dict[str, dg.RawMetadataValue] = {}
+        for env in dlq.ENVIRONMENTS:
+            try:
+                depth = dlq.depth(spec, env)
+            except (dlq.DlqInputError, DatabaseUnavailable, psycopg2.Error) as exc:
+                metadata[f"dlq_{env}_error"] = str(exc).splitlines()[0]
+                continue
+            metadata[f"dlq_{env}_depth"] = depth.depth
+            metadata[f"dlq_{env}_oldest_age_seconds"] = depth.as_json()["oldest_age_seconds"]
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=context.asset_key, partition=context.partition_key, metadata=metadata
+            )
         )
 
     def _sign_off(

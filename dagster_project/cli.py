@@ -7,6 +7,8 @@
     release audit verify [--json] | show PRODUCT [--json] | ticket PRODUCT VERSION [--out DIR]
     release audit export [--since SEQ] [--format jsonl] | release audit checkpoint
     release ui                                   (dagster dev on the shared instance)
+    release dlq list PRODUCT --env ENV [--json] | replay PRODUCT --env ENV (--job KEY | --all)
+        [--dry-run]                              (the dead-letter queue; core/dlq.py)
 
 The CLI stays thin: it parses arguments, calls the core and prints. Expected failures
 (`CliError` and the core's own error types) print one clear line and exit with their code,
@@ -237,6 +239,7 @@ def _release_status(args: argparse.Namespace) -> int:
             "problems": info["problems"],
             "edge_url": info.get("edge_url"),
             "database_url": info.get("database"),
+            "dead_letter": _dlq_depth(spec, env),
         }
     if args.json:
         print(
@@ -248,7 +251,18 @@ def _release_status(args: argparse.Namespace) -> int:
         return 0
     console = Console(width=max(Console().width, 150))
     table = Table(title=f"{spec.product}", title_justify="left")
-    for column in ("env", "version", "artifact", "weights", "owner", "health", "edge", "database"):
+    columns = (
+        "env",
+        "version",
+        "artifact",
+        "weights",
+        "owner",
+        "health",
+        "dlq",
+        "edge",
+        "database",
+    )
+    for column in columns:
         table.add_column(column)
     for env, e in environments.items():
         owner = e["owner"]
@@ -261,6 +275,7 @@ def _release_status(args: argparse.Namespace) -> int:
             if owner
             else "-",
             "[green]healthy[/]" if e["healthy"] else "[red]unhealthy[/]",
+            _dlq_cell(e["dead_letter"]),
             e["edge_url"] or "-",
             e["database_url"] or "-",
         )
@@ -268,6 +283,26 @@ def _release_status(args: argparse.Namespace) -> int:
     for line in reconciled:
         console.print(f"  reconciled: {line}", highlight=False)
     return 0
+
+
+def _dlq_depth(spec: Any, env: str) -> dict[str, Any]:
+    """The dead-letter table's depth and oldest age in seconds; `error` names why not."""
+    import psycopg2
+
+    from dagster_project.core import dlq
+    from dagster_project.core.database import DatabaseUnavailable
+
+    try:
+        return dlq.depth(spec, env).as_json()
+    except (dlq.DlqInputError, DatabaseUnavailable, psycopg2.Error) as exc:
+        return {"depth": None, "oldest_age_seconds": None, "error": str(exc).splitlines()[0]}
+
+
+def _dlq_cell(depth: dict[str, Any]) -> str:
+    if depth.get("depth") is None:
+        return "?"
+    oldest = depth.get("oldest_age_seconds")
+    return f"{depth['depth']} (oldest {oldest:.0f}s)" if oldest is not None else "0"
 
 
 def _add_status(commands: argparse._SubParsersAction) -> None:
@@ -498,6 +533,111 @@ def _add_rollback(commands: argparse._SubParsersAction) -> None:
     rollback.set_defaults(handler=_rollback)
 
 
+# -- release dlq ------------------------------------------------------------------------------
+
+
+def _dlq_spec(args: argparse.Namespace) -> Any:
+    from dagster_project.core import dlq
+    from dagster_project.core.spec import load_spec
+
+    spec = load_spec(args.product)  # unknown ids: exit 2 listing the known products
+    try:
+        dlq.replay_contract(spec)
+    except dlq.DlqInputError as exc:
+        raise CliError(str(exc)) from None
+    return spec
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    from dagster_project.core import dlq
+
+    spec = _dlq_spec(args)
+    try:
+        dead = dlq.list_dead(spec, args.env)
+    except dlq.DlqInputError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        body = {"product": spec.product, "env": args.env, "table": spec.queues.dead_letter}
+        print(json.dumps({**body, "jobs": [d.as_json() for d in dead]}, indent=2))
+        return 0
+    if not dead:
+        print(
+            f"{spec.product} {args.env}: the dead-letter table {spec.queues.dead_letter} is empty"
+        )
+        return 0
+    table = Table(
+        title=f"{spec.product} {args.env}: {spec.queues.dead_letter}", title_justify="left"
+    )
+    for column in ("key", "queue", "attempts", "last error", "age", "failed at"):
+        table.add_column(column)
+    for d in dead:
+        table.add_row(
+            d.key, d.queue, str(d.attempts), d.last_error[:80], f"{d.age_seconds:.0f}s",
+            d.failed_at.isoformat(timespec="seconds"),
+        )  # fmt: skip
+    Console(width=max(Console().width, 150)).print(table)
+    return 0
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    import os
+
+    from dagster_project.core import dlq, guardrail
+    from dagster_project.core.identity import approver_identity
+
+    if (args.job is None) == (not args.all):
+        raise CliError("--job KEY or --all: give exactly one of them")
+    spec = _dlq_spec(args)
+    keys = None if args.all else args.job
+    seq = None
+    try:
+        if args.env == "production" and not args.dry_run:
+            token = os.environ.get(guardrail.TOKEN_ENV_VAR)
+            result, seq = dlq.replay_production(spec, keys, token=token, actor=approver_identity())
+        else:
+            result = dlq.replay(spec, args.env, keys, dry_run=args.dry_run)
+    except dlq.DlqInputError as exc:
+        raise CliError(str(exc)) from None
+    except dlq.DlqRefused as exc:
+        print(f"{_prog(args)}: refused: {exc}", file=sys.stderr)
+        return 3
+    for line in result.lines():
+        print(line)
+    what = "would replay" if result.dry_run else "replayed"
+    summary = f"{spec.product} {args.env}: {what} {len(result.replayed)} job(s)"
+    if result.skipped:
+        summary += f", skipped {len(result.skipped)}"
+    if result.dry_run:
+        summary += " (dry run: nothing changed)"
+    if seq is not None:
+        summary += f"; audit entry seq {seq}"
+    print(summary)
+    return 0
+
+
+def _add_dlq(commands: argparse._SubParsersAction) -> None:
+    group = commands.add_parser("dlq", help="the dead-letter queue: list and replay dead jobs")
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    envs = ("staging", "production")
+    listing = actions.add_parser("list", help="key, queue, attempts, last error, age")
+    replaying = actions.add_parser(
+        "replay",
+        help="put dead jobs back with a fresh attempt budget, once; production needs "
+        "GUARDRAIL_TOKEN and is audited",
+    )
+    for action in (listing, replaying):
+        action.add_argument("product", help="product id (a folder under the products directory)")
+        action.add_argument("--env", required=True, choices=envs, help="the environment")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_dlq_list)
+    replaying.add_argument("--job", metavar="KEY", action="append", help="a dead job's key")
+    replaying.add_argument("--all", action="store_true", help="every job of the dead-letter table")
+    replaying.add_argument(
+        "--dry-run", action="store_true", help="change nothing, say what would be replayed"
+    )
+    replaying.set_defaults(handler=_dlq_replay)
+
+
 # Each adds one subcommand group to `release`.
 def _add_products(commands: argparse._SubParsersAction) -> None:
     from dagster_project.cli_products import add_product_commands
@@ -511,6 +651,7 @@ _COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_audit,
     _add_ui,
     _add_rollback,
+    _add_dlq,
     _add_products,
 ]
 

@@ -799,7 +799,7 @@ def show_output(
             e["recorded_at"][:19],
             str(e["release"]),
             str(e["environment"]),
-            str(e["payload"].get("outcome", "-")),
+            str(e["payload"].get("outcome", e["payload"].get("kind", "-"))),
             str(e["payload"].get("identity", "-")),
             str(e["payload"].get("artifact_sha256", "-"))[:12],
             str(e["payload"].get("guardrail_token", "-")),

@@ -187,10 +187,19 @@ def database_problems(spec: ProductSpec, files: list[Path], suite: Any | None) -
     problems = []
     worker = spec.contract.worker
     dead_letter = spec.queues.dead_letter
-    for loc, table, column in (
+    named = [
         (("worker", "results"), worker.results.table, worker.results.key_column),
         (("worker", "dead_letter_key_column"), dead_letter, worker.dead_letter_key_column),
-    ):
+    ]
+    if worker.replay is not None:  # `release dlq`: every column it reads or writes
+        for section, table, fields in (
+            ("dead_letter", dead_letter, worker.replay.dead_letter.model_dump()),
+            ("jobs", worker.replay.jobs.table, worker.replay.jobs.model_dump()),
+        ):
+            for field, value in fields.items():
+                if field.endswith("_column") and value is not None:
+                    named.append((("worker", "replay", section, field), table, value))
+    for loc, table, column in named:
         if table not in columns:
             problems.append(_at(spec.contract_path, loc, f"no table {table!r} in the migrations"))
         elif column not in columns[table]:
