@@ -151,14 +151,6 @@ class Queue(_Model):
     backoff_initial_ms: int = Field(ge=0, le=HOUR_MS)
     backoff_multiplier: float = Field(ge=1, le=100)
     backoff_max_ms: int = Field(ge=0, le=HOUR_MS)
-    # How much later than its backoff a retry may start (the worker_dlq gate's backoff rows):
-    # the worker's idle poll (75 ms in the sample), other due jobs it settles first and commit
-    # latency. A retry never starts before its backoff (timestamps of one database clock).
-    backoff_tolerance_ms: int = Field(default=250, ge=0, le=HOUR_MS)
-    # A job of this queue is done within this long of its enqueue while every lower-priority
-    # queue is flooded (the worker_dlq gate measures it on the first queue); None: unmeasured,
-    # which the gate fails.
-    priority_max_wait_ms: int | None = Field(default=None, ge=1, le=HOUR_MS)
 
 
 class Queues(_Model):
@@ -232,52 +224,12 @@ class Enqueue(_Model):
     accepted: tuple[int, ...] = Field(default=(200, 201, 202), min_length=1)
 
 
-class RetryProbe(_Model):
-    """A job whose first `fails` attempts fail, then it succeeds (fewer than the first
-    queue's max_attempts)."""
-
-    payload: dict[str, Any]
-    fails: int = Field(ge=1, le=49)
-
-
-class SlowProbe(_Model):
-    """A job that takes `duration_ms` (long enough to kill the worker in the middle of it)."""
-
-    payload: dict[str, Any]
-    duration_ms: int = Field(ge=300, le=30_000)
-
-
-class FloodProbe(_Model):
-    """`count` jobs of `duration_ms` each, enqueued on the last queue to delay a job of the
-    first one (the priority check)."""
-
-    payload: dict[str, Any]
-    count: int = Field(ge=10, le=2000)
-    duration_ms: int = Field(ge=0, le=1000)
-
-
 class ProbeJobs(_Model):
     """Payloads of the worker probes: `ok` must be done after one attempt with one result
-    row; `poison` must fail every attempt and land in the dead-letter table; `retry`, `slow`
-    and `flood` drive the timing, crash and priority checks (a contract without them fails
-    those checks, naming the field)."""
+    row; `poison` must fail every attempt and land in the dead-letter table."""
 
     ok: dict[str, Any]
     poison: dict[str, Any]
-    retry: RetryProbe | None = None
-    slow: SlowProbe | None = None
-    flood: FloodProbe | None = None
-
-
-class AttemptLog(_Model):
-    """`<field>`: a list of objects, one per settled attempt, with its start and finish
-    (ISO 8601 timestamps of one clock) and outcome; `done` is the outcome of a success."""
-
-    field: JsonField
-    started_field: JsonField
-    finished_field: JsonField
-    outcome_field: JsonField
-    done: str = Field(min_length=1)
 
 
 class Recognise(_Model):
@@ -288,8 +240,6 @@ class Recognise(_Model):
     result_field: JsonField
     done: str = Field(min_length=1)  # the status value of a job done
     dead: str = Field(min_length=1)  # the status value of a job in the dead-letter table
-    # The job state's list of settled attempts (oldest first); needed by the timing checks.
-    attempt_log: AttemptLog | None = None
 
 
 class KeyedTable(_Model):
@@ -351,28 +301,10 @@ class DataQualityContract(_Model):
     suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.json$")
 
 
-class GuardrailsContract(_Model):
-    """How the staging smoke reaches the API's own guardrails (rate limit, circuit breaker)
-    through the edge; the limits themselves are `guardrails` in product.yaml."""
-
-    # The request header naming the client; the rate limit is per client.
-    client_id_header: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,63}$")
-    # A data endpoint that reads the database (the smoke adds a unique query string, so the
-    # edge passes every probe to the origin).
-    probe_path: RoutePath
-    # Staging only: POST {"seconds", "delay_ms"} makes the API's database calls fail for that
-    # long; DELETE ends the drill.
-    fault_path: RoutePath
-    # An open breaker's 503 must arrive within this many milliseconds through the edge.
-    fail_fast_ms: int = Field(default=150, ge=1, le=10_000)
-
-
 class Contract(_Model):
     endpoints: dict[RoutePath, EndpointContract] = Field(min_length=1)
     worker: WorkerContract
     data_quality: DataQualityContract
-    # The staging smoke's guardrail probes (the smoke fails when absent).
-    guardrails: GuardrailsContract | None = None
 
     # Set by load_spec; not part of the YAML.
     source_path: Path | None = Field(default=None, exclude=True)
@@ -393,28 +325,6 @@ class Guardrail(_Model):
                 "never the token itself"
             )
         return value
-
-
-class RateLimit(_Model):
-    """Token bucket per client: `burst` requests at once, refilled at `requests_per_second`."""
-
-    requests_per_second: float = Field(gt=0, le=100_000)
-    burst: int = Field(ge=1, le=100_000)
-
-
-class CircuitBreaker(_Model):
-    """Around the API's database calls: opens after `failure_threshold` consecutive failures,
-    fails fast for `open_seconds`, then lets one probe through (closes on success)."""
-
-    failure_threshold: int = Field(ge=1, le=1000)
-    open_seconds: float = Field(gt=0, le=300)
-
-
-class Guardrails(_Model):
-    """The API tier's own guardrails (verified by the staging smoke through the edge)."""
-
-    rate_limit: RateLimit
-    circuit_breaker: CircuitBreaker
 
 
 class Production(_Model):
@@ -464,8 +374,6 @@ class ProductSpec(_Model):
     canary: Canary
     queues: Queues
     guardrail: Guardrail
-    # The API's rate limit and circuit breaker (the smoke fails a product without them).
-    guardrails: Guardrails | None = None
     production: Production = Production()
     platform: PlatformParts = PlatformParts()
     migrations_dir: str = "migrations"
@@ -582,16 +490,6 @@ def load_spec(product_id_or_path: str | Path) -> ProductSpec:
                         f"({field} {getattr(policy, field)})",
                     )
                 )
-    if spec.guardrails is not None:
-        rps = spec.guardrails.rate_limit.requests_per_second
-        if rps <= spec.canary.load_rps:
-            found.append(
-                (
-                    ("guardrails", "rate_limit", "requests_per_second"),
-                    f"{rps:g} must exceed canary.load_rps {spec.canary.load_rps:g} (the canary "
-                    "load generator is one client and must never be throttled)",
-                )
-            )
     if path.parent.name != spec.product:
         found.append(
             (("product",), f"{spec.product!r} does not match its folder {path.parent.name!r}")
@@ -624,22 +522,6 @@ def load_contract(spec: ProductSpec) -> Contract:
             found.append(
                 (("endpoints", endpoint_path), "not an endpoint of the spec (product.yaml)")
             )
-    if contract.guardrails is not None and contract.guardrails.probe_path not in paths:
-        found.append(
-            (
-                ("guardrails", "probe_path"),
-                f"{contract.guardrails.probe_path!r} is not an endpoint of the spec (product.yaml)",
-            )
-        )
-    retry, first = contract.worker.probes.retry, spec.queues.ordered[0]
-    if retry is not None and retry.fails >= first.max_attempts:
-        found.append(
-            (
-                ("worker", "probes", "retry", "fails"),
-                f"{retry.fails} failures leave no attempt to succeed: queue {first.name!r} "
-                f"has max_attempts {first.max_attempts} (product.yaml)",
-            )
-        )
     _raise_found(path, text, "product contract", found)
     return contract
 
