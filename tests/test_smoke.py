@@ -180,6 +180,9 @@ class EdgeAt:
     def purge(self, env: str, url: str | None = None, surrogate_key: str | None = None) -> int:
         raise AssertionError("purge must not be reached when the edge does not answer")
 
+    def kill_worker(self, env: str) -> int:
+        raise AssertionError("no worker is killed when the edge does not answer")
+
 
 class NoEdge(EdgeAt):
     def edge_url(self, env: str) -> str:
@@ -262,8 +265,22 @@ def test_healthy_release_passes_all_sections(
     policy_rows = [n for n in cache_names if n.endswith("headers obey the cache policy")]
     assert len(policy_rows) == len(spec.endpoints), cache_names
     worker_rows = report.section_rows("worker_dlq")
-    assert len(worker_rows) == 4
+    assert len(worker_rows) == 10, [row.name for row in worker_rows]
     assert "dead after 4 attempts" in worker_rows[1].detail
+    details = {row.name: row.detail for row in worker_rows}
+    print("\n".join(f"{name}: {detail}" for name, detail in details.items()))
+    # Backoff timing (poison jobs of both queues and the retry job), retry, crash, priority.
+    backoff = [name for name in details if name.startswith("backoff between attempts")]
+    assert len(backoff) == 3, backoff
+    assert (
+        "3 gaps within bounds" in details["backoff between attempts of the poison job (low queue)"]
+    )
+    retried = details["retry job (high queue) done after 2 failures, written back once"]
+    assert "done after 3 attempts (2 failed)" in retried
+    crash = details["worker SIGKILLed during a job (high queue): done once after restart"]
+    assert "SIGKILLed" in crash and "1 done in the attempt log, 1 result" in crash
+    priority = details["high job not delayed by a flood of low jobs"]
+    assert "bound 600 ms" in priority and "still queued ahead of it" in priority
     # Stored as an asset value: survives JSON.
     assert SmokeReport.parse(json.loads(report.model_dump_json())).passed()
 

@@ -17,7 +17,12 @@ worker probes and where their results land).
   (403); an object of a short class (TTL <= 10 s) is a MISS again after the class's TTL.
 - `worker_dlq`: the contract's `ok` probe job is done after one attempt with one row in the
   results table, a `poison` job in every queue lands in the dead-letter table after exactly the
-  queue's `max_attempts`, and enqueueing a known key again does not process it twice.
+  queue's `max_attempts`, and enqueueing a known key again does not process it twice. From the
+  jobs' attempt logs, every gap between attempts is within the queue's backoff (never earlier,
+  at most `backoff_tolerance_ms` later); the `retry` probe is done after its failures + 1
+  attempts with one result; the `slow` probe survives a SIGKILL of the worker in the middle of
+  it (done once after the restart); and a job of the first queue is done within the queue's
+  `priority_max_wait_ms` while the last queue is flooded (`flood` probe).
 
 Fail closed: a section that was asked for and has no rows, or whose checks raised (connection
 refused, timeout: the detail names the URL), is FAILED. Every request carries a per-run query
@@ -71,6 +76,9 @@ class SmokePlatform(Protocol):
     def edge_url(self, env: str) -> str: ...
 
     def purge(self, env: str, url: str | None = None, surrogate_key: str | None = None) -> int: ...
+
+    # SIGKILL the serving stable worker of env (its supervisor restarts it); the pid killed.
+    def kill_worker(self, env: str) -> int: ...
 
 
 class CheckFailed(Exception):
@@ -690,12 +698,31 @@ def _unauthorised_purge(run: _Run, path: str) -> str:
 
 # --- worker and dead-letter queue -----------------------------------------------------------
 
+# Job keys of the timing, crash and priority checks (never NORMAL_JOB_PREFIX: a release that
+# fails normal jobs fails only the normal job's rows).
+RETRY_JOB_PREFIX = "smoke-retry-"
+SLOW_JOB_PREFIX = "smoke-slow-"
+FLOOD_JOB_PREFIX = "smoke-flood-"
+PRIORITY_JOB_PREFIX = "smoke-prio-"
+# A retry may not start earlier than its backoff: only timestamp rounding is forgiven.
+BACKOFF_EARLY_SLACK_MS = 5.0
+# The slow probe counts as in progress once a transaction of the environment database that
+# began after its enqueue has been open this long (a worker holding it); it is looked for
+# during this share of the probe's duration.
+IN_PROGRESS_MIN_MS = 150.0
+IN_PROGRESS_LOOK_SHARE = 0.6
+FAST_POLL_SECONDS = 0.02
+FLOOD_ENQUEUE_THREADS = 8
+# The flood must drain within count * (duration + this) + the run's job slack.
+FLOOD_PER_JOB_OVERHEAD_MS = 50.0
+
 
 @dataclass
 class _Job:
     key: str
     queue: Queue
     poison: bool
+    payload: dict[str, Any] | None = None  # None: the contract's ok or poison probe
     enqueued_at: float = 0.0
     deadline: float = 0.0
     settled_after: float | None = None  # seconds from enqueue to done/dead
@@ -712,7 +739,15 @@ def _worker_section(run: _Run) -> None:
         _Job(f"{POISON_JOB_PREFIX}{queue.name}-{run.run_id}", queue, poison=True)
         for queue in queues
     ]
-    jobs = [normal, *poison]
+    probes = run.spec.contract.worker.probes
+    retry = (
+        _Job(
+            f"{RETRY_JOB_PREFIX}{run.run_id}", queues[0], poison=False, payload=probes.retry.payload
+        )
+        if probes.retry is not None
+        else None
+    )
+    jobs = [normal, *poison, *([retry] if retry else [])]
     for job in jobs:
         job.enqueue_error = _enqueue(run, job)
         job.enqueued_at = time.monotonic()
@@ -727,18 +762,48 @@ def _worker_section(run: _Run) -> None:
             f"{job.queue.max_attempts} attempts",
             lambda job=job: _check_dead_lettered(run, job),
         )
+    for job in poison:
+        run.record(
+            "worker_dlq",
+            f"backoff between attempts of the poison job ({job.queue.name} queue)",
+            lambda job=job: _check_backoff(run, job, job.queue.max_attempts),
+        )
+    fails = probes.retry.fails if probes.retry is not None else 0
+    run.record(
+        "worker_dlq",
+        f"retry job ({queues[0].name} queue) done after {fails} failures, written back once",
+        lambda: _check_retried(run, retry),
+    )
+    run.record(
+        "worker_dlq",
+        f"backoff between attempts of the retry job ({queues[0].name} queue)",
+        lambda: _check_backoff(run, retry, fails + 1),
+    )
     run.record(
         "worker_dlq",
         "re-enqueue of a done key is not processed twice",
         lambda: _check_idempotent(run, normal),
     )
+    run.record(
+        "worker_dlq",
+        f"worker SIGKILLed during a job ({queues[0].name} queue): done once after restart",
+        lambda: _check_crash(run, queues[0]),
+    )
+    if len(queues) > 1:
+        run.record(
+            "worker_dlq",
+            f"{queues[0].name} job not delayed by a flood of {queues[-1].name} jobs",
+            lambda: _check_priority(run, queues[0], queues[-1]),
+        )
 
 
 def _enqueue(run: _Run, job: _Job) -> str | None:
     """POST the job as the contract says; returns an error text, or None when accepted."""
     worker = run.spec.contract.worker
     enqueue = worker.enqueue
-    payload = worker.probes.poison if job.poison else worker.probes.ok
+    payload = job.payload
+    if payload is None:
+        payload = worker.probes.poison if job.poison else worker.probes.ok
     try:
         response = run.request(
             "POST",
@@ -913,3 +978,362 @@ def _count_rows(run: _Run, table: str, key_column: str, key: str) -> int:
         cur.execute(query, (key,))
         row = cur.fetchone()
     return int(row[0]) if row else 0
+
+
+def _count_rows_any(run: _Run, table: str, key_column: str, keys: list[str]) -> int:
+    """Rows for any of `keys` in the product's environment database."""
+    query = sql.SQL("SELECT count(*) FROM {} WHERE {} = ANY(%s)").format(
+        sql.Identifier(table), sql.Identifier(key_column)
+    )
+    db = database.environment_database(run.spec.product, run.env)
+    with database.connection(db) as conn, conn.cursor() as cur:
+        cur.execute(query, (keys,))
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- backoff timing, retries, crash and priority ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One settled attempt of a job's attempt log (timestamps of one clock)."""
+
+    started: datetime
+    finished: datetime
+    outcome: str
+
+
+@dataclass(frozen=True)
+class BackoffGap:
+    """The wait before attempt `attempt` (2-based: the first retry is attempt 2)."""
+
+    attempt: int
+    expected_ms: float
+    observed_ms: float
+    low_ms: float
+    high_ms: float
+
+    @property
+    def ok(self) -> bool:
+        return self.low_ms <= self.observed_ms <= self.high_ms
+
+
+def expected_backoff_ms(queue: Queue, failed_attempt: int) -> float:
+    """The backoff after failed attempt number `failed_attempt` (1-based), capped."""
+    return float(
+        min(
+            queue.backoff_initial_ms * queue.backoff_multiplier ** (failed_attempt - 1),
+            queue.backoff_max_ms,
+        )
+    )
+
+
+def backoff_gaps(queue: Queue, attempts: list[Attempt]) -> list[BackoffGap]:
+    """The gap between each attempt's finish and the next one's start, with its bounds:
+    never earlier than the backoff (BACKOFF_EARLY_SLACK_MS of rounding), at most the queue's
+    `backoff_tolerance_ms` later."""
+    gaps = []
+    for i in range(1, len(attempts)):
+        expected = expected_backoff_ms(queue, i)
+        observed = (attempts[i].started - attempts[i - 1].finished).total_seconds() * 1000
+        gaps.append(
+            BackoffGap(
+                attempt=i + 1,
+                expected_ms=expected,
+                observed_ms=observed,
+                low_ms=expected - BACKOFF_EARLY_SLACK_MS,
+                high_ms=expected + queue.backoff_tolerance_ms,
+            )
+        )
+    return gaps
+
+
+def judge_backoff(queue: Queue, attempts: list[Attempt], expected_attempts: int, what: str) -> str:
+    """The passing detail of a job's backoff timing; raises CheckFailed naming the gap, its
+    bound and the spec fields when a gap is out of bounds or there are too few attempts."""
+    bounds = (
+        f"queue {queue.name!r}: initial {queue.backoff_initial_ms} ms x"
+        f"{queue.backoff_multiplier:g} capped at {queue.backoff_max_ms} ms, "
+        f"+0..{queue.backoff_tolerance_ms} ms (queues.{queue.name}.backoff_tolerance_ms)"
+    )
+    if len(attempts) < max(expected_attempts, 2):
+        raise CheckFailed(
+            f"{what}: {len(attempts)} attempts in its attempt log, expected "
+            f"{max(expected_attempts, 2)}: too few to judge the backoff ({bounds})"
+        )
+    gaps = backoff_gaps(queue, attempts)
+    shown = ", ".join(f"{g.observed_ms:.0f} ms (expected {g.expected_ms:.0f})" for g in gaps)
+    bad = [g for g in gaps if not g.ok]
+    if bad:
+        problems = "; ".join(
+            f"attempt {g.attempt} started {g.observed_ms:.0f} ms after attempt {g.attempt - 1} "
+            f"finished, "
+            + (
+                f"earlier than its backoff {g.expected_ms:.0f} ms"
+                if g.observed_ms < g.low_ms
+                else f"later than {g.high_ms:.0f} ms (backoff {g.expected_ms:.0f} ms + tolerance)"
+            )
+            for g in bad
+        )
+        raise CheckFailed(f"{what}: {problems} (gaps: {shown}; {bounds})")
+    return f"{what}: {len(gaps)} gaps within bounds: {shown} ({bounds})"
+
+
+def _parse_time(value: Any, field: str, what: str) -> datetime:
+    if not isinstance(value, str):
+        raise CheckFailed(f"{what}: attempt log field {field!r} is {value!r}, not a timestamp")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise CheckFailed(f"{what}: attempt log field {field!r}: not ISO 8601: {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def attempt_log(run: _Run, state: dict[str, Any], what: str) -> list[Attempt]:
+    """The job state's attempt log by the contract's `recognise.attempt_log` field names."""
+    spec = run.spec.contract.worker.recognise.attempt_log
+    if spec is None:
+        raise CheckFailed(
+            "contract.yaml: field 'worker.recognise.attempt_log' is not set: the attempt "
+            "timing cannot be read"
+        )
+    entries = state.get(spec.field)
+    if not isinstance(entries, list):
+        raise CheckFailed(
+            f"{what}: the job state has no list {spec.field!r} "
+            "(contract worker.recognise.attempt_log.field)"
+        )
+    attempts = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise CheckFailed(f"{what}: an entry of {spec.field!r} is not an object: {entry!r}")
+        attempts.append(
+            Attempt(
+                started=_parse_time(entry.get(spec.started_field), spec.started_field, what),
+                finished=_parse_time(entry.get(spec.finished_field), spec.finished_field, what),
+                outcome=str(entry.get(spec.outcome_field)),
+            )
+        )
+    return attempts
+
+
+def _check_backoff(run: _Run, job: _Job | None, expected_attempts: int) -> str:
+    if job is None:
+        raise CheckFailed("contract.yaml: field 'worker.probes.retry' is not set")
+    what = f"job {job.key}"
+    return judge_backoff(
+        job.queue, attempt_log(run, _settled_state(job), what), expected_attempts, what
+    )
+
+
+def _check_retried(run: _Run, job: _Job | None) -> str:
+    worker = run.spec.contract.worker
+    retry = worker.probes.retry
+    if job is None or retry is None:
+        raise CheckFailed(
+            "contract.yaml: field 'worker.probes.retry' is not set: the retry-then-succeed "
+            "check cannot run"
+        )
+    state = _settled_state(job)
+    status, attempts = _state(run, state)
+    wanted = retry.fails + 1
+    if status != worker.recognise.done or attempts != wanted:
+        raise CheckFailed(
+            f"retry job {job.key}: status {status!r} after {attempts} attempts, expected "
+            f"{worker.recognise.done!r} after exactly {wanted} (worker.probes.retry.fails "
+            f"{retry.fails} + 1; max_attempts {job.queue.max_attempts})"
+        )
+    log = attempt_log(run, state, f"retry job {job.key}")
+    done = [a for a in log if a.outcome == worker.recognise.attempt_log.done]  # type: ignore[union-attr]
+    if len(log) != wanted or len(done) != 1 or log[-1] not in done:
+        raise CheckFailed(
+            f"retry job {job.key}: attempt log {[a.outcome for a in log]}, expected "
+            f"{retry.fails} failures then one success"
+        )
+    table = worker.results.table
+    results = _count_rows(run, table, worker.results.key_column, job.key)
+    if results != 1:
+        raise CheckFailed(
+            f"retry job {job.key}: {results} rows in {run.env}.{table}, expected exactly 1"
+        )
+    return (
+        f"done after {attempts} attempts ({retry.fails} failed) in {job.settled_after or 0:.2f}s, "
+        f"1 result in {table}"
+    )
+
+
+def _open_transaction(run: _Run, since_epoch: float, min_ms: float) -> tuple[str, float] | None:
+    """(application name, age in ms) of the oldest transaction of the environment database
+    that began after `since_epoch` and has been open at least `min_ms`: a worker inside a
+    job holds one."""
+    db = database.environment_database(run.spec.product, run.env)
+    with database.connection(db) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT application_name, extract(epoch FROM clock_timestamp() - xact_start) * 1000 "
+            "FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%%' "
+            "AND xact_start >= to_timestamp(%s) "
+            "AND clock_timestamp() - xact_start >= make_interval(secs => %s) "
+            "ORDER BY xact_start LIMIT 1",
+            (since_epoch, min_ms / 1000),
+        )
+        row = cur.fetchone()
+    return (str(row[0]), float(row[1])) if row else None
+
+
+def _poll_until_final(run: _Run, job: _Job, interval: float) -> None:
+    recognise = run.spec.contract.worker.recognise
+    while True:
+        job.state = _job_state(run, job.key)
+        now = time.monotonic()
+        if _state(run, job.state)[0] in (recognise.done, recognise.dead):
+            job.settled_after = now - job.enqueued_at
+            return
+        if now > job.deadline:
+            return
+        time.sleep(interval)
+
+
+def _check_crash(run: _Run, queue: Queue) -> str:
+    worker = run.spec.contract.worker
+    slow = worker.probes.slow
+    if slow is None:
+        raise CheckFailed(
+            "contract.yaml: field 'worker.probes.slow' is not set: the crash-during-a-job "
+            "check cannot run"
+        )
+    job = _Job(f"{SLOW_JOB_PREFIX}{run.run_id}", queue, poison=False, payload=slow.payload)
+    since = time.time()
+    error = _enqueue(run, job)
+    if error:
+        raise CheckFailed(error)
+    job.enqueued_at = time.monotonic()
+    look_until = job.enqueued_at + slow.duration_ms / 1000 * IN_PROGRESS_LOOK_SHARE
+    held = None
+    while held is None and time.monotonic() < look_until:
+        held = _open_transaction(run, since - 0.05, IN_PROGRESS_MIN_MS)
+        if held is None:
+            time.sleep(FAST_POLL_SECONDS)
+    if held is None:
+        raise CheckFailed(
+            f"slow job {job.key}: no transaction held it for {IN_PROGRESS_MIN_MS:.0f} ms within "
+            f"{slow.duration_ms * IN_PROGRESS_LOOK_SHARE:.0f} ms of its enqueue "
+            f"(worker.probes.slow.duration_ms {slow.duration_ms}): the worker never took it"
+        )
+    status, _ = _state(run, _job_state(run, job.key))
+    if status in (worker.recognise.done, worker.recognise.dead):
+        raise CheckFailed(
+            f"slow job {job.key}: already {status!r} before the kill: "
+            f"worker.probes.slow.duration_ms {slow.duration_ms} is too short to kill it mid-job"
+        )
+    into_job = time.monotonic() - job.enqueued_at
+    pid = run.platform.kill_worker(run.env)
+    killed_at = time.monotonic()
+    job.deadline = killed_at + slow.duration_ms / 1000 + run.job_slack
+    _poll_until_final(run, job, JOB_POLL_INTERVAL_SECONDS)
+    after_kill = time.monotonic() - killed_at
+    state = job.state or {}
+    status, attempts = _state(run, state)
+    if status != worker.recognise.done:
+        raise CheckFailed(
+            f"slow job {job.key}: status {status!r} after {attempts} attempts "
+            f"{after_kill:.1f}s after its worker (pid {pid}) was SIGKILLed, expected "
+            f"{worker.recognise.done!r} within {slow.duration_ms / 1000 + run.job_slack:.1f}s"
+        )
+    log = attempt_log(run, state, f"slow job {job.key}")
+    done = [a for a in log if a.outcome == worker.recognise.attempt_log.done]  # type: ignore[union-attr]
+    table = worker.results.table
+    results = _count_rows(run, table, worker.results.key_column, job.key)
+    if len(done) != 1 or results != 1:
+        raise CheckFailed(
+            f"slow job {job.key}: {len(done)} done attempts in its attempt log "
+            f"{[a.outcome for a in log]} and {results} rows in {run.env}.{table} after a "
+            f"SIGKILL of worker pid {pid}, expected exactly 1 of each"
+        )
+    return (
+        f"worker pid {pid} SIGKILLed {into_job:.2f}s after the enqueue, inside the job "
+        f"({held[0] or 'a session'} held a transaction for {held[1]:.0f} ms); the restarted "
+        f"worker finished it {after_kill:.2f}s after the kill (job {slow.duration_ms} ms): "
+        f"{attempts} attempt(s) counted, 1 done in the attempt log, 1 result in {table}"
+    )
+
+
+def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
+    from concurrent.futures import ThreadPoolExecutor
+
+    worker = run.spec.contract.worker
+    flood = worker.probes.flood
+    if flood is None:
+        raise CheckFailed(
+            "contract.yaml: field 'worker.probes.flood' is not set: the priority check cannot run"
+        )
+    bound = first.priority_max_wait_ms
+    if bound is None:
+        raise CheckFailed(
+            f"product.yaml: field 'queues.{first.name}.priority_max_wait_ms' is not set: "
+            "no bound to measure the priority against"
+        )
+    flood_jobs = [
+        _Job(f"{FLOOD_JOB_PREFIX}{run.run_id}-{i}", last, poison=False, payload=flood.payload)
+        for i in range(flood.count)
+    ]
+    with ThreadPoolExecutor(FLOOD_ENQUEUE_THREADS) as pool:
+        errors = [e for e in pool.map(lambda j: _enqueue(run, j), flood_jobs) if e]
+    if errors:
+        raise CheckFailed(f"{len(errors)} of {flood.count} flood jobs refused: {errors[0]}")
+    high = _Job(f"{PRIORITY_JOB_PREFIX}{run.run_id}", first, poison=False)
+    started = time.monotonic()
+    error = _enqueue(run, high)
+    if error:
+        raise CheckFailed(error)
+    high.enqueued_at = started
+    high.deadline = started + max(3 * bound / 1000, run.job_slack)
+    _poll_until_final(run, high, FAST_POLL_SECONDS)
+    waited_ms = (time.monotonic() - started) * 1000
+    table, key_column = worker.results.table, worker.results.key_column
+    keys = [job.key for job in flood_jobs]
+    pending = flood.count - _count_rows_any(run, table, key_column, keys)
+    status, attempts = _state(run, high.state or {})
+    if status != worker.recognise.done:
+        raise CheckFailed(
+            f"{first.name} job {high.key}: status {status!r} after {attempts} attempts "
+            f"{waited_ms:.0f} ms after its enqueue behind {flood.count} {last.name} jobs, "
+            f"expected {worker.recognise.done!r} within {bound} ms "
+            f"(queues.{first.name}.priority_max_wait_ms)"
+        )
+    if pending <= 0:
+        raise CheckFailed(
+            f"inconclusive: all {flood.count} {last.name} jobs were done before the "
+            f"{first.name} job ({waited_ms:.0f} ms): no contention was measured "
+            "(raise worker.probes.flood.count or duration_ms)"
+        )
+    if waited_ms > bound:
+        raise CheckFailed(
+            f"{first.name} job {high.key} done {waited_ms:.0f} ms after its enqueue with "
+            f"{pending} of {flood.count} {last.name} jobs still queued, above "
+            f"queues.{first.name}.priority_max_wait_ms {bound} ms"
+        )
+    # The flood drains before the section ends, so later stages find an idle worker.
+    drain_until = time.monotonic() + (
+        flood.count * (flood.duration_ms + FLOOD_PER_JOB_OVERHEAD_MS) / 1000 + run.job_slack
+    )
+    left = pending
+    while left > 0 and time.monotonic() < drain_until:
+        time.sleep(JOB_POLL_INTERVAL_SECONDS)
+        left = flood.count - _count_rows_any(run, table, key_column, keys)
+    if left > 0:
+        raise CheckFailed(
+            f"{first.name} job done in {waited_ms:.0f} ms, but {left} of {flood.count} "
+            f"{last.name} jobs were still not done {drain_until - started:.1f}s later "
+            "(starved or lost)"
+        )
+    return (
+        f"{first.name} job done {waited_ms:.0f} ms after its enqueue (bound {bound} ms, "
+        f"queues.{first.name}.priority_max_wait_ms) with {pending} of {flood.count} "
+        f"{last.name} jobs of {flood.duration_ms} ms still queued ahead of it "
+        f"(>= {pending * flood.duration_ms} ms of work); all {last.name} jobs done "
+        f"{time.monotonic() - started:.2f}s after it was enqueued"
+    )

@@ -151,6 +151,14 @@ class Queue(_Model):
     backoff_initial_ms: int = Field(ge=0, le=HOUR_MS)
     backoff_multiplier: float = Field(ge=1, le=100)
     backoff_max_ms: int = Field(ge=0, le=HOUR_MS)
+    # How much later than its backoff a retry may start (the worker_dlq gate's backoff rows):
+    # the worker's idle poll (75 ms in the sample), other due jobs it settles first and commit
+    # latency. A retry never starts before its backoff (timestamps of one database clock).
+    backoff_tolerance_ms: int = Field(default=250, ge=0, le=HOUR_MS)
+    # A job of this queue is done within this long of its enqueue while every lower-priority
+    # queue is flooded (the worker_dlq gate measures it on the first queue); None: unmeasured,
+    # which the gate fails.
+    priority_max_wait_ms: int | None = Field(default=None, ge=1, le=HOUR_MS)
 
 
 class Queues(_Model):
@@ -224,12 +232,52 @@ class Enqueue(_Model):
     accepted: tuple[int, ...] = Field(default=(200, 201, 202), min_length=1)
 
 
+class RetryProbe(_Model):
+    """A job whose first `fails` attempts fail, then it succeeds (fewer than the first
+    queue's max_attempts)."""
+
+    payload: dict[str, Any]
+    fails: int = Field(ge=1, le=49)
+
+
+class SlowProbe(_Model):
+    """A job that takes `duration_ms` (long enough to kill the worker in the middle of it)."""
+
+    payload: dict[str, Any]
+    duration_ms: int = Field(ge=300, le=30_000)
+
+
+class FloodProbe(_Model):
+    """`count` jobs of `duration_ms` each, enqueued on the last queue to delay a job of the
+    first one (the priority check)."""
+
+    payload: dict[str, Any]
+    count: int = Field(ge=10, le=2000)
+    duration_ms: int = Field(ge=0, le=1000)
+
+
 class ProbeJobs(_Model):
     """Payloads of the worker probes: `ok` must be done after one attempt with one result
-    row; `poison` must fail every attempt and land in the dead-letter table."""
+    row; `poison` must fail every attempt and land in the dead-letter table; `retry`, `slow`
+    and `flood` drive the timing, crash and priority checks (a contract without them fails
+    those checks, naming the field)."""
 
     ok: dict[str, Any]
     poison: dict[str, Any]
+    retry: RetryProbe | None = None
+    slow: SlowProbe | None = None
+    flood: FloodProbe | None = None
+
+
+class AttemptLog(_Model):
+    """`<field>`: a list of objects, one per settled attempt, with its start and finish
+    (ISO 8601 timestamps of one clock) and outcome; `done` is the outcome of a success."""
+
+    field: JsonField
+    started_field: JsonField
+    finished_field: JsonField
+    outcome_field: JsonField
+    done: str = Field(min_length=1)
 
 
 class Recognise(_Model):
@@ -240,6 +288,8 @@ class Recognise(_Model):
     result_field: JsonField
     done: str = Field(min_length=1)  # the status value of a job done
     dead: str = Field(min_length=1)  # the status value of a job in the dead-letter table
+    # The job state's list of settled attempts (oldest first); needed by the timing checks.
+    attempt_log: AttemptLog | None = None
 
 
 class KeyedTable(_Model):
@@ -522,6 +572,15 @@ def load_contract(spec: ProductSpec) -> Contract:
             found.append(
                 (("endpoints", endpoint_path), "not an endpoint of the spec (product.yaml)")
             )
+    retry, first = contract.worker.probes.retry, spec.queues.ordered[0]
+    if retry is not None and retry.fails >= first.max_attempts:
+        found.append(
+            (
+                ("worker", "probes", "retry", "fails"),
+                f"{retry.fails} failures leave no attempt to succeed: queue {first.name!r} "
+                f"has max_attempts {first.max_attempts} (product.yaml)",
+            )
+        )
     _raise_found(path, text, "product contract", found)
     return contract
 

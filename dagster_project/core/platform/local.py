@@ -661,6 +661,18 @@ class LocalPlatform:
                 )
         return found
 
+    def kill_worker(self, env: str) -> int:
+        """SIGKILL the serving stable worker of env (a crash drill: supervisord restarts it
+        with the same command line); returns the pid killed. Raises when none is running."""
+        import signal
+
+        check_env(env)
+        for proc in self.state.processes(env, track="stable", role="worker", status="serving"):
+            if proc.pid and proc.info is not None and proc.info.running:
+                os.kill(proc.pid, signal.SIGKILL)
+                return proc.pid
+        raise RuntimeError(f"no running stable worker serving {env} of {self.product}")
+
     # -- edge operations -----------------------------------------------------------------
 
     def _edge_call(
