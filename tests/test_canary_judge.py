@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from dagster_project.core.canary.analysis import StepAction, config_for_step, st
 from dagster_project.core.canary.judge import (
     METRICS,
     METRICS_SOURCE,
+    WORKER_METRICS,
     JudgeConfig,
     SideWindow,
     Verdict,
@@ -26,8 +28,14 @@ PRODUCT = "4pnihc40q-yj"
 
 
 @pytest.fixture(scope="module")
-def config() -> JudgeConfig:
+def full_config() -> JudgeConfig:
     return JudgeConfig.from_spec(load_spec(PRODUCT))
+
+
+@pytest.fixture(scope="module")
+def config(full_config: JudgeConfig) -> JudgeConfig:
+    """The API's metrics alone (the workers have their own tests below)."""
+    return replace(full_config, judge_workers=False)
 
 
 def latencies(
@@ -268,3 +276,93 @@ def test_first_release_is_judged_on_absolute_slos_and_never_passes_without_data(
     assert by_metric(slow)["p99_latency"].verdict == Verdict.FAIL  # type: ignore[attr-defined]
     assert judge_absolute(side(rng, 10, 0.0), config).verdict == Verdict.INCONCLUSIVE
     assert judge_absolute(SideWindow(None, None, None), config).verdict == Verdict.INCONCLUSIVE
+
+
+# ------------------------------------------------------------------------- the workers
+
+
+def workers(
+    rng: np.random.Generator,
+    jobs: int,
+    failure_rate: float = 0.0,
+    dead: int = 0,
+    median_ms: float = 40.0,
+    extra_ms: float = 0.0,
+) -> dict[str, object]:
+    failed = int(rng.binomial(jobs, failure_rate)) if failure_rate else 0
+    done = jobs - failed
+    return {
+        "jobs": jobs,
+        "job_failures": failed,
+        "job_latencies_ms": latencies(rng, done, median_ms, extra_ms),
+        "dead_letters": dead,
+    }
+
+
+def full_side(rng: np.random.Generator, n: int, **worker: float) -> SideWindow:
+    api = side(rng, n, 0.002)
+    return replace(api, **workers(rng, **worker))  # type: ignore[arg-type]
+
+
+def test_spec_configs_judge_the_workers(full_config: JudgeConfig) -> None:
+    assert full_config.judge_workers
+    assert full_config.max_job_failure_rate_increase == 0.01
+    assert full_config.max_job_latency_shift_ratio == 1.5
+    assert full_config.max_dead_letters == 0
+    assert full_config.min_jobs_per_side == 8
+
+
+@pytest.mark.parametrize(
+    ("baseline", "canary", "metric", "verdict"),
+    [
+        # healthy workers on both sides
+        ({"jobs": 400}, {"jobs": 60}, "job_failure_rate", Verdict.PASS),
+        ({"jobs": 400}, {"jobs": 60}, "job_latency_shift", Verdict.PASS),
+        ({"jobs": 400}, {"jobs": 60}, "dead_letters", Verdict.PASS),
+        # every canary job fails (fail_jobs_matching): failure rate and dead letters fail
+        ({"jobs": 400}, {"jobs": 60, "failure_rate": 1.0}, "job_failure_rate", Verdict.FAIL),
+        ({"jobs": 400}, {"jobs": 60, "failure_rate": 1.0, "dead": 15}, "dead_letters",
+         Verdict.FAIL),
+        # slow jobs (job_latency_ms=500)
+        ({"jobs": 400}, {"jobs": 60, "extra_ms": 500.0}, "job_latency_shift", Verdict.FAIL),
+        # a shift within the allowance (x1.5) never fails
+        ({"jobs": 400}, {"jobs": 60, "median_ms": 48.0}, "job_latency_shift", Verdict.PASS),
+        # one dead letter is already too many by default, whatever the sample
+        ({"jobs": 400}, {"jobs": 3, "dead": 1}, "dead_letters", Verdict.FAIL),
+        # too few canary jobs: never a pass
+        ({"jobs": 400}, {"jobs": 5}, "job_failure_rate", Verdict.INCONCLUSIVE),
+        ({"jobs": 400}, {"jobs": 5}, "job_latency_shift", Verdict.INCONCLUSIVE),
+        ({"jobs": 400}, {"jobs": 5}, "dead_letters", Verdict.INCONCLUSIVE),
+        ({"jobs": 0}, {"jobs": 60}, "job_failure_rate", Verdict.INCONCLUSIVE),
+    ],
+)  # fmt: skip
+def test_worker_metrics(
+    full_config: JudgeConfig,
+    baseline: dict[str, float],
+    canary: dict[str, float],
+    metric: str,
+    verdict: Verdict,
+) -> None:
+    rng = np.random.default_rng(7)
+    judgement = judge(full_side(rng, 2000, **baseline), full_side(rng, 400, **canary), full_config)
+    row = by_metric(judgement)[metric]
+    assert row.verdict == verdict, row  # type: ignore[attr-defined]
+    if verdict != Verdict.PASS:
+        assert judgement.verdict != Verdict.PASS
+        assert any(r.startswith(f"{metric}: ") for r in judgement.reasons)
+
+
+def test_missing_worker_metrics_are_never_a_pass(full_config: JudgeConfig) -> None:
+    rng = np.random.default_rng(3)
+    api_only = side(rng, 2000, 0.002), side(rng, 400, 0.002)
+    judgement = judge(*api_only, full_config)
+    rows = by_metric(judgement)
+    assert set(WORKER_METRICS) <= set(rows)
+    for metric in WORKER_METRICS:
+        assert rows[metric].verdict == Verdict.INCONCLUSIVE, rows[metric]  # type: ignore[attr-defined]
+    assert judgement.verdict == Verdict.INCONCLUSIVE
+
+
+def test_unavailable_metrics_list_the_worker_metrics_too() -> None:
+    rows = {m.metric for m in metrics_unavailable(["boom"], 3).metrics}
+    assert set(METRICS) | set(WORKER_METRICS) | {METRICS_SOURCE} == rows

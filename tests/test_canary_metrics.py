@@ -29,6 +29,7 @@ from dagster_project.core.canary.metrics import (
     MetricsUnavailable,
     PrometheusSource,
     TrackSnapshot,
+    WorkerTotals,
     parse_exposition,
     samples_from_buckets,
 )
@@ -295,3 +296,64 @@ def test_prometheus_unreachable_is_named() -> None:
     with pytest.raises(MetricsUnavailable, match=re.escape(f"{url}/api/v1/query")):
         PrometheusSource(url, attempts=2).snapshot("canary")
     assert httpx.URL(url).host == "127.0.0.1"
+
+
+# ------------------------------------------------------------------------ worker metrics
+
+
+class WorkerExposition:
+    """The worker's metric names (products/*/service/worker.py) on a real HTTP endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("version", "track", "queue")
+        self.attempts = Counter(
+            "worker_job_attempts", "a", (*labels, "outcome"), registry=self.registry
+        )
+        self.dead = Counter("worker_dead_letters", "d", labels, registry=self.registry)
+        self.latency = Histogram(
+            "worker_job_latency_seconds", "l", labels, buckets=BUCKETS_S, registry=self.registry
+        )
+        self.port = free_port()
+        self.server, self.thread = start_http_server(self.port, "127.0.0.1", self.registry)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def settle(self, track: str, outcome: str, seconds: float = 0.0, n: int = 1) -> None:
+        for _ in range(n):
+            self.attempts.labels("1.0.0", track, "high", outcome).inc()
+            if outcome == "dead":
+                self.dead.labels("1.0.0", track, "high").inc()
+            if outcome == "done":
+                self.latency.labels("1.0.0", track, "high").observe(seconds)
+
+
+def test_local_scrape_adds_the_tracks_worker(exposition: ExpositionServer) -> None:
+    worker = WorkerExposition()
+    try:
+        source = LocalScrapeSource({"canary": exposition.url}, worker_urls={"canary": worker.url})
+        start = source.snapshot("canary")
+        assert start.workers == WorkerTotals(0.0, 0.0, 0.0, start.workers.buckets)  # type: ignore[union-attr]
+        worker.settle("canary", "done", 0.03, n=6)
+        worker.settle("canary", "retry", n=3)
+        worker.settle("canary", "dead", n=1)
+        worker.settle("stable", "dead", n=9)  # another track's worker
+        side = source.snapshot("canary").since(start).side()
+        assert (side.jobs, side.job_failures, side.dead_letters) == (10, 4, 1)
+        assert side.job_latencies_ms == [35.0] * 6  # (20, 50] ms
+        # No worker URL for a track the source was asked about: an error naming it.
+        with pytest.raises(MetricsUnavailable, match="no worker metrics URL for track 'stable'"):
+            LocalScrapeSource(
+                {"stable": exposition.url}, worker_urls={"canary": worker.url}
+            ).snapshot("stable")
+    finally:
+        worker.server.shutdown()
+        worker.server.server_close()
+
+
+def test_worker_counters_going_backwards_are_an_error() -> None:
+    later = TrackSnapshot("canary", 2.0, 10, 0, workers=WorkerTotals(3, 0, 0))
+    earlier = TrackSnapshot("canary", 1.0, 5, 0, workers=WorkerTotals(9, 1, 0))
+    with pytest.raises(MetricsUnavailable, match="worker counters went backwards"):
+        later.since(earlier)
+    # Without worker totals on either side the window simply has none (judged missing).
+    assert TrackSnapshot("canary", 2.0, 10, 0).since(earlier).workers is None

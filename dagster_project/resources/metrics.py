@@ -24,8 +24,16 @@ class MetricsResource(dg.ConfigurableResource):
         if self.kind == "prometheus":
             if not self.prometheus_url:
                 raise ValueError("metrics kind 'prometheus' needs RELEASE_PROMETHEUS_URL")
-            instances = {track: url.removeprefix("http://") for track, url in api_urls.items()}
-            return metrics.PrometheusSource(self.prometheus_url, instances=instances)
+
+            def hosts(urls: dict[str, str]) -> dict[str, str]:
+                return {track: url.removeprefix("http://") for track, url in urls.items()}
+
+            # The workers' scrape targets come from the platform; without it the worker
+            # metrics are missing, which the judge never passes.
+            workers = platform.worker_metrics_urls(env) if platform and env else {}
+            return metrics.PrometheusSource(
+                self.prometheus_url, instances=hosts(api_urls), worker_instances=hosts(workers)
+            )
         if platform is not None and env is not None:
             return platform.metrics_source(env)
         return metrics.LocalScrapeSource(api_urls)

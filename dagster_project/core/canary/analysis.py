@@ -212,7 +212,10 @@ def run_canary(
     if bake_scale <= 0:
         raise ValueError(f"bake_scale must be > 0, got {bake_scale}")
     config = judge_config or JudgeConfig.from_spec(spec)
-    source = metrics or LocalScrapeSource(platform.api_urls(env))
+    worker_urls = getattr(platform, "worker_metrics_urls", None)
+    source = metrics or LocalScrapeSource(
+        platform.api_urls(env), worker_urls=worker_urls(env) if worker_urls else None
+    )
     emit = on_event or (lambda event: None)
     version = getattr(artifact, "version", None)
     report = CanaryReport(product=spec.product, env=env, version=version)

@@ -11,6 +11,17 @@ Per window it decides four metrics, each `pass | fail | inconclusive`:
 - `p99_latency` (absolute): binomial test, more than 1% of canary requests slower than
   `slos.p99_latency_ms_max` (p99 <= max  <=>  P(latency > max) <= 1%).
 
+With `JudgeConfig.judge_workers` (every spec-built config), the workers are judged beside the
+API with the same statistics, minimum sample (`canary.min_jobs_per_side`) and fail-closed
+rules:
+
+- `job_failure_rate` (relative): failed attempts over attempts, two-proportion as
+  `error_rate`, allowance `slos.max_job_failure_rate_increase`.
+- `job_latency_shift` (relative): enqueue-to-done, Mann-Whitney as `latency_shift`,
+  allowance `slos.max_job_latency_shift_ratio`.
+- `dead_letters` (absolute): dead-letter additions by the canary's workers above
+  `slos.max_dead_letters` fail at once (healthy traffic adds none).
+
 All tests are one-sided ("canary worse").
 
 Each test has two levels. `p < alpha_fail` (with the effect above its allowance) fails.
@@ -28,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +54,7 @@ class Verdict(StrEnum):
 
 
 METRICS = ("error_rate", "success_rate", "latency_shift", "p99_latency")
+WORKER_METRICS = ("job_failure_rate", "job_latency_shift", "dead_letters")
 METRICS_SOURCE = "metrics_source"  # the extra row when the metric source itself fails
 
 
@@ -53,6 +65,16 @@ class SideWindow:
     requests: float | None
     errors: float | None
     latencies_ms: Sequence[float] | None = None
+    # The track's workers: attempts, failed attempts, enqueue-to-done of jobs done, dead
+    # letters added.
+    jobs: float | None = None
+    job_failures: float | None = None
+    job_latencies_ms: Sequence[float] | None = None
+    dead_letters: float | None = None
+
+    def worker_side(self) -> SideWindow:
+        """The workers' numbers in the API's shape, so the same tests judge them."""
+        return SideWindow(self.jobs, self.job_failures, self.job_latencies_ms)
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,12 @@ class JudgeConfig:
     p99_latency_ms_max: float
     min_requests_per_side: int
     min_latency_samples: int
+    # The workers (see the module docstring); off only in pure tests of the API metrics.
+    judge_workers: bool = False
+    max_job_failure_rate_increase: float = 0.01
+    max_job_latency_shift_ratio: float = 1.5
+    max_dead_letters: int = 0
+    min_jobs_per_side: int = 8
     # Significance levels; see the module docstring and the accuracy benchmark.
     alpha_fail: float = 0.001
     alpha_suspect: float = 0.1
@@ -79,6 +107,11 @@ class JudgeConfig:
             "p99_latency_ms_max": spec.slos.p99_latency_ms_max,
             "min_requests_per_side": spec.canary.min_requests_per_side,
             "min_latency_samples": max(50, spec.canary.min_latency_samples),
+            "judge_workers": True,
+            "max_job_failure_rate_increase": spec.slos.max_job_failure_rate_increase,
+            "max_job_latency_shift_ratio": spec.slos.max_job_latency_shift_ratio,
+            "max_dead_letters": spec.slos.max_dead_letters,
+            "min_jobs_per_side": spec.canary.min_jobs_per_side,
         }
         values.update(overrides)
         return cls(**values)
@@ -139,12 +172,14 @@ def overall_verdict(verdicts: Any) -> Verdict:
 
 def judge(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -> Judgement:
     """Judge one window: canary against baseline, plus the canary's absolute SLOs."""
+    workers = _worker_metrics(baseline, canary, config) if config.judge_workers else ()
     return Judgement(
         metrics=(
             _error_rate(baseline, canary, config),
             _success_rate(canary, config),
             _latency_shift(baseline, canary, config),
             _p99_latency(canary, config),
+            *workers,
         ),
         baseline_requests=baseline.requests,
         canary_requests=canary.requests,
@@ -154,11 +189,59 @@ def judge(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -> Judg
 def judge_absolute(canary: SideWindow, config: JudgeConfig) -> Judgement:
     """The first release of a product has no stable baseline to compare with: only the
     absolute SLOs are judged (with the same minimum sample, so no data is still no pass)."""
+    workers = (_dead_letters(canary, config),) if config.judge_workers else ()
     return Judgement(
-        metrics=(_success_rate(canary, config), _p99_latency(canary, config)),
+        metrics=(_success_rate(canary, config), _p99_latency(canary, config), *workers),
         baseline_requests=None,
         canary_requests=canary.requests,
     )
+
+
+def _worker_metrics(
+    baseline: SideWindow, canary: SideWindow, config: JudgeConfig
+) -> tuple[MetricResult, ...]:
+    jobs = replace(
+        config,
+        max_error_rate_increase=config.max_job_failure_rate_increase,
+        max_latency_shift_ratio=config.max_job_latency_shift_ratio,
+        min_requests_per_side=config.min_jobs_per_side,
+        min_latency_samples=config.min_jobs_per_side,
+    )
+    b, c = baseline.worker_side(), canary.worker_side()
+    return (
+        _error_rate(b, c, jobs, metric="job_failure_rate", noun="job failure rate", unit="jobs"),
+        _latency_shift(b, c, jobs, metric="job_latency_shift", unit="jobs done"),
+        _dead_letters(canary, config),
+    )
+
+
+def _dead_letters(canary: SideWindow, config: JudgeConfig) -> MetricResult:
+    """Absolute: dead letters from the canary's workers above the allowance fail at once;
+    with fewer attempts than the minimum sample and none dead, not yet a pass."""
+    limit = config.max_dead_letters
+    threshold = f"<= {limit}"
+    if canary.dead_letters is None or canary.jobs is None:
+        return MetricResult(
+            "dead_letters", None, None, threshold, None, Verdict.INCONCLUSIVE,
+            "canary: worker metric missing",
+        )  # fmt: skip
+    if not (math.isfinite(canary.dead_letters) and math.isfinite(canary.jobs)):
+        return MetricResult(
+            "dead_letters", None, None, threshold, None, Verdict.INCONCLUSIVE,
+            "canary: worker metric is NaN/inf",
+        )  # fmt: skip
+    dead, jobs = round(canary.dead_letters), round(canary.jobs)
+    if dead > limit:
+        verdict, reason = (
+            Verdict.FAIL,
+            f"{dead} job(s) dead-lettered by the canary (allowed {limit})",
+        )
+    elif jobs < config.min_jobs_per_side:
+        verdict = Verdict.INCONCLUSIVE
+        reason = f"below minimum sample: canary {jobs} < {config.min_jobs_per_side} job attempts"
+    else:
+        verdict, reason = Verdict.PASS, f"{dead} dead-lettered in {jobs} attempts (allowed {limit})"
+    return MetricResult("dead_letters", None, float(dead), threshold, None, verdict, reason)
 
 
 def metrics_unavailable(errors: Sequence[str], limit: int) -> Judgement:
@@ -174,7 +257,7 @@ def metrics_unavailable(errors: Sequence[str], limit: int) -> Judgement:
             Verdict.INCONCLUSIVE,
             "no data: the metrics source did not answer",
         )
-        for m in METRICS
+        for m in (*METRICS, *WORKER_METRICS)
     ]
     rows.append(
         MetricResult(
@@ -222,7 +305,15 @@ def _grade(p_value: float, effect_above_allowance: bool, config: JudgeConfig) ->
     return Verdict.PASS
 
 
-def _error_rate(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -> MetricResult:
+def _error_rate(
+    baseline: SideWindow,
+    canary: SideWindow,
+    config: JudgeConfig,
+    *,
+    metric: str = "error_rate",
+    noun: str = "error rate",
+    unit: str = "requests",
+) -> MetricResult:
     allowance = config.max_error_rate_increase
     threshold = f"<= baseline + {allowance:g}"
     b, c = _counts(baseline), _counts(canary)
@@ -230,15 +321,13 @@ def _error_rate(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -
         why = "; ".join(
             f"{name}: {r}" for name, r in (("baseline", b), ("canary", c)) if isinstance(r, str)
         )
-        return MetricResult("error_rate", None, None, threshold, None, Verdict.INCONCLUSIVE, why)
+        return MetricResult(metric, None, None, threshold, None, Verdict.INCONCLUSIVE, why)
     (nb, eb), (nc, ec) = b, c
     rate_b = eb / nb if nb else None
     rate_c = ec / nc if nc else None
-    short = _below_minimum(nb, nc, config.min_requests_per_side, "requests")
+    short = _below_minimum(nb, nc, config.min_requests_per_side, unit)
     if short:
-        return MetricResult(
-            "error_rate", rate_b, rate_c, threshold, None, Verdict.INCONCLUSIVE, short
-        )
+        return MetricResult(metric, rate_b, rate_c, threshold, None, Verdict.INCONCLUSIVE, short)
     assert rate_b is not None and rate_c is not None
     # Failing outright needs Fisher's exact test (strong evidence even from a handful of
     # errors); suspicion, which only extends the sampling, uses the more sensitive z-test.
@@ -256,11 +345,11 @@ def _error_rate(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -
     else:
         verdict = Verdict.PASS
     reason = {
-        Verdict.FAIL: f"error rate up {increase:+.4f} (allowed {allowance:g}), significant",
-        Verdict.INCONCLUSIVE: f"error rate up {increase:+.4f}, not yet significant: need more data",
+        Verdict.FAIL: f"{noun} up {increase:+.4f} (allowed {allowance:g}), significant",
+        Verdict.INCONCLUSIVE: f"{noun} up {increase:+.4f}, not yet significant: need more data",
         Verdict.PASS: f"no significant increase beyond {allowance:g} ({increase:+.4f})",
     }[verdict]
-    return MetricResult("error_rate", rate_b, rate_c, threshold, p_value, verdict, reason)
+    return MetricResult(metric, rate_b, rate_c, threshold, p_value, verdict, reason)
 
 
 def _adjusted_wald_p_value(eb: int, nb: int, ec: int, nc: int) -> float:
@@ -322,7 +411,14 @@ def _success_rate(canary: SideWindow, config: JudgeConfig) -> MetricResult:
     return MetricResult("success_rate", None, rate, threshold, p_value, verdict, reason)
 
 
-def _latency_shift(baseline: SideWindow, canary: SideWindow, config: JudgeConfig) -> MetricResult:
+def _latency_shift(
+    baseline: SideWindow,
+    canary: SideWindow,
+    config: JudgeConfig,
+    *,
+    metric: str = "latency_shift",
+    unit: str = "latency samples",
+) -> MetricResult:
     import numpy as np
     from scipy.stats import mannwhitneyu
 
@@ -333,13 +429,13 @@ def _latency_shift(baseline: SideWindow, canary: SideWindow, config: JudgeConfig
         why = "; ".join(
             f"{name}: {r}" for name, r in (("baseline", b), ("canary", c)) if isinstance(r, str)
         )
-        return MetricResult("latency_shift", None, None, threshold, None, Verdict.INCONCLUSIVE, why)
+        return MetricResult(metric, None, None, threshold, None, Verdict.INCONCLUSIVE, why)
     median_b = float(np.median(b)) if b.size else None
     median_c = float(np.median(c)) if c.size else None
-    short = _below_minimum(b.size, c.size, config.min_latency_samples, "latency samples")
+    short = _below_minimum(b.size, c.size, config.min_latency_samples, unit)
     if short:
         return MetricResult(
-            "latency_shift", median_b, median_c, threshold, None, Verdict.INCONCLUSIVE, short
+            metric, median_b, median_c, threshold, None, Verdict.INCONCLUSIVE, short
         )
     assert median_b is not None and median_c is not None
     # Effect-size allowance: the canary must be stochastically greater than the baseline
@@ -353,7 +449,7 @@ def _latency_shift(baseline: SideWindow, canary: SideWindow, config: JudgeConfig
         f"(median x{shift:.2f}): need more data",
         Verdict.PASS: f"no significant shift beyond {ratio:g}x (median x{shift:.2f})",
     }[verdict]
-    return MetricResult("latency_shift", median_b, median_c, threshold, p_value, verdict, reason)
+    return MetricResult(metric, median_b, median_c, threshold, p_value, verdict, reason)
 
 
 def _p99_latency(canary: SideWindow, config: JudgeConfig) -> MetricResult:

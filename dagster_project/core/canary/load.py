@@ -8,6 +8,9 @@
 - Bounds: loopback URLs only; at most `max_seconds` and `max_requests`; at most `concurrency`
   requests in flight (a request that cannot start because all are busy is counted as
   `skipped`, never queued without limit).
+- Jobs: with a `JobTarget`, a share of the requests (the spec's `canary.job_share`) are
+  `POST`s enqueueing the contract's `ok` probe job (keys `canary-load-<run>-<n>`, queues in
+  turn), so the canary's workers take their weight's share of production jobs.
 - Records per request: time, path, status, latency, X-Track and X-Cache of the response.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import secrets
 import threading
 import time
 from collections import Counter
@@ -39,6 +43,27 @@ class Target:
     path: str
     weight: int
     unique_query: bool  # dynamic endpoints: bypass the edge cache with ?lg=<n>
+
+
+@dataclass(frozen=True)
+class JobTarget:
+    """How to enqueue one job (the product contract's `worker.enqueue` and `ok` probe)."""
+
+    path: str
+    key_field: str
+    queue_field: str
+    payload_field: str
+    payload: dict[str, Any]
+    queues: tuple[str, ...]
+    share: float  # of all requests
+    key_prefix: str = "canary-load"
+
+    def body(self, run: str, n: int) -> dict[str, Any]:
+        return {
+            self.key_field: f"{self.key_prefix}-{run}-{n}",
+            self.queue_field: self.queues[n % len(self.queues)],
+            self.payload_field: self.payload,
+        }
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,7 @@ class LoadGenerator:
         concurrency: int = 16,
         timeout_s: float = 5.0,
         seed: int | None = None,
+        jobs: JobTarget | None = None,
     ) -> None:
         self.base_url = require_loopback(base_url)
         if not targets or not any(t.weight > 0 for t in targets):
@@ -99,6 +125,10 @@ class LoadGenerator:
         self.max_requests = max_requests if max_requests is not None else int(rps * max_seconds)
         self.concurrency = concurrency
         self.timeout_s = timeout_s
+        if jobs is not None and not (0 < jobs.share <= 1 and jobs.queues):
+            raise LoadRefused(f"load jobs: share must be in (0, 1] with a queue, got {jobs}")
+        self.jobs = jobs
+        self.run_token = secrets.token_hex(4)  # job keys are unique per generator
         self._random = random.Random(seed)
         self._records: list[RequestRecord] = []
         self._lock = threading.Lock()
@@ -117,6 +147,17 @@ class LoadGenerator:
             Target(e.path, e.load_weight, unique_query=spec.ttl_classes[e.ttl_class] == shortest)
             for e in spec.endpoints
         ]
+        worker = spec.contract.worker
+        jobs = JobTarget(
+            path=worker.enqueue.path,
+            key_field=worker.enqueue.key_field,
+            queue_field=worker.enqueue.queue_field,
+            payload_field=worker.enqueue.payload_field,
+            payload=dict(worker.probes.ok),
+            queues=tuple(q.name for q in spec.queues.ordered),
+            share=spec.canary.job_share,
+        )
+        kwargs.setdefault("jobs", jobs)
         return cls(base_url, targets, rps=kwargs.pop("rps", spec.canary.load_rps), **kwargs)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -193,6 +234,10 @@ class LoadGenerator:
                     self._skipped += 1
                     continue
                 self._sent += 1
+                if self.jobs is not None and self._random.random() < self.jobs.share:
+                    body = self.jobs.body(self.run_token, self._sent)
+                    pool.submit(self._send, client, self.jobs.path, in_flight, body)
+                    continue
                 path = self._next_path(self._sent)
                 pool.submit(self._send, client, path, in_flight)
         self._stopped_at = time.monotonic()
@@ -201,10 +246,19 @@ class LoadGenerator:
         target = self._random.choices(self.targets, weights=[t.weight for t in self.targets])[0]
         return f"{target.path}?lg={n}" if target.unique_query else target.path
 
-    def _send(self, client: httpx.Client, path: str, in_flight: threading.BoundedSemaphore) -> None:
+    def _send(
+        self,
+        client: httpx.Client,
+        path: str,
+        in_flight: threading.BoundedSemaphore,
+        job: dict[str, Any] | None = None,
+    ) -> None:
         began = time.monotonic()
         try:
-            response = client.get(self.base_url + path)
+            if job is None:
+                response = client.get(self.base_url + path)
+            else:
+                response = client.post(self.base_url + path, json=job)
             record = RequestRecord(
                 t=began - self._started_at,
                 path=path.split("?")[0],

@@ -15,6 +15,12 @@ uses (0, hi]; the +Inf bucket uses its finite lower bound. The error is at most 
 width per sample, which the dense buckets of the service keep small; tests of shift (ranks)
 and of "slower than X" (X on a bucket bound) are unaffected beyond that.
 
+Worker metrics ride along in the same snapshot when the source knows each track's worker
+(`worker_urls` / `worker_instances`): attempts and failed attempts (`retry` and `dead`
+outcomes), dead-letter additions and the enqueue-to-done histogram, from the worker's own
+/metrics (`WORKER_*` names below, labelled with the track). A track without them gets `None`
+worker fields, which the judge treats as missing data (inconclusive), never as zero.
+
 Errors (connection refused, timeouts, bad payloads, counters going backwards) are retried with
 tenacity, then raised as `MetricsUnavailable` naming the endpoint; the caller counts
 consecutive failures and fails closed. Nothing is ever silently dropped.
@@ -25,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import httpx
@@ -35,6 +41,10 @@ from dagster_project.core.canary.judge import SideWindow
 
 REQUESTS_METRIC = "http_requests_total"
 DURATION_METRIC = "http_request_duration_seconds"
+WORKER_ATTEMPTS_METRIC = "worker_job_attempts_total"  # label outcome: done | retry | dead
+WORKER_LATENCY_METRIC = "worker_job_latency_seconds"  # enqueue to done
+WORKER_DEAD_LETTERS_METRIC = "worker_dead_letters_total"
+FAILED_OUTCOMES = ("retry", "dead")
 # Probes and scrapes are not user traffic; they would dilute error rates and latencies.
 DEFAULT_EXCLUDED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
@@ -54,6 +64,7 @@ class TrackSnapshot:
     # upper bound in seconds (math.inf for +Inf) -> cumulative count
     buckets: Mapping[float, float] = field(default_factory=dict)
     versions: tuple[str, ...] = ()
+    workers: WorkerTotals | None = None  # None: the source does not know this track's worker
 
     def since(self, earlier: TrackSnapshot) -> TrackWindow:
         """The window between `earlier` and this snapshot."""
@@ -61,22 +72,63 @@ class TrackSnapshot:
             raise ValueError(f"cannot subtract track {earlier.track!r} from {self.track!r}")
         requests = self.requests - earlier.requests
         errors = self.errors - earlier.errors
-        bounds = sorted(set(self.buckets) | set(earlier.buckets))
-        cumulative = [self.buckets.get(b, 0.0) - earlier.buckets.get(b, 0.0) for b in bounds]
+        bounds, cumulative = _bucket_deltas(self.buckets, earlier.buckets)
         if requests < 0 or errors < 0 or any(c < 0 for c in cumulative):
             raise MetricsUnavailable(
                 f"track {self.track!r}: counters went backwards between snapshots "
                 "(the API process restarted?); the window cannot be computed"
             )
+        workers = None
+        if self.workers is not None and earlier.workers is not None:
+            workers = self.workers.since(earlier.workers, self.track)
         return TrackWindow(
             track=self.track,
             seconds=self.taken_at - earlier.taken_at,
             requests=requests,
             errors=errors,
-            bucket_bounds=tuple(bounds),
-            bucket_cumulative=tuple(cumulative),
+            bucket_bounds=bounds,
+            bucket_cumulative=cumulative,
             versions=self.versions,
+            workers=workers,
         )
+
+
+@dataclass(frozen=True)
+class WorkerTotals:
+    """Cumulative worker counters of one track (or, from `since`, their window)."""
+
+    attempts: float
+    failed_attempts: float
+    dead_letters: float
+    # upper bound in seconds -> cumulative count of jobs done (enqueue to done)
+    buckets: Mapping[float, float] = field(default_factory=dict)
+
+    def since(self, earlier: WorkerTotals, track: str) -> WorkerTotals:
+        bounds, cumulative = _bucket_deltas(self.buckets, earlier.buckets)
+        window = WorkerTotals(
+            self.attempts - earlier.attempts,
+            self.failed_attempts - earlier.failed_attempts,
+            self.dead_letters - earlier.dead_letters,
+            dict(zip(bounds, cumulative, strict=True)),
+        )
+        if min(window.attempts, window.failed_attempts, window.dead_letters, *cumulative, 0) < 0:
+            raise MetricsUnavailable(
+                f"track {track!r}: worker counters went backwards between snapshots "
+                "(the worker restarted?); the window cannot be computed"
+            )
+        return window
+
+    @property
+    def latency_samples_ms(self) -> list[float]:
+        bounds = tuple(sorted(self.buckets))
+        return samples_from_buckets(bounds, tuple(self.buckets[b] for b in bounds))
+
+
+def _bucket_deltas(
+    later: Mapping[float, float], earlier: Mapping[float, float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    bounds = tuple(sorted(set(later) | set(earlier)))
+    return bounds, tuple(later.get(b, 0.0) - earlier.get(b, 0.0) for b in bounds)
 
 
 @dataclass(frozen=True)
@@ -90,13 +142,24 @@ class TrackWindow:
     bucket_bounds: tuple[float, ...]  # seconds, ascending, may end with inf
     bucket_cumulative: tuple[float, ...]
     versions: tuple[str, ...] = ()
+    workers: WorkerTotals | None = None
 
     @property
     def latency_samples_ms(self) -> list[float]:
         return samples_from_buckets(self.bucket_bounds, self.bucket_cumulative)
 
     def side(self) -> SideWindow:
-        return SideWindow(self.requests, self.errors, self.latency_samples_ms)
+        if self.workers is None:
+            return SideWindow(self.requests, self.errors, self.latency_samples_ms)
+        return SideWindow(
+            self.requests,
+            self.errors,
+            self.latency_samples_ms,
+            jobs=self.workers.attempts,
+            job_failures=self.workers.failed_attempts,
+            job_latencies_ms=self.workers.latency_samples_ms,
+            dead_letters=self.workers.dead_letters,
+        )
 
     def quantile_ms(self, q: float) -> float | None:
         samples = self.latency_samples_ms
@@ -146,11 +209,14 @@ class LocalScrapeSource:
         self,
         api_urls: Mapping[str, str],
         *,
+        worker_urls: Mapping[str, str] | None = None,
         timeout_s: float = 2.0,
         attempts: int = 2,
         excluded_paths: frozenset[str] = DEFAULT_EXCLUDED_PATHS,
     ) -> None:
+        """`worker_urls`: per track, the worker's metrics URL; None: no worker metrics."""
         self.api_urls = dict(api_urls)
+        self.worker_urls = None if worker_urls is None else dict(worker_urls)
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.excluded_paths = excluded_paths
@@ -160,14 +226,25 @@ class LocalScrapeSource:
             raise MetricsUnavailable(
                 f"no API URL for track {track!r} (known: {sorted(self.api_urls)})"
             )
-        url = self.api_urls[track].rstrip("/") + "/metrics"
+        snapshot = parse_exposition(self._scrape(self.api_urls[track]), track, self.excluded_paths)
+        if self.worker_urls is None:
+            return snapshot
+        if track not in self.worker_urls:
+            raise MetricsUnavailable(
+                f"no worker metrics URL for track {track!r} (known: {sorted(self.worker_urls)})"
+            )
+        workers = parse_worker_exposition(self._scrape(self.worker_urls[track]), track)
+        return replace(snapshot, workers=workers)
+
+    def _scrape(self, base_url: str) -> str:
+        url = base_url.rstrip("/") + "/metrics"
         try:
             for attempt in _retrying(self.attempts):
                 with attempt:
                     response = httpx.get(url, timeout=self.timeout_s)
                     response.raise_for_status()
-                    return parse_exposition(response.text, track, self.excluded_paths)
-        except (httpx.HTTPError, ValueError, MetricsUnavailable) as exc:
+                    return response.text
+        except httpx.HTTPError as exc:
             raise MetricsUnavailable(
                 f"GET {url} failed after {self.attempts} attempts: {type(exc).__name__}: {exc}"
             ) from exc
@@ -208,6 +285,38 @@ def parse_exposition(
     )
 
 
+def parse_worker_exposition(text: str, track: str) -> WorkerTotals:
+    """Sum the worker metrics of `track` over queues and versions."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    attempts = failed = dead = 0.0
+    buckets: dict[float, float] = {}
+    found = False
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as exc:
+        raise MetricsUnavailable(f"track {track!r}: worker metrics unreadable: {exc}") from exc
+    for family in families:
+        found = found or family.name in (WORKER_ATTEMPTS_METRIC, "worker_job_attempts")
+        for sample in family.samples:
+            if sample.labels.get("track", track) != track:
+                continue
+            if sample.name == WORKER_ATTEMPTS_METRIC:
+                attempts += sample.value
+                if sample.labels.get("outcome") in FAILED_OUTCOMES:
+                    failed += sample.value
+            elif sample.name == WORKER_DEAD_LETTERS_METRIC:
+                dead += sample.value
+            elif sample.name == WORKER_LATENCY_METRIC + "_bucket":
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    if not found:
+        raise MetricsUnavailable(
+            f"track {track!r}: the worker's exposition has no {WORKER_ATTEMPTS_METRIC} metric"
+        )
+    return WorkerTotals(attempts, failed, dead, buckets)
+
+
 # ------------------------------------------------------------------------ Prometheus
 
 
@@ -220,16 +329,19 @@ class PrometheusSource:
         *,
         selector: str = "",
         instances: Mapping[str, str] | None = None,
+        worker_instances: Mapping[str, str] | None = None,
         timeout_s: float = 5.0,
         attempts: int = 3,
         excluded_paths: frozenset[str] = DEFAULT_EXCLUDED_PATHS,
     ) -> None:
         """`selector`: extra label matchers, e.g. `job="api-orders",env="production"`;
         `instances`: per track, the one scrape target (`host:port`) to count, so a process
-        that served the track before (and whose series are still fresh) is never added in."""
+        that served the track before (and whose series are still fresh) is never added in;
+        `worker_instances`: the same for the workers (None: no worker metrics)."""
         self.base_url = base_url.rstrip("/")
         self.selector = selector
         self.instances = dict(instances or {})
+        self.worker_instances = None if worker_instances is None else dict(worker_instances)
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.excluded_paths = excluded_paths
@@ -264,7 +376,37 @@ class PrometheusSource:
                 f"no scrape target for track {track!r} (known: {sorted(self.instances)})"
             )
         values = self._collect(self._queries(track, "{}"))
-        return TrackSnapshot(track, time.monotonic(), **values)
+        return TrackSnapshot(track, time.monotonic(), **values, workers=self._workers(track))
+
+    def _workers(self, track: str) -> WorkerTotals | None:
+        if self.worker_instances is None:
+            return None
+        if track not in self.worker_instances:
+            raise MetricsUnavailable(
+                f"no worker scrape target for track {track!r} "
+                f"(known: {sorted(self.worker_instances)})"
+            )
+        parts = [f'track="{track}"', f'instance="{self.worker_instances[track]}"']
+        if self.selector:
+            parts.append(self.selector)
+        match = ",".join(parts)
+        present = self._query(f"count({WORKER_ATTEMPTS_METRIC}{{{match}}})")
+        if not present:
+            # The worker exposes its counters from the start: no series means no scrape yet.
+            raise MetricsUnavailable(
+                f"track {track!r}: no {WORKER_ATTEMPTS_METRIC} series from the worker at "
+                f"{self.worker_instances[track]} yet"
+            )
+        failed = "|".join(FAILED_OUTCOMES)
+        buckets = self._query(f"sum by (le) ({WORKER_LATENCY_METRIC}_bucket{{{match}}})")
+        return WorkerTotals(
+            attempts=self._scalar(self._query(f"sum({WORKER_ATTEMPTS_METRIC}{{{match}}})")),
+            failed_attempts=self._scalar(
+                self._query(f'sum({WORKER_ATTEMPTS_METRIC}{{{match},outcome=~"{failed}"}})')
+            ),
+            dead_letters=self._scalar(self._query(f"sum({WORKER_DEAD_LETTERS_METRIC}{{{match}}})")),
+            buckets={float(r["metric"]["le"]): _value(r) for r in buckets},
+        )
 
     def window(self, track: str, seconds: float) -> TrackWindow:
         """The last `seconds` via `increase()` (Prometheus handles counter resets)."""

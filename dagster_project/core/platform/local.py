@@ -247,7 +247,7 @@ class LocalPlatform:
         rewrite it."""
         instance = self._prometheus()
         if instance.config_path.is_file():
-            instance.write_targets(env, self.state.processes(env, role="api", status="serving"))
+            instance.write_targets(env, self.state.processes(env, status="serving"))
 
     def prometheus_url(self) -> str:
         """Where this product's Prometheus answers; PlatformError when it does not run."""
@@ -268,13 +268,18 @@ class LocalPlatform:
         serving API of each track."""
         from dagster_project.core.canary import metrics
 
-        urls = self.api_urls(env)
+        urls, workers = self.api_urls(env), self.worker_metrics_urls(env)
         if edges.metrics_kind(self.spec, env) == "scrape":
-            return metrics.LocalScrapeSource(urls)
+            return metrics.LocalScrapeSource(urls, worker_urls=workers)
+
+        def hosts(by_track: dict[str, str]) -> dict[str, str]:
+            return {track: url.removeprefix("http://") for track, url in by_track.items()}
+
         return metrics.PrometheusSource(
             self.prometheus_url(),
             selector=f'product="{self.product}",env="{env}"',
-            instances={track: url.removeprefix("http://") for track, url in urls.items()},
+            instances=hosts(urls),
+            worker_instances=hosts(workers),
         )
 
     # -- supervision helpers -------------------------------------------------------------
@@ -410,6 +415,7 @@ class LocalPlatform:
         ready and the worker stays up; on failure remove them and raise. Callers hold the
         state lock, so `reap_orphans` never takes a release that is still starting."""
         port = processes.free_port()
+        metrics_port = processes.free_port()  # the worker's /metrics (the canary judges it)
         service_env = _child_env(
             {
                 "SERVICE_DATABASE_URL": database.server().dsn(self.database(env)),
@@ -422,6 +428,9 @@ class LocalPlatform:
                     if (deploy_dir / "product.yaml").is_file()
                     else self.spec.source_path
                 ),
+                # The API's fault drill endpoint (the staging smoke opens its circuit
+                # breaker with it); never on production.
+                "SERVICE_FAULT_INJECTION": "1" if env == "staging" else "0",
             }
         )
         service_dir = deploy_dir / self.spec.service_dir
@@ -441,6 +450,7 @@ class LocalPlatform:
             ],
             "worker": [sys.executable, str(service_dir / "worker.py")],
         }
+        ports: dict[Role, int] = {"api": port, "worker": metrics_port}
         suffix = secrets.token_hex(3)
         records: list[ProcessRecord] = []
         try:
@@ -454,7 +464,7 @@ class LocalPlatform:
                         role=role,
                         status="starting",
                         program=name,
-                        port=port if role == "api" else None,
+                        port=ports[role],
                         version=version,
                         artifact_sha=artifact_sha,
                         deploy_dir=str(deploy_dir),
@@ -462,9 +472,13 @@ class LocalPlatform:
                         command=shlex.join(argv),
                     )
                 )
-                self.supervisor.add_program(name, argv, env=service_env, cwd=deploy_dir)
+                program_env = service_env
+                if role == "worker":
+                    program_env = {**service_env, "SERVICE_METRICS_PORT": str(metrics_port)}
+                self.supervisor.add_program(name, argv, env=program_env, cwd=deploy_dir)
             api, worker = records
             self._wait_ready(api, f"{api.url}/readyz", f"api {version} of {env}/{track}")
+            self._wait_ready(worker, f"{worker.url}/metrics", f"worker {version} of {env}/{track}")
             self._wait_running(worker, f"worker {version} of {env}/{track}")
             self._note_ready(records)
         except BaseException:
@@ -744,10 +758,17 @@ class LocalPlatform:
         return str(self._require_up(env).edge_url)
 
     def api_urls(self, env: str) -> dict[str, str]:
+        return self._urls(env, "api")
+
+    def worker_metrics_urls(self, env: str) -> dict[str, str]:
+        """Per track, where the serving worker answers /metrics."""
+        return self._urls(env, "worker")
+
+    def _urls(self, env: str, role: Role) -> dict[str, str]:
         check_env(env)
         return {
             p.track: p.url
-            for p in self.state.processes(env, role="api", status="serving")
+            for p in self.state.processes(env, role=role, status="serving")
             if p.track and p.url
         }
 

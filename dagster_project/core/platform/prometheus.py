@@ -116,21 +116,22 @@ class PrometheusInstance:
             "--log.level=warn",
         ]
 
-    def write_targets(self, env: str, apis: Iterable[ProcessRecord]) -> Path:
-        """`targets/<env>.json`: every serving API of env, replaced atomically (Prometheus
-        watches the folder and drops a target's series as stale once it is gone)."""
+    def write_targets(self, env: str, serving: Iterable[ProcessRecord]) -> Path:
+        """`targets/<env>.json`: every serving API and worker of env (each answers /metrics
+        on its port), replaced atomically (Prometheus watches the folder and drops a
+        target's series as stale once it is gone)."""
         groups = [
             {
                 "targets": [f"127.0.0.1:{proc.port}"],
                 "labels": {
                     "product": self.product,
                     "env": env,
-                    "role": "api",
+                    "role": proc.role,
                     "program": str(proc.program or ""),
                 },
             }
-            for proc in apis
-            if proc.port
+            for proc in serving
+            if proc.port and proc.role in ("api", "worker")
         ]
         path = self.targets_dir / f"{env}.json"
         _write_atomic(path, json.dumps(groups, indent=2) + "\n")
