@@ -112,6 +112,13 @@ KNOBS: dict[str, Knob] = {
             1.0,
             31_536_000.0,
         ),
+        Knob(
+            "guardrails_off",
+            "number",
+            "1 switches off the API's own rate limit and circuit breaker (0: on)",
+            0.0,
+            1.0,
+        ),
     )
 }
 SETTING_KEYS: tuple[str, ...] = tuple(KNOBS)

@@ -31,6 +31,7 @@ string (`?smoke=<run id>`) so runs never see each other's cache entries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -45,7 +46,16 @@ from pydantic import TypeAdapter, ValidationError
 
 from dagster_project.core import database
 from dagster_project.core.contracts import SmokeReport, SmokeRow, SmokeSection
-from dagster_project.core.spec import CachePolicy, Endpoint, EndpointContract, ProductSpec, Queue
+from dagster_project.core.spec import (
+    CachePolicy,
+    CircuitBreaker,
+    Endpoint,
+    EndpointContract,
+    GuardrailsContract,
+    ProductSpec,
+    Queue,
+    RateLimit,
+)
 
 Section = SmokeSection
 SECTIONS: tuple[Section, ...] = ("smoke", "edge_cache", "worker_dlq")
@@ -288,12 +298,15 @@ def run_smoke(
     include_worker: bool = True,
     purge: bool = True,
     job_slack_seconds: float = JOB_DEADLINE_SLACK_SECONDS,
+    include_guardrails: bool = True,
 ) -> SmokeReport:
     """Run the smoke suite through `env`'s edge against the release `expected_version`.
 
     `purge=False` leaves the purge checks out of the edge_cache section (the MISS/HIT/TTL and
-    restricted-purge checks still run). Never raises for a failing environment: every problem
-    is a failed row.
+    restricted-purge checks still run). `include_guardrails` adds the guardrail rows to the
+    smoke section (rate limit and circuit breaker drill; staging only: the drill needs the
+    API's fault endpoint). Never raises for a failing environment: every problem is a failed
+    row.
     """
     sections: list[Section] = ["smoke"]
     if include_edge_cache:
@@ -333,6 +346,8 @@ def run_smoke(
             _edge_cache_section(run)
         if include_worker:
             _worker_section(run)
+        if include_guardrails:
+            _guardrail_checks(run)
     return report.model_copy(update={"finished_at": _now()})
 
 
@@ -347,6 +362,7 @@ def post_deploy_smoke(
         expected_version,
         include_edge_cache=False,
         include_worker=False,
+        include_guardrails=False,
     )
 
 
@@ -412,6 +428,287 @@ def _check_endpoint(run: _Run, endpoint: Endpoint) -> str:
 def _snippet(text: str, limit: int = 120) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- guardrails (rows of the smoke section, staging only) -------------------------------------
+
+# A rate-limit burst: at most this many requests, this many in flight.
+BURST_CONCURRENCY = 16
+BURST_MAX_SECONDS = 5.0
+# The breaker drill: how long each faulty database call waits before failing (an open breaker
+# must answer well before it), and the fault's lifetime (the API ends it even if we die).
+FAULT_DELAY_FACTOR = 3
+FAULT_MAX_SECONDS = 30.0
+BREAKER_RECOVERY_SLACK_SECONDS = 5.0
+MAX_RETRY_AFTER_SECONDS = 60
+
+
+def _guardrail_checks(run: _Run) -> None:
+    """The API's own guardrails through the edge: a burst over the rate limit answers 429 with
+    a valid Retry-After (never cached), another client is not throttled, the same request after
+    Retry-After passes; database faults open the circuit breaker (readyz not ready, data
+    requests 503 fast) and it closes after they end. No declaration is a failed row."""
+    guardrails = run.spec.guardrails
+    probes = run.spec.contract.guardrails
+    if guardrails is None or probes is None:
+        missing = "product.yaml 'guardrails'" if guardrails is None else "contract.yaml"
+        missing += "" if probes is not None or guardrails is None else " 'guardrails'"
+        run.record(
+            "smoke",
+            "guardrails: declared",
+            lambda: _guardrails_undeclared(
+                f"no guardrails to verify: {missing} is missing (a rate limit and a circuit "
+                "breaker are required)"
+            ),
+        )
+        return
+    limit = guardrails.rate_limit
+    client = f"smoke-{run.run_id}"
+    burst: dict[str, Any] = {}
+
+    def over_limit() -> str:
+        burst.update(_burst(run, probes.probe_path, probes.client_id_header, client, limit))
+        throttled = burst.get("throttled")
+        if throttled is None:
+            raise CheckFailed(
+                f"{burst['sent']} requests in {burst['seconds']:.2f}s to {probes.probe_path} as "
+                f"client {client!r}: no 429 (rate limit {limit.requests_per_second:g}/s, burst "
+                f"{limit.burst}; statuses {burst['statuses']})"
+            )
+        problems = _throttle_problems(throttled, limit.burst, burst["accepted"])
+        if problems:
+            raise CheckFailed(f"GET {throttled.url}: " + "; ".join(problems))
+        return (
+            f"429 after {burst['accepted']} accepted of {burst['sent']} in "
+            f"{burst['seconds']:.2f}s, Retry-After {throttled.headers.get('Retry-After')}, "
+            f"{throttled.headers.get('Cache-Control')}"
+        )
+
+    if run.record("smoke", "guardrails: a burst over the rate limit answers 429", over_limit):
+
+        def other_client() -> str:
+            response = run._send(
+                "GET",
+                run.tagged(probes.probe_path, "rl-other"),
+                headers={probes.client_id_header: f"{client}-other"},
+            )
+            if response.status_code != 200:
+                raise CheckFailed(
+                    f"GET {response.url} as another client while {client!r} is throttled: "
+                    f"status {response.status_code}, expected 200 (the limit is per client)"
+                )
+            return "200 for another client while the first is throttled"
+
+        run.record("smoke", "guardrails: the rate limit is per client", other_client)
+
+        def after_retry_after() -> str:
+            throttled = burst["throttled"]
+            wait = int(throttled.headers["Retry-After"])
+            time.sleep(wait)
+            response = run._send(
+                "GET", throttled.url.raw_path.decode(), headers={probes.client_id_header: client}
+            )
+            if response.status_code != 200 or _x_cache(response) == "HIT":
+                raise CheckFailed(
+                    f"GET {response.url} {wait}s after a 429 with Retry-After {wait}: status "
+                    f"{response.status_code}, X-Cache {_x_cache(response)} (expected 200 from "
+                    "the origin: the 429 must never be cached)"
+                )
+            return f"200 ({_x_cache(response)}) for the same URL after Retry-After {wait}s"
+
+        run.record("smoke", "guardrails: a request after Retry-After passes", after_retry_after)
+
+    _breaker_checks(run, guardrails.circuit_breaker, probes, client)
+
+
+def _guardrails_undeclared(detail: str) -> str:
+    raise CheckFailed(detail)
+
+
+def _burst(run: _Run, path: str, header: str, client: str, limit: RateLimit) -> dict[str, Any]:
+    """Requests as one client, BURST_CONCURRENCY at a time, until one is answered 429 or
+    enough were sent that the limit must have been crossed (burst + the refill meanwhile)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    statuses: dict[int, int] = {}
+    accepted, sent = 0, 0
+    throttled: httpx.Response | None = None
+    with ThreadPoolExecutor(BURST_CONCURRENCY) as pool:
+        while throttled is None:
+            elapsed = time.monotonic() - started
+            ceiling = limit.burst + limit.requests_per_second * elapsed + 2 * BURST_CONCURRENCY
+            if elapsed > BURST_MAX_SECONDS or sent > ceiling + limit.burst:
+                break
+            paths = [run.tagged(path, f"rl-{sent + i}") for i in range(BURST_CONCURRENCY)]
+            sent += len(paths)
+            for response in pool.map(
+                lambda p: run._send("GET", p, headers={header: client}), paths
+            ):
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if response.status_code == 429 and throttled is None:
+                    throttled = response
+                elif response.status_code == 200:
+                    accepted += 1
+    return {
+        "throttled": throttled,
+        "accepted": accepted,
+        "sent": sent,
+        "seconds": time.monotonic() - started,
+        "statuses": dict(sorted(statuses.items())),
+    }
+
+
+def _throttle_problems(response: httpx.Response, burst: int, accepted: int) -> list[str]:
+    """How a 429 breaks the rules: a whole-seconds Retry-After within 1..60, no-store, not a
+    cache HIT, and not before the spec's burst was granted."""
+    problems = []
+    retry_after = response.headers.get("Retry-After", "")
+    if not retry_after.isdigit() or not 1 <= int(retry_after) <= MAX_RETRY_AFTER_SECONDS:
+        problems.append(
+            f"Retry-After {retry_after!r}, expected whole seconds in 1..{MAX_RETRY_AFTER_SECONDS}"
+        )
+    if "no-store" not in cache_directives(response.headers.get("Cache-Control")):
+        problems.append(
+            f"Cache-Control {response.headers.get('Cache-Control')!r} on a 429, expected no-store"
+        )
+    if _x_cache(response) == "HIT":
+        problems.append("429 served from the edge cache (X-Cache HIT)")
+    if accepted < burst:
+        problems.append(
+            f"only {accepted} requests accepted before 429, the spec's burst is {burst}"
+        )
+    return problems
+
+
+def _breaker_checks(
+    run: _Run, breaker: CircuitBreaker, probes: GuardrailsContract, client: str
+) -> None:
+    """The drill: database faults (each call waits, then fails) until the breaker opens;
+    readyz not ready and data requests 503 fast while open; after the faults end, readyz ready
+    and data 200 within open_seconds (+ slack)."""
+    headers = {probes.client_id_header: f"{client}-breaker"}
+    delay_ms = probes.fail_fast_ms * FAULT_DELAY_FACTOR
+
+    def ready_before() -> str:
+        response = run._send("GET", run.tagged("/readyz", "cb-before"))
+        if response.status_code != 200:
+            raise CheckFailed(
+                f"GET {response.url}: status {response.status_code} before the drill, expected "
+                f"200 (body: {_snippet(response.text)})"
+            )
+        return "ready before the drill"
+
+    if not run.record("smoke", "guardrails: ready before the breaker drill", ready_before):
+        return
+    counter = iter(range(1_000_000))
+
+    def data(purpose: str) -> tuple[httpx.Response, float]:
+        started = time.monotonic()
+        response = run._send(
+            "GET", run.tagged(probes.probe_path, f"cb-{purpose}-{next(counter)}"), headers=headers
+        )
+        return response, (time.monotonic() - started) * 1000
+
+    fault_on = False
+    try:
+
+        def opens() -> str:
+            nonlocal fault_on
+            seconds = min(FAULT_MAX_SECONDS, breaker.open_seconds * 4 + 10)
+            response = run._send(
+                "POST",
+                probes.fault_path,
+                json={"seconds": seconds, "delay_ms": delay_ms},
+                headers=headers,
+            )
+            if response.status_code not in (200, 202):
+                raise CheckFailed(
+                    f"POST {response.url}: status {response.status_code} (body: "
+                    f"{_snippet(response.text)}); the fault drill endpoint must be on in "
+                    f"{run.env}"
+                )
+            fault_on = True
+            failures = []
+            for _ in range(breaker.failure_threshold):
+                response, ms = data("fault")
+                failures.append(f"{response.status_code} in {ms:.0f}ms")
+                if response.status_code < 500:
+                    raise CheckFailed(
+                        f"GET {response.url} during database faults: status "
+                        f"{response.status_code}, expected 5xx"
+                    )
+            ready = run._send("GET", run.tagged("/readyz", "cb-open"))
+            if ready.status_code != 503:
+                raise CheckFailed(
+                    f"GET {ready.url} after {breaker.failure_threshold} consecutive database "
+                    f"failures ({', '.join(failures)}): status {ready.status_code}, expected "
+                    "503 not ready (breaker open)"
+                )
+            return (
+                f"{breaker.failure_threshold} failures ({', '.join(failures)}), then readyz "
+                f"503: {_snippet(ready.text, 100)}"
+            )
+
+        if not run.record("smoke", "guardrails: database faults open the breaker", opens):
+            return
+
+        def fails_fast() -> str:
+            timings = []
+            for _ in range(3):
+                response, ms = data("open")
+                timings.append(ms)
+                if response.status_code != 503:
+                    raise CheckFailed(
+                        f"GET {response.url} with the breaker open: status "
+                        f"{response.status_code}, expected 503"
+                    )
+                if ms > probes.fail_fast_ms:
+                    raise CheckFailed(
+                        f"GET {response.url} with the breaker open: 503 after {ms:.0f}ms, "
+                        f"expected within fail_fast_ms {probes.fail_fast_ms} (a faulty "
+                        f"database call takes {delay_ms}ms: the breaker did not fail fast)"
+                    )
+            return (
+                f"503 in {', '.join(f'{ms:.0f}' for ms in timings)}ms "
+                f"(<= {probes.fail_fast_ms}ms; a database call would take {delay_ms}ms)"
+            )
+
+        run.record("smoke", "guardrails: an open breaker fails fast with 503", fails_fast)
+
+        def closes() -> str:
+            nonlocal fault_on
+            response = run._send("DELETE", probes.fault_path, headers=headers)
+            if response.status_code != 200:
+                raise CheckFailed(f"DELETE {response.url}: status {response.status_code}")
+            fault_on = False
+            ended = time.monotonic()
+            deadline = ended + breaker.open_seconds + BREAKER_RECOVERY_SLACK_SECONDS
+            ready = run._send("GET", run.tagged("/readyz", "cb-close-0"))
+            polls = 1
+            while ready.status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                ready = run._send("GET", run.tagged("/readyz", f"cb-close-{polls}"))
+                polls += 1
+            if ready.status_code != 200:
+                raise CheckFailed(
+                    f"GET {ready.url}: still {ready.status_code} "
+                    f"{time.monotonic() - ended:.1f}s after the faults ended (open_seconds "
+                    f"{breaker.open_seconds:g}; body: {_snippet(ready.text)})"
+                )
+            response, _ = data("closed")
+            if response.status_code != 200:
+                raise CheckFailed(
+                    f"GET {response.url} after recovery: status {response.status_code}, "
+                    "expected 200"
+                )
+            return f"ready again {time.monotonic() - ended:.1f}s after the faults ended; data 200"
+
+        run.record("smoke", "guardrails: the breaker closes after recovery", closes)
+    finally:
+        if fault_on:  # never leave the environment failing
+            with contextlib.suppress(CheckFailed):
+                run._send("DELETE", probes.fault_path, headers=headers)
 
 
 # --- edge cache -------------------------------------------------------------------------------

@@ -359,10 +359,28 @@ class Contract(_Model):
     # Set by load_spec; not part of the YAML.
     source_path: Path | None = Field(default=None, exclude=True)
 
+class GuardrailsContract(_Model):
+    """How the staging smoke reaches the API's own guardrails (rate limit, circuit breaker)
+    through the edge; the limits themselves are `guardrails` in product.yaml."""
+
+    # The request header naming the client; the rate limit is per client.
+    client_id_header: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,63}$")
+    # A data endpoint that reads the database (the smoke adds a unique query string, so the
+    # edge passes every probe to the origin).
+    probe_path: RoutePath
+    # Staging only: POST {"seconds", "delay_ms"} makes the API's database calls fail for that
+    # long; DELETE ends the drill.
+    fault_path: RoutePath
+    # An open breaker's 503 must arrive within this many milliseconds through the edge.
+    fail_fast_ms: int = Field(default=150, ge=1, le=10_000)
+
+
     def for_path(self, path: str) -> EndpointContract | None:
         return self.endpoints.get(path)
 
 
+    # The staging smoke's guardrail probes (the smoke fails when absent).
+    guardrails: GuardrailsContract | None = None
 class Guardrail(_Model):
     token_sha256: str
 
@@ -385,6 +403,28 @@ class Production(_Model):
     # An owner whose heartbeat is older than this is dead: the reconciler takes over.
     owner_heartbeat_timeout_seconds: float = Field(default=30, ge=5, le=3600)
     # After the canary, the new version takes 100% while the previous one keeps running at 0%
+class RateLimit(_Model):
+    """Token bucket per client: `burst` requests at once, refilled at `requests_per_second`."""
+
+    requests_per_second: float = Field(gt=0, le=100_000)
+    burst: int = Field(ge=1, le=100_000)
+
+
+class CircuitBreaker(_Model):
+    """Around the API's database calls: opens after `failure_threshold` consecutive failures,
+    fails fast for `open_seconds`, then lets one probe through (closes on success)."""
+
+    failure_threshold: int = Field(ge=1, le=1000)
+    open_seconds: float = Field(gt=0, le=300)
+
+
+class Guardrails(_Model):
+    """The API tier's own guardrails (verified by the staging smoke through the edge)."""
+
+    rate_limit: RateLimit
+    circuit_breaker: CircuitBreaker
+
+
     # for this long, judged on the absolute SLOs and the post-deploy smoke; a failure returns
     # production to the previous version (`rolled_back`).
     watch_seconds: float = Field(default=10, gt=0, le=3600)
@@ -432,6 +472,8 @@ class ProductSpec(_Model):
     contract_file: str = Field(default=CONTRACT_FILE, pattern=r"^[A-Za-z0-9_.-]+\.ya?ml$")
 
     # Set by load_spec; not part of the YAML.
+    # The API's rate limit and circuit breaker (the smoke fails a product without them).
+    guardrails: Guardrails | None = None
     source_path: Path | None = Field(default=None, exclude=True)
     _contract: Contract | None = PrivateAttr(default=None)
 
@@ -548,6 +590,16 @@ def load_spec(product_id_or_path: str | Path) -> ProductSpec:
     spec._contract = load_contract(spec)
     return spec
 
+    if spec.guardrails is not None:
+        rps = spec.guardrails.rate_limit.requests_per_second
+        if rps <= spec.canary.load_rps:
+            found.append(
+                (
+                    ("guardrails", "rate_limit", "requests_per_second"),
+                    f"{rps:g} must exceed canary.load_rps {spec.canary.load_rps:g} (the canary "
+                    "load generator is one client and must never be throttled)",
+                )
+            )
 
 def load_contract(spec: ProductSpec) -> Contract:
     """The product's contract file, checked on its own and against the spec: every spec
@@ -580,6 +632,13 @@ def load_contract(spec: ProductSpec) -> Contract:
                 f"{retry.fails} failures leave no attempt to succeed: queue {first.name!r} "
                 f"has max_attempts {first.max_attempts} (product.yaml)",
             )
+    if contract.guardrails is not None and contract.guardrails.probe_path not in paths:
+        found.append(
+            (
+                ("guardrails", "probe_path"),
+                f"{contract.guardrails.probe_path!r} is not an endpoint of the spec (product.yaml)",
+            )
+        )
         )
     _raise_found(path, text, "product contract", found)
     return contract

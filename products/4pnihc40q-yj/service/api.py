@@ -10,7 +10,19 @@ labelled with version and track so the canary judge can compare the two tracks.
 Release knobs (manifest `settings`) act on the data endpoints through the real code path:
 `extra_latency_ms` sleeps inside the handler, `error_rate` makes that exact fraction of
 requests raise, which the app answers with a 500; `dynamic_max_age` replaces the max-age the
-dynamic endpoints declare (a release that would keep dynamic data cached too long).
+dynamic endpoints declare (a release that would keep dynamic data cached too long);
+`guardrails_off` switches off the rate limit and the circuit breaker below.
+
+Guardrails (limits from product.yaml `guardrails`, state machines in guardrails.py):
+- a rate limit per client (`X-Client-Id`, else the client address) on every request but the
+  platform's probes: over it, 429 with `Retry-After` and `Cache-Control: no-store`;
+- a circuit breaker around the database calls (reads and job enqueues): after
+  `failure_threshold` consecutive failures it opens, `/readyz` answers not ready and data
+  requests fail fast with 503 (the database is not touched) for `open_seconds`; then one probe
+  goes through and its success closes it;
+- with SERVICE_FAULT_INJECTION=1 (the platform sets it on staging only), `POST /_faults/database`
+  `{"seconds", "delay_ms"}` makes every database call wait `delay_ms` and fail for `seconds`
+  (at most 60), `DELETE` ends it: the staging smoke's drill of the breaker.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from db import Database, DatabaseUnavailable
+from guardrails import CircuitBreaker, RateLimiter, retry_after_seconds
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -108,6 +121,46 @@ class FaultSchedule:
 
 FAULTS = FaultSchedule(CONFIG.knobs.error_rate)
 
+# --- guardrails -----------------------------------------------------------------------------
+
+CLIENT_ID_HEADER = "x-client-id"
+MAX_CLIENT_ID_LENGTH = 128
+# The platform's probes, metrics scrapes and the fault drill are never rate limited.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+FAULT_PATH = "/_faults/database"
+MAX_FAULT_SECONDS = 60.0
+MAX_FAULT_DELAY_MS = 5000
+
+_GUARDRAILS_ON = CONFIG.guardrails is not None and not CONFIG.knobs.guardrails_off
+LIMITER = RateLimiter(
+    CONFIG.guardrails.requests_per_second if CONFIG.guardrails else 1.0,
+    CONFIG.guardrails.burst if CONFIG.guardrails else 1,
+    enabled=_GUARDRAILS_ON,
+)
+BREAKER = CircuitBreaker(
+    CONFIG.guardrails.failure_threshold if CONFIG.guardrails else 1,
+    CONFIG.guardrails.open_seconds if CONFIG.guardrails else 1.0,
+    enabled=_GUARDRAILS_ON,
+)
+
+
+class CircuitOpen(RuntimeError):
+    """The breaker refused a database call without trying it."""
+
+
+class DatabaseFault:
+    """The staging drill: database calls wait `delay_ms`, then fail, until `until`."""
+
+    def __init__(self) -> None:
+        self.until = 0.0
+        self.delay_ms = 0
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
+
+
+DB_FAULT = DatabaseFault()
+
 
 async def apply_release_knobs() -> None:
     if CONFIG.knobs.extra_latency_ms > 0:
@@ -129,7 +182,26 @@ def jsonable(value: Any) -> Any:
 
 
 async def query(sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    return await run_in_threadpool(DB.query, sql, params)
+    """Every database call goes through the circuit breaker (and the staging fault drill)."""
+    if not BREAKER.allow():
+        raise CircuitOpen(
+            f"circuit breaker open after {BREAKER.consecutive_failures} consecutive database "
+            f"failures; retry in {BREAKER.retry_in():.1f}s"
+        )
+    try:
+        if DB_FAULT.active():
+            await asyncio.sleep(DB_FAULT.delay_ms / 1000)
+            raise DatabaseUnavailable(f"database {DB.display_url}: injected fault (staging drill)")
+        rows = await run_in_threadpool(DB.query, sql, params)
+    except DatabaseUnavailable:
+        BREAKER.failed()
+        raise
+    except BaseException:
+        # The database answered (e.g. a statement error) or the request was cancelled.
+        BREAKER.abandoned()
+        raise
+    BREAKER.succeeded()
+    return rows
 
 
 # --- probes and metrics ---------------------------------------------------------------------
@@ -140,13 +212,19 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
+    if BREAKER.state == "open":  # answered without touching the database
+        reason = (
+            f"circuit breaker open after {BREAKER.consecutive_failures} consecutive database "
+            f"failures; a probe in {BREAKER.retry_in():.1f}s"
+        )
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
     try:
         rows = await query(
             "SELECT t.name FROM unnest(%s::TEXT[]) AS t(name) "
             "WHERE to_regclass('public.' || t.name) IS NULL",
             (list(SCHEMA_TABLES),),
         )
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, CircuitOpen) as exc:
         return JSONResponse({"status": "not ready", "reason": str(exc)}, status_code=503)
     missing = [row["name"] for row in rows]
     if missing:
@@ -367,6 +445,75 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
     return JSONResponse({"error": str(exc)}, 503)
 
 
+async def circuit_open(request: Request, exc: Exception) -> JSONResponse:
+    retry = retry_after_seconds(BREAKER.retry_in())
+    return JSONResponse({"error": str(exc)}, 503, headers={"Retry-After": str(retry)})
+
+
+# --- the staging fault drill (SERVICE_FAULT_INJECTION=1 only) ---------------------------------
+
+
+async def start_fault(request: Request) -> JSONResponse:
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad_request("(body)", "request body is not valid JSON", 400)
+    if not isinstance(body, dict):
+        return _bad_request("(body)", "request body must be a JSON object", 400)
+    seconds, delay_ms = body.get("seconds"), body.get("delay_ms", 0)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return _bad_request("seconds", f"must be a number in (0, {MAX_FAULT_SECONDS:g}]")
+    if not 0 < seconds <= MAX_FAULT_SECONDS:
+        return _bad_request("seconds", f"must be a number in (0, {MAX_FAULT_SECONDS:g}]")
+    if not isinstance(delay_ms, int) or isinstance(delay_ms, bool):
+        return _bad_request("delay_ms", f"must be an integer in [0, {MAX_FAULT_DELAY_MS}]")
+    if not 0 <= delay_ms <= MAX_FAULT_DELAY_MS:
+        return _bad_request("delay_ms", f"must be an integer in [0, {MAX_FAULT_DELAY_MS}]")
+    DB_FAULT.until, DB_FAULT.delay_ms = time.monotonic() + seconds, delay_ms
+    log.warning("fault drill: database calls fail for %ss (delay %s ms)", seconds, delay_ms)
+    return JSONResponse({"fault": "database", "seconds": seconds, "delay_ms": delay_ms}, 202)
+
+
+async def end_fault(request: Request) -> JSONResponse:
+    was = DB_FAULT.active()
+    DB_FAULT.until = 0.0
+    return JSONResponse({"fault": "database", "ended": was, "breaker": BREAKER.state})
+
+
+class RateLimitMiddleware:
+    """429 with Retry-After for a client over its rate (the probes are never limited)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        wait = LIMITER.take(client_key(scope))
+        if wait <= 0:
+            await self.app(scope, receive, send)
+            return
+        retry = retry_after_seconds(wait)
+        response = JSONResponse(
+            {"error": f"rate limit exceeded: retry after {retry}s"},
+            429,
+            headers={"Retry-After": str(retry), "Cache-Control": "no-store"},
+        )
+        await response(scope, receive, send)
+
+
+def client_key(scope: Scope) -> str:
+    """The client a request is counted against: its client id header, else its address."""
+    for name, value in scope.get("headers") or ():
+        if name == CLIENT_ID_HEADER.encode():
+            client_id = value.decode("latin-1").strip()[:MAX_CLIENT_ID_LENGTH]
+            if client_id:
+                return f"id:{client_id}"
+    client = scope.get("client")
+    return f"addr:{client[0]}" if client else "addr:(unknown)"
+
+
 def _probe_scope(path: str) -> Scope:
     return {"type": "http", "method": "GET", "path": path, "root_path": ""}
 
@@ -382,6 +529,11 @@ ROUTES: list[BaseRoute] = [
     Route("/v1/jobs/{key}", get_job),
     Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
 ]
+if CONFIG.fault_injection:
+    ROUTES += [
+        Route(FAULT_PATH, start_fault, methods=["POST"]),
+        Route(FAULT_PATH, end_fault, methods=["DELETE"]),
+    ]
 
 
 def create_app() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -390,14 +542,17 @@ def create_app() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         exception_handlers={
             InjectedFault: injected_fault,
             DatabaseUnavailable: database_unavailable,
+            CircuitOpen: circuit_open,
         },
     )
     log.info(
-        "%s %s (%s) serving %s; knobs: error_rate=%s extra_latency_ms=%s",
+        "%s %s (%s) serving %s; knobs: error_rate=%s extra_latency_ms=%s; guardrails %s%s",
         CONFIG.api_tier, CONFIG.version, CONFIG.track, CONFIG.display_database(),
         CONFIG.knobs.error_rate, CONFIG.knobs.extra_latency_ms,
+        "on" if _GUARDRAILS_ON else "off",
+        "; fault drill endpoint on" if CONFIG.fault_injection else "",
     )  # fmt: skip
-    return ReleaseMiddleware(app, ROUTES, CONFIG)
+    return ReleaseMiddleware(RateLimitMiddleware(app), ROUTES, CONFIG)
 
 
 app = create_app()

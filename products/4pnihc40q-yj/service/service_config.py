@@ -7,6 +7,8 @@ Variables:
   SERVICE_TRACK          stable | canary (default stable)
   SERVICE_MANIFEST       the artifact's manifest.json (default: <artifact>/manifest.json if present)
   SERVICE_PRODUCT_SPEC   product.yaml (default: <artifact>/product.yaml)
+  SERVICE_FAULT_INJECTION  1: the API's fault drill endpoint is on (the platform sets it on
+                         staging only; see README.md)
 
 A bad value stops the process with a `ConfigError` naming the variable, file and field.
 """
@@ -33,6 +35,7 @@ KNOWN_SETTINGS = (
     "fail_jobs_matching",
     "job_latency_ms",
     "dynamic_max_age",
+    "guardrails_off",
 )
 
 
@@ -50,6 +53,8 @@ class Knobs:
     job_latency_ms: float = 0.0  # the worker sleeps this long in every job (a slow release)
     # Seconds of max-age the API declares on `dynamic` endpoints instead of their class TTL.
     dynamic_max_age: int | None = None
+    # A release without its own guardrails: no rate limit, a breaker that never opens.
+    guardrails_off: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,16 @@ class EndpointPolicy:
 
 
 @dataclass(frozen=True)
+class GuardrailPolicy:
+    """product.yaml `guardrails`: the API's rate limit per client and its circuit breaker."""
+
+    requests_per_second: float
+    burst: int
+    failure_threshold: int
+    open_seconds: float
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     database_url: str
     version: str
@@ -86,6 +101,8 @@ class ServiceConfig:
     knobs: Knobs
     endpoints: dict[str, EndpointPolicy] = field(default_factory=dict)
     queues: dict[str, QueuePolicy] = field(default_factory=dict)
+    guardrails: GuardrailPolicy | None = None  # None: the spec declares none
+    fault_injection: bool = False  # SERVICE_FAULT_INJECTION=1 (staging drills only)
 
     def display_database(self) -> str:
         """The database URL without its password, for logs and readiness answers."""
@@ -122,6 +139,9 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
             f"({ARTIFACT_ROOT / 'product.yaml'})"
         )
     spec = _read_yaml(spec_path)
+    fault_injection = env.get("SERVICE_FAULT_INJECTION", "") or "0"
+    if fault_injection not in ("0", "1"):
+        raise ConfigError(f"SERVICE_FAULT_INJECTION: expected 0 or 1, got {fault_injection!r}")
     return ServiceConfig(
         database_url=database_url,
         version=version,
@@ -132,6 +152,8 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
         knobs=knobs,
         endpoints=_endpoints(spec, spec_path),
         queues=_queues(spec, spec_path),
+        guardrails=_guardrails(spec, spec_path),
+        fault_injection=fault_injection == "1",
     )
 
 
@@ -168,7 +190,13 @@ def parse_knobs(settings: dict[str, Any], *, source: str = "settings") -> Knobs:
             raise ConfigError(
                 f"{source}: setting 'dynamic_max_age' must be >= 1, got {dynamic_max_age}"
             )
+    guardrails_off = _number(settings, "guardrails_off", 0.0, source)
+    if not 0.0 <= guardrails_off <= 1.0:
+        raise ConfigError(
+            f"{source}: setting 'guardrails_off' must be within [0, 1], got {guardrails_off}"
+        )
     return Knobs(
+        guardrails_off=guardrails_off > 0,
         error_rate=error_rate,
         extra_latency_ms=extra_latency_ms,
         fail_jobs_matching=compiled,
@@ -275,3 +303,29 @@ def _queues(spec: dict[str, Any], path: Path) -> dict[str, QueuePolicy]:
                 f"{path}: field 'queues.{name}' is incomplete or invalid: {exc}"
             ) from None
     return queues
+
+
+def _guardrails(spec: dict[str, Any], path: Path) -> GuardrailPolicy | None:
+    raw = spec.get("guardrails")
+    if raw is None:
+        return None
+    where = f"{path}: field 'guardrails"
+    try:
+        limit, breaker = raw["rate_limit"], raw["circuit_breaker"]
+        policy = GuardrailPolicy(
+            requests_per_second=float(limit["requests_per_second"]),
+            burst=int(limit["burst"]),
+            failure_threshold=int(breaker["failure_threshold"]),
+            open_seconds=float(breaker["open_seconds"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}' is incomplete or invalid: {exc}") from None
+    for name, value in (
+        ("rate_limit.requests_per_second", policy.requests_per_second),
+        ("rate_limit.burst", policy.burst),
+        ("circuit_breaker.failure_threshold", policy.failure_threshold),
+        ("circuit_breaker.open_seconds", policy.open_seconds),
+    ):
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}.{name}': must be a positive number, got {value}")
+    return policy
