@@ -351,14 +351,6 @@ class DataQualityContract(_Model):
     suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.json$")
 
 
-class Contract(_Model):
-    endpoints: dict[RoutePath, EndpointContract] = Field(min_length=1)
-    worker: WorkerContract
-    data_quality: DataQualityContract
-
-    # Set by load_spec; not part of the YAML.
-    source_path: Path | None = Field(default=None, exclude=True)
-
 class GuardrailsContract(_Model):
     """How the staging smoke reaches the API's own guardrails (rate limit, circuit breaker)
     through the edge; the limits themselves are `guardrails` in product.yaml."""
@@ -375,12 +367,20 @@ class GuardrailsContract(_Model):
     fail_fast_ms: int = Field(default=150, ge=1, le=10_000)
 
 
+class Contract(_Model):
+    endpoints: dict[RoutePath, EndpointContract] = Field(min_length=1)
+    worker: WorkerContract
+    data_quality: DataQualityContract
+    # The staging smoke's guardrail probes (the smoke fails when absent).
+    guardrails: GuardrailsContract | None = None
+
+    # Set by load_spec; not part of the YAML.
+    source_path: Path | None = Field(default=None, exclude=True)
+
     def for_path(self, path: str) -> EndpointContract | None:
         return self.endpoints.get(path)
 
 
-    # The staging smoke's guardrail probes (the smoke fails when absent).
-    guardrails: GuardrailsContract | None = None
 class Guardrail(_Model):
     token_sha256: str
 
@@ -395,14 +395,6 @@ class Guardrail(_Model):
         return value
 
 
-class Production(_Model):
-    """Ownership of an environment by one release at a time (core/ownership.py)."""
-
-    # A release waits this long for another release that owns production, then is refused.
-    owner_wait_seconds: float = Field(default=120, ge=0, le=3600)
-    # An owner whose heartbeat is older than this is dead: the reconciler takes over.
-    owner_heartbeat_timeout_seconds: float = Field(default=30, ge=5, le=3600)
-    # After the canary, the new version takes 100% while the previous one keeps running at 0%
 class RateLimit(_Model):
     """Token bucket per client: `burst` requests at once, refilled at `requests_per_second`."""
 
@@ -425,6 +417,14 @@ class Guardrails(_Model):
     circuit_breaker: CircuitBreaker
 
 
+class Production(_Model):
+    """Ownership of an environment by one release at a time (core/ownership.py)."""
+
+    # A release waits this long for another release that owns production, then is refused.
+    owner_wait_seconds: float = Field(default=120, ge=0, le=3600)
+    # An owner whose heartbeat is older than this is dead: the reconciler takes over.
+    owner_heartbeat_timeout_seconds: float = Field(default=30, ge=5, le=3600)
+    # After the canary, the new version takes 100% while the previous one keeps running at 0%
     # for this long, judged on the absolute SLOs and the post-deploy smoke; a failure returns
     # production to the previous version (`rolled_back`).
     watch_seconds: float = Field(default=10, gt=0, le=3600)
@@ -464,6 +464,8 @@ class ProductSpec(_Model):
     canary: Canary
     queues: Queues
     guardrail: Guardrail
+    # The API's rate limit and circuit breaker (the smoke fails a product without them).
+    guardrails: Guardrails | None = None
     production: Production = Production()
     platform: PlatformParts = PlatformParts()
     migrations_dir: str = "migrations"
@@ -472,8 +474,6 @@ class ProductSpec(_Model):
     contract_file: str = Field(default=CONTRACT_FILE, pattern=r"^[A-Za-z0-9_.-]+\.ya?ml$")
 
     # Set by load_spec; not part of the YAML.
-    # The API's rate limit and circuit breaker (the smoke fails a product without them).
-    guardrails: Guardrails | None = None
     source_path: Path | None = Field(default=None, exclude=True)
     _contract: Contract | None = PrivateAttr(default=None)
 
@@ -582,14 +582,6 @@ def load_spec(product_id_or_path: str | Path) -> ProductSpec:
                         f"({field} {getattr(policy, field)})",
                     )
                 )
-    if path.parent.name != spec.product:
-        found.append(
-            (("product",), f"{spec.product!r} does not match its folder {path.parent.name!r}")
-        )
-    _raise_found(path, text, "product spec", found)
-    spec._contract = load_contract(spec)
-    return spec
-
     if spec.guardrails is not None:
         rps = spec.guardrails.rate_limit.requests_per_second
         if rps <= spec.canary.load_rps:
@@ -600,6 +592,14 @@ def load_spec(product_id_or_path: str | Path) -> ProductSpec:
                     "load generator is one client and must never be throttled)",
                 )
             )
+    if path.parent.name != spec.product:
+        found.append(
+            (("product",), f"{spec.product!r} does not match its folder {path.parent.name!r}")
+        )
+    _raise_found(path, text, "product spec", found)
+    spec._contract = load_contract(spec)
+    return spec
+
 
 def load_contract(spec: ProductSpec) -> Contract:
     """The product's contract file, checked on its own and against the spec: every spec
@@ -624,6 +624,13 @@ def load_contract(spec: ProductSpec) -> Contract:
             found.append(
                 (("endpoints", endpoint_path), "not an endpoint of the spec (product.yaml)")
             )
+    if contract.guardrails is not None and contract.guardrails.probe_path not in paths:
+        found.append(
+            (
+                ("guardrails", "probe_path"),
+                f"{contract.guardrails.probe_path!r} is not an endpoint of the spec (product.yaml)",
+            )
+        )
     retry, first = contract.worker.probes.retry, spec.queues.ordered[0]
     if retry is not None and retry.fails >= first.max_attempts:
         found.append(
@@ -632,13 +639,6 @@ def load_contract(spec: ProductSpec) -> Contract:
                 f"{retry.fails} failures leave no attempt to succeed: queue {first.name!r} "
                 f"has max_attempts {first.max_attempts} (product.yaml)",
             )
-    if contract.guardrails is not None and contract.guardrails.probe_path not in paths:
-        found.append(
-            (
-                ("guardrails", "probe_path"),
-                f"{contract.guardrails.probe_path!r} is not an endpoint of the spec (product.yaml)",
-            )
-        )
         )
     _raise_found(path, text, "product contract", found)
     return contract
