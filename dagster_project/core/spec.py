@@ -121,6 +121,10 @@ class Slos(_Model):
     p99_latency_ms_max: float = Field(gt=0, le=60_000)
     max_error_rate_increase: float = Field(ge=0, le=1)
     max_latency_shift_ratio: float = Field(ge=1, le=100)
+    # The workers, judged during the canary like the API (core/canary/judge.py).
+    max_job_failure_rate_increase: float = Field(default=0.01, ge=0, le=1)
+    max_job_latency_shift_ratio: float = Field(default=1.5, ge=1, le=100)
+    max_dead_letters: int = Field(default=0, ge=0, le=1_000_000)  # from healthy traffic
 
 
 class CanaryStep(_Model):
@@ -135,6 +139,10 @@ class Canary(_Model):
     min_latency_samples: int = Field(ge=50, le=1_000_000)
     max_step_extension_seconds: float = Field(ge=0, le=3600)
     max_consecutive_metric_errors: int = Field(ge=1, le=100)
+    # Share of the load generator's requests that enqueue a job (the contract's `ok` probe,
+    # keys `canary-load-<run>-<n>`), so the canary's workers get production jobs.
+    job_share: float = Field(default=0.2, gt=0, le=1)
+    min_jobs_per_side: int = Field(default=8, ge=1, le=1_000_000)
 
     @field_validator("steps")
     @classmethod
@@ -304,7 +312,7 @@ class DeadLetterColumns(_Model):
     queue_column: SqlName
     attempts_column: SqlName
     error_column: SqlName
-    failed_at_column: SqlName  # when the job was dead-lettered (its age)
+    dead_since_column: SqlName  # when the job was dead-lettered (its age)
 
 
 class JobsTable(_Model):
@@ -326,7 +334,7 @@ class ReplayContract(_Model):
     (core/dlq.py)."""
 
     dead_letter: DeadLetterColumns
-    jobs: JobsTable
+    jobs_table: JobsTable
 
 
 class WorkerContract(_Model):
