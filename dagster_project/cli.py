@@ -295,7 +295,7 @@ def _dlq_depth(spec: Any, env: str) -> dict[str, Any]:
     try:
         return dlq.depth(spec, env).as_json()
     except (dlq.DlqInputError, DatabaseUnavailable, psycopg2.Error) as exc:
-        return {"depth": None, "oldest_age_seconds": None, "error": str(exc).splitlines()[0]}
+        return {"depth": None, "oldest_age_seconds": None, "problem": str(exc).splitlines()[0]}
 
 
 def _dlq_cell(depth: dict[str, Any]) -> str:
@@ -558,7 +558,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.json:
         body = {"product": spec.product, "env": args.env, "table": spec.queues.dead_letter}
-        print(json.dumps({**body, "jobs": [d.as_json() for d in dead]}, indent=2))
+        print(json.dumps({**body, "dead": [d.as_json() for d in dead]}, indent=2))
         return 0
     if not dead:
         print(
@@ -568,12 +568,12 @@ def _dlq_list(args: argparse.Namespace) -> int:
     table = Table(
         title=f"{spec.product} {args.env}: {spec.queues.dead_letter}", title_justify="left"
     )
-    for column in ("key", "queue", "attempts", "last error", "age", "failed at"):
+    for column in ("key", "queue", "attempts", "last error", "age", "dead since"):
         table.add_column(column)
     for d in dead:
         table.add_row(
-            d.key, d.queue, str(d.attempts), d.last_error[:80], f"{d.age_seconds:.0f}s",
-            d.failed_at.isoformat(timespec="seconds"),
+            d.key, d.queue, str(d.attempts), d.latest_error[:80], f"{d.age_seconds:.0f}s",
+            d.dead_since.isoformat(timespec="seconds"),
         )  # fmt: skip
     Console(width=max(Console().width, 150)).print(table)
     return 0

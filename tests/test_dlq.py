@@ -213,7 +213,7 @@ def test_a_contract_without_the_replay_section_is_named(products_dir: Path, tmp_
     contract = root / PRODUCT / "contract.yaml"
     text = contract.read_text()
     start = text.index("  replay:\n")
-    end = text.index("\n", text.index("    jobs: {", start)) + 1
+    end = text.index("\n", text.index("    jobs_table: {", start)) + 1
     contract.write_text(text[:start] + text[end:])
     code, out = run_cli(
         "dlq", "list", PRODUCT, "--env", "staging", env={"RELEASE_PRODUCTS_DIR": str(root)}
@@ -228,12 +228,12 @@ def test_a_bad_replay_field_names_file_line_and_field(products_dir: Path, tmp_pa
     shutil.copytree(products_dir / PRODUCT, root / PRODUCT)
     contract = root / PRODUCT / "contract.yaml"
     contract.write_text(
-        contract.read_text().replace("jobs: {table: jobs,", "jobs: {table: Jobs-Table,")
+        contract.read_text().replace("jobs_table: {table: jobs,", "jobs_table: {table: Jobs-Table,")
     )
     with pytest.raises(SpecError) as caught:
         load_spec(root / PRODUCT / "product.yaml")
     message = str(caught.value) + " ".join(str(p) for p in caught.value.problems)
-    assert "worker.replay.jobs.table" in message
+    assert "worker.replay.jobs_table.table" in message
     line = next(
         n for n, text in enumerate(contract.read_text().splitlines(), 1) if "Jobs-Table" in text
     )
@@ -275,12 +275,12 @@ def test_staging_list_and_replay_with_the_real_worker(spec: ProductSpec, start_w
 
     code, out = run_cli("dlq", "list", PRODUCT, "--env", "staging", "--json")
     assert code == 0, out
-    listed = {job["key"]: job for job in json.loads(out)["jobs"]}
+    listed = {job["key"]: job for job in json.loads(out)["dead"]}
     assert set(listed) == {"dlqt-doomed-1", "dlqt-doomed-2", "dlqt-poison-1"}
     assert listed["dlqt-doomed-1"]["attempts"] == 4 and listed["dlqt-doomed-1"]["queue"] == "high"
-    assert "fail_jobs_matching" in listed["dlqt-doomed-1"]["last_error"]
-    assert "poison" in listed["dlqt-poison-1"]["last_error"]
-    assert all(job["age_seconds"] >= 0 and job["failed_at"] for job in listed.values())
+    assert "fail_jobs_matching" in listed["dlqt-doomed-1"]["latest_error"]
+    assert "poison" in listed["dlqt-poison-1"]["latest_error"]
+    assert all(job["age_seconds"] >= 0 and job["dead_since"] for job in listed.values())
     code, out = run_cli("dlq", "list", PRODUCT, "--env", "staging")
     assert code == 0 and "dlqt-poison-1" in out, out
 
@@ -379,7 +379,7 @@ def test_a_scaffolded_product_with_other_names_lists_and_replays(products_dir: P
         "VALUES ('t-1', 'urgent', '{\"explode\": true}', 3, 'exploded')",
     )
     [dead] = dlq.list_dead(spec, "staging")
-    assert (dead.key, dead.queue, dead.attempts, dead.last_error) == (
+    assert (dead.key, dead.queue, dead.attempts, dead.latest_error) == (
         "t-1",
         "urgent",
         3,

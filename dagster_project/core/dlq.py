@@ -54,8 +54,8 @@ class DeadJob:
     key: str
     queue: str
     attempts: int
-    last_error: str
-    failed_at: datetime
+    latest_error: str
+    dead_since: datetime
     age_seconds: float
 
     def as_json(self) -> dict[str, Any]:
@@ -63,9 +63,9 @@ class DeadJob:
             "key": self.key,
             "queue": self.queue,
             "attempts": self.attempts,
-            "last_error": self.last_error,
+            "latest_error": self.latest_error,
             "age_seconds": round(self.age_seconds, 1),
-            "failed_at": self.failed_at.isoformat(),
+            "dead_since": self.dead_since.isoformat(),
         }
 
 
@@ -144,14 +144,14 @@ def list_dead(spec: ProductSpec, env: str) -> list[DeadJob]:
     contract = replay_contract(spec)
     dl = contract.dead_letter
     query = sql.SQL(
-        "SELECT {key}::text, {queue}::text, {attempts}, {error}::text, {failed_at}, "
-        "extract(epoch FROM now() - {failed_at}) FROM {table} ORDER BY {failed_at}, {key}"
+        "SELECT {key}::text, {queue}::text, {attempts}, {error}::text, {since}, "
+        "extract(epoch FROM now() - {since}) FROM {table} ORDER BY {since}, {key}"
     ).format(
         key=sql.Identifier(spec.contract.worker.dead_letter_key_column),
         queue=sql.Identifier(dl.queue_column),
         attempts=sql.Identifier(dl.attempts_column),
         error=sql.Identifier(dl.error_column),
-        failed_at=sql.Identifier(dl.failed_at_column),
+        since=sql.Identifier(dl.dead_since_column),
         table=sql.Identifier(spec.queues.dead_letter),
     )
     conn = _connect(spec, env, autocommit=True)
@@ -173,9 +173,9 @@ def list_dead(spec: ProductSpec, env: str) -> list[DeadJob]:
 def depth(spec: ProductSpec, env: str) -> Depth:
     """How many jobs the dead-letter table holds and the oldest one's age in seconds."""
     contract = replay_contract(spec)
-    failed_at = sql.Identifier(contract.dead_letter.failed_at_column)
+    since = sql.Identifier(contract.dead_letter.dead_since_column)
     query = sql.SQL("SELECT count(*), extract(epoch FROM now() - min({f})) FROM {t}").format(
-        f=failed_at, t=sql.Identifier(spec.queues.dead_letter)
+        f=since, t=sql.Identifier(spec.queues.dead_letter)
     )
     conn = _connect(spec, env, autocommit=True)
     try:
@@ -203,7 +203,7 @@ def replay(
     DlqInputError; a named key that is not dead (or already replayed) is DlqRefused. With
     `keys=None` such jobs (a concurrent replay got them first) are skipped and listed."""
     contract = replay_contract(spec)
-    jobs, dl = contract.jobs, contract.dead_letter
+    jobs, dl = contract.jobs_table, contract.dead_letter
     ident = sql.Identifier
     dl_table, dl_key = (
         ident(spec.queues.dead_letter),
@@ -231,7 +231,7 @@ def replay(
     )
     remove = sql.SQL("DELETE FROM {t} WHERE {k} = %s").format(t=dl_table, k=dl_key)
     every = sql.SQL("SELECT {k}::text FROM {t} ORDER BY {f}, {k}").format(
-        k=dl_key, t=dl_table, f=ident(dl.failed_at_column)
+        k=dl_key, t=dl_table, f=ident(dl.dead_since_column)
     )
 
     result = ReplayResult(spec.product, env, environment_database(spec, env), dry_run)

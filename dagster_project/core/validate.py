@@ -194,7 +194,7 @@ def database_problems(spec: ProductSpec, files: list[Path], suite: Any | None) -
     if worker.replay is not None:  # `release dlq`: every column it reads or writes
         for section, table, fields in (
             ("dead_letter", dead_letter, worker.replay.dead_letter.model_dump()),
-            ("jobs", worker.replay.jobs.table, worker.replay.jobs.model_dump()),
+            ("jobs_table", worker.replay.jobs_table.table, worker.replay.jobs_table.model_dump()),
         ):
             for field, value in fields.items():
                 if field.endswith("_column") and value is not None:
