@@ -342,6 +342,27 @@ def test_release_failing_jobs_fails_the_worker_section(
     assert len(report.failures("worker_dlq")) == 2
 
 
+def test_release_failing_retried_and_priority_jobs_is_blocked_by_the_new_rows(
+    spec: ProductSpec, platform: Any, deploy: Callable[..., str]
+) -> None:
+    # The retry probe never succeeds and the high job of the priority check is dead-lettered:
+    # exactly those two rows fail; the backoff of the (now dead) retry job is still on time.
+    pattern = f"^({smoke.RETRY_JOB_PREFIX}|{smoke.PRIORITY_JOB_PREFIX})"
+    version = deploy("1.0.5-retry-fails", {"fail_jobs_matching": pattern})
+    report = run_smoke(spec, platform, "staging", version, include_edge_cache=False)
+    assert not report.passed("worker_dlq")
+    failed = {row.name: row.detail for row in report.failures("worker_dlq")}
+    retried = failed.pop("retry job (high queue) done after 2 failures, written back once")
+    assert smoke.RETRY_JOB_PREFIX in retried
+    assert "status 'dead' after 4 attempts" in retried
+    assert "expected 'done' after exactly 3 (worker.probes.retry.fails 2 + 1" in retried
+    priority = failed.pop("high job not delayed by a flood of low jobs")
+    assert "status 'dead'" in priority and "queues.high.priority_max_wait_ms" in priority
+    assert not failed, failed
+    backoff = {row.name: row for row in report.section_rows("worker_dlq")}
+    assert backoff["backoff between attempts of the retry job (high queue)"].passed
+
+
 def test_post_deploy_smoke_runs_the_smoke_section_on_production(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
