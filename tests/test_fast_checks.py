@@ -550,6 +550,10 @@ DLQ_ROWS = [
     row("worker_dlq", "normal job done after one attempt", detail="done, attempts 1"),
     row("worker_dlq", "poison job (high queue) dead-lettered after 4 attempts", detail="dlq"),
     row("worker_dlq", "re-enqueue of a done key is not processed twice", detail="attempts 1"),
+    row("worker_dlq", "backoff between attempts of the retry job (high queue)", detail="2 gaps"),
+    row("worker_dlq", "retry job (high queue) done after 2 failures, written back once"),
+    row("worker_dlq", "worker SIGKILLed during a job (high queue): done once after restart"),
+    row("worker_dlq", "high job not delayed by a flood of low jobs", detail="41 ms, bound 600"),
 ]
 SECTIONS = ["smoke", "edge_cache", "worker_dlq"]
 
@@ -640,6 +644,18 @@ def test_staging_gate_ignores_failures_of_other_sections(
     others = [r for r in SMOKE_ROWS + EDGE_ROWS + DLQ_ROWS if r.section != rows[0].section]
     broken_others = [r.model_copy(update={"passed": False}) for r in others]
     assert invoke(check, staging_smoke=staging(rows + broken_others)).passed is True
+
+
+@pytest.mark.parametrize("index", [3, 4, 5, 6], ids=["backoff", "retry", "crash", "priority"])
+def test_worker_dlq_gate_is_blocked_by_a_timing_crash_or_priority_row(
+    spec: ProductSpec, partitions_def: dg.DynamicPartitionsDefinition, index: int
+) -> None:
+    check = worker_dlq_check(spec, partitions_def)
+    broken = with_failure(DLQ_ROWS, index, "high job done 2400 ms after its enqueue")
+    result = invoke(check, staging_smoke=staging(SMOKE_ROWS + EDGE_ROWS + broken))
+    assert result.passed is False
+    assert result.description.startswith(f"worker/DLQ: {len(DLQ_ROWS) - 1}/{len(DLQ_ROWS)} passed")
+    assert DLQ_ROWS[index].name in result.description
 
 
 @pytest.mark.parametrize(
