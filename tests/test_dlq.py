@@ -438,3 +438,17 @@ def test_release_status_shows_the_dead_letter_depth(spec: ProductSpec) -> None:
     staging = environments["staging"]["dead_letter"]
     assert staging["depth"] == 1 and staging["oldest_age_seconds"] >= 0
     assert "depth" in environments["production"]["dead_letter"]
+
+
+def test_validate_names_a_replay_column_the_migrations_lack(
+    products_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "products"
+    shutil.copytree(products_dir / PRODUCT, root / PRODUCT)
+    contract = root / PRODUCT / "contract.yaml"
+    text = contract.read_text()
+    assert "due_column: next_attempt_at," in text
+    contract.write_text(text.replace("due_column: next_attempt_at,", "due_column: due_soon,"))
+    code, out = run_cli("validate", PRODUCT, env={"RELEASE_PRODUCTS_DIR": str(root)})
+    assert code == 2, out
+    assert "worker.replay.jobs_table.due_column" in out and "due_soon" in out
