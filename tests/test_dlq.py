@@ -319,8 +319,8 @@ def test_staging_list_and_replay_with_the_real_worker(spec: ProductSpec, start_w
     assert results == {"dlqt-doomed-1": 1, "dlqt-doomed-2": 1, "dlqt-ok-1": 1}
     attempts = sql(
         db,
-        "SELECT outcome, count(*) FROM job_attempts WHERE job_key = 'dlqt-doomed-1' "
-        "GROUP BY outcome ORDER BY outcome",
+        "SELECT settled_as, count(*) FROM job_attempts WHERE job_key = 'dlqt-doomed-1' "
+        "GROUP BY settled_as ORDER BY settled_as",
     )
     assert attempts == [("dead", 1), ("done", 1), ("retry", 3)]  # ran exactly once more
     assert sql(db, "SELECT count(*) FROM dead_letter") == [(1,)]

@@ -69,7 +69,8 @@ def _jobs_left_behind(deadline_s: float = 20.0) -> list[tuple[object, ...]]:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         left = _production_rows(
-            "SELECT job_key, lane FROM jobs WHERE status = 'queued' AND job_key LIKE 'canary-load-%'"
+            "SELECT job_key, lane FROM jobs "
+            "WHERE status = 'queued' AND job_key LIKE 'canary-load-%'"
         )
         if not left:
             return []
@@ -120,6 +121,6 @@ def test_bad_workers_are_blocked_at_the_canary(
     # Each job the canary's workers touched is settled once: done or dead, never both.
     twice = _production_rows(
         "SELECT job_key FROM job_attempts GROUP BY job_key "
-        "HAVING count(*) FILTER (WHERE outcome = 'done') > 1"
+        "HAVING count(*) FILTER (WHERE settled_as = 'done') > 1"
     )
     assert twice == []

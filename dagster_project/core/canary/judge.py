@@ -209,7 +209,9 @@ def _worker_metrics(
     )
     b, c = baseline.worker_side(), canary.worker_side()
     return (
-        _error_rate(b, c, jobs, metric="job_failure_rate", noun="job failure rate", unit="jobs"),
+        _error_rate(
+            b, c, jobs, metric="job_failure_rate", noun="job failure rate", unit="job attempts"
+        ),
         _latency_shift(b, c, jobs, metric="job_latency_shift", unit="jobs done"),
         _dead_letters(canary, config),
     )

@@ -110,7 +110,7 @@ class LoadGenerator:
         concurrency: int = 16,
         timeout_s: float = 5.0,
         seed: int | None = None,
-        jobs: JobTarget | None = None,
+        job_target: JobTarget | None = None,
     ) -> None:
         self.base_url = require_loopback(base_url)
         if not targets or not any(t.weight > 0 for t in targets):
@@ -125,9 +125,9 @@ class LoadGenerator:
         self.max_requests = max_requests if max_requests is not None else int(rps * max_seconds)
         self.concurrency = concurrency
         self.timeout_s = timeout_s
-        if jobs is not None and not (0 < jobs.share <= 1 and jobs.queues):
-            raise LoadRefused(f"load jobs: share must be in (0, 1] with a queue, got {jobs}")
-        self.jobs = jobs
+        if job_target is not None and not (0 < job_target.share <= 1 and job_target.queues):
+            raise LoadRefused(f"load jobs: share must be in (0, 1] with a queue, got {job_target}")
+        self.jobs = job_target
         self.run_token = secrets.token_hex(4)  # job keys are unique per generator
         self._random = random.Random(seed)
         self._records: list[RequestRecord] = []
@@ -157,7 +157,7 @@ class LoadGenerator:
             queues=tuple(q.name for q in spec.queues.ordered),
             share=spec.canary.job_share,
         )
-        kwargs.setdefault("jobs", jobs)
+        kwargs.setdefault("job_target", jobs)
         return cls(base_url, targets, rps=kwargs.pop("rps", spec.canary.load_rps), **kwargs)
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -12,20 +12,20 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS processed_version TEXT;
 CREATE TABLE IF NOT EXISTS job_attempts (
     id BIGINT GENERATED ALWAYS AS IDENTITY,
     job_key TEXT NOT NULL,
-    attempt BIGINT NOT NULL CHECK (attempt >= 1),
-    outcome TEXT NOT NULL CHECK (outcome IN ('done', 'retry', 'dead')),
-    track TEXT NOT NULL,
+    attempt_number BIGINT NOT NULL CHECK (attempt_number >= 1),
+    settled_as TEXT NOT NULL CHECK (settled_as IN ('done', 'retry', 'dead')),
+    worker_track TEXT NOT NULL,
     worker_version TEXT NOT NULL,
-    error TEXT,
-    started_at TIMESTAMPTZ NOT NULL,
-    finished_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    failure_reason TEXT,
+    attempt_began_at TIMESTAMPTZ NOT NULL,
+    attempt_ended_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     -- job_key first: the gate reads one job's attempts (a replay adds attempts from 1 again)
     PRIMARY KEY (job_key, id)
 );
 
 CREATE TABLE IF NOT EXISTS worker_heartbeats (
-    track TEXT PRIMARY KEY,
+    worker_track TEXT PRIMARY KEY,
     worker_version TEXT NOT NULL,
-    pid BIGINT NOT NULL,
+    worker_pid BIGINT NOT NULL,
     beat_at TIMESTAMPTZ NOT NULL
 );

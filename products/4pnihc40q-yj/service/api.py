@@ -356,7 +356,9 @@ async def get_job(request: Request) -> JSONResponse:
     # Every settled attempt, oldest first (a replayed job's attempts count from 1 again).
     attempt_log = await query(
         """
-        SELECT attempt, outcome, track, worker_version, error, started_at, finished_at
+        SELECT attempt_number AS attempt, settled_as AS outcome, worker_track AS track,
+               worker_version, failure_reason AS error, attempt_began_at AS started_at,
+               attempt_ended_at AS finished_at
         FROM job_attempts WHERE job_key = %s ORDER BY id
         """,
         (key,),

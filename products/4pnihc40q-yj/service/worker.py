@@ -140,7 +140,7 @@ CLAIM_SQL = f"""
     FROM jobs
     WHERE status = 'queued' AND queue = %(queue)s AND next_attempt_at <= now()
       AND (lane IS NULL OR lane = %(track)s OR lane NOT IN (
-          SELECT track FROM worker_heartbeats
+          SELECT worker_track FROM worker_heartbeats
           WHERE beat_at > now() - interval '{LANE_STALE_SECONDS} seconds'))
     ORDER BY next_attempt_at, id
     LIMIT 1
@@ -165,9 +165,8 @@ def record_attempt(
     error: str | None = None,
 ) -> None:
     cur.execute(
-        "INSERT INTO job_attempts "
-        "(job_key, attempt, outcome, track, worker_version, error, started_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        "INSERT INTO job_attempts (job_key, attempt_number, settled_as, worker_track, "
+        "worker_version, failure_reason, attempt_began_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
         (job.key, job.attempts + 1, outcome, config.track, config.version, error, job.started_at),
     )
 
@@ -264,9 +263,10 @@ def heartbeat(conn: psycopg2.extensions.connection, config: ServiceConfig) -> No
     """This worker's lane is alive (see the module docstring)."""
     with conn, conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO worker_heartbeats (track, worker_version, pid, beat_at) "
-            "VALUES (%s, %s, %s, now()) ON CONFLICT (track) DO UPDATE SET "
-            "worker_version = EXCLUDED.worker_version, pid = EXCLUDED.pid, beat_at = now()",
+            "INSERT INTO worker_heartbeats (worker_track, worker_version, worker_pid, beat_at) "
+            "VALUES (%s, %s, %s, now()) ON CONFLICT (worker_track) DO UPDATE SET "
+            "worker_version = EXCLUDED.worker_version, worker_pid = EXCLUDED.worker_pid, "
+            "beat_at = now()",
             (config.track, config.version, os.getpid()),
         )
 
