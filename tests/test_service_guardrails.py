@@ -164,7 +164,7 @@ def test_a_disabled_breaker_never_opens_and_an_abandoned_probe_frees_the_slot() 
 def test_the_sample_product_declares_its_guardrails() -> None:
     spec = load_spec(PRODUCT)
     assert spec.guardrails is not None and spec.contract.guardrails is not None
-    assert spec.guardrails.rate_limit.requests_per_second > spec.canary.load_rps
+    assert spec.guardrails.rate_limit.address_requests_per_second > spec.canary.load_rps
     assert "guardrails_off" in knobs.KNOBS
     with pytest.raises(knobs.KnobError, match="guardrails_off"):
         knobs.KNOBS["guardrails_off"].parse("2")
@@ -189,10 +189,10 @@ def _folder(
     ("spec_change", "contract_change", "file", "field", "reason"),
     [
         (
-            lambda r: r["guardrails"]["rate_limit"].update(requests_per_second=100),
+            lambda r: r["guardrails"]["rate_limit"].update(address_requests_per_second=100),
             None,
             "product.yaml",
-            "guardrails.rate_limit.requests_per_second",
+            "guardrails.rate_limit.address_requests_per_second",
             "must exceed canary.load_rps 120",
         ),
         (
@@ -372,9 +372,10 @@ def test_the_rate_limit_answers_429_with_retry_after_per_client(
     assert api.get("/readyz", client="client-a")[0].status_code == 200
     time.sleep(int(first.headers["Retry-After"]))
     assert api.get("/v1/items/1", client="client-a")[0].status_code == 200
-    # without a client id, the address is the client
-    anonymous = [r.status_code for r in _burst_anonymous(api, burst + int(rps) + 50)]
-    assert 429 in anonymous
+    # without a client id the address is the client: its own, higher limit (the edge and the
+    # canary load generator send none), not the throttled client's bucket
+    anonymous = {r.status_code for r in _burst_anonymous(api, burst + 10)}
+    assert anonymous == {200}
 
 
 def _burst_anonymous(api: Api, n: int) -> list[httpx.Response]:
@@ -488,7 +489,7 @@ def test_the_staging_smoke_verifies_the_guardrails_through_the_edge(
     spec: ProductSpec, platform: Any
 ) -> None:
     rows = _staging_guardrail_rows(spec, platform, "gr-smoke-1.0.0", {})
-    assert len(rows) == 7, list(rows)
+    assert len(rows) == 7, {name: row.detail for name, row in rows.items()}
     failed = {name: row.detail for name, row in rows.items() if not row.passed}
     assert not failed, failed
     fast = rows["guardrails: an open breaker fails fast with 503"]

@@ -404,10 +404,15 @@ class Guardrail(_Model):
 
 
 class RateLimit(_Model):
-    """Token bucket per client: `burst` requests at once, refilled at `requests_per_second`."""
+    """Token bucket per client: `burst` requests at once, refilled at `requests_per_second`.
+    A client names itself in the contract's client id header; a request without one counts
+    against its address, which behind the edge is the edge itself (every anonymous client,
+    the canary load generator included), hence its own, higher limit."""
 
     requests_per_second: float = Field(gt=0, le=100_000)
     burst: int = Field(ge=1, le=100_000)
+    address_requests_per_second: float = Field(gt=0, le=100_000)
+    address_burst: int = Field(ge=1, le=100_000)
 
 
 class CircuitBreaker(_Model):
@@ -591,13 +596,13 @@ def load_spec(product_id_or_path: str | Path) -> ProductSpec:
                     )
                 )
     if spec.guardrails is not None:
-        rps = spec.guardrails.rate_limit.requests_per_second
+        rps = spec.guardrails.rate_limit.address_requests_per_second
         if rps <= spec.canary.load_rps:
             found.append(
                 (
-                    ("guardrails", "rate_limit", "requests_per_second"),
+                    ("guardrails", "rate_limit", "address_requests_per_second"),
                     f"{rps:g} must exceed canary.load_rps {spec.canary.load_rps:g} (the canary "
-                    "load generator is one client and must never be throttled)",
+                    "load generator sends no client id: it is one address, never throttled)",
                 )
             )
     if path.parent.name != spec.product:

@@ -132,9 +132,14 @@ MAX_FAULT_SECONDS = 60.0
 MAX_FAULT_DELAY_MS = 5000
 
 _GUARDRAILS_ON = CONFIG.guardrails is not None and not CONFIG.knobs.guardrails_off
-LIMITER = RateLimiter(
+LIMITER = RateLimiter(  # clients naming themselves in X-Client-Id
     CONFIG.guardrails.requests_per_second if CONFIG.guardrails else 1.0,
     CONFIG.guardrails.burst if CONFIG.guardrails else 1,
+    enabled=_GUARDRAILS_ON,
+)
+ADDRESS_LIMITER = RateLimiter(  # the rest, by address (behind the edge: the edge)
+    CONFIG.guardrails.address_requests_per_second if CONFIG.guardrails else 1.0,
+    CONFIG.guardrails.address_burst if CONFIG.guardrails else 1,
     enabled=_GUARDRAILS_ON,
 )
 BREAKER = CircuitBreaker(
@@ -492,7 +497,8 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
-        wait = LIMITER.take(client_key(scope))
+        key = client_key(scope)
+        wait = (LIMITER if key.startswith("id:") else ADDRESS_LIMITER).take(key)
         if wait <= 0:
             await self.app(scope, receive, send)
             return

@@ -84,8 +84,10 @@ class EndpointPolicy:
 class GuardrailPolicy:
     """product.yaml `guardrails`: the API's rate limit per client and its circuit breaker."""
 
-    requests_per_second: float
+    requests_per_second: float  # per client id
     burst: int
+    address_requests_per_second: float  # per address (requests without a client id)
+    address_burst: int
     failure_threshold: int
     open_seconds: float
 
@@ -315,6 +317,8 @@ def _guardrails(spec: dict[str, Any], path: Path) -> GuardrailPolicy | None:
         policy = GuardrailPolicy(
             requests_per_second=float(limit["requests_per_second"]),
             burst=int(limit["burst"]),
+            address_requests_per_second=float(limit["address_requests_per_second"]),
+            address_burst=int(limit["address_burst"]),
             failure_threshold=int(breaker["failure_threshold"]),
             open_seconds=float(breaker["open_seconds"]),
         )
@@ -323,6 +327,8 @@ def _guardrails(spec: dict[str, Any], path: Path) -> GuardrailPolicy | None:
     for name, value in (
         ("rate_limit.requests_per_second", policy.requests_per_second),
         ("rate_limit.burst", policy.burst),
+        ("rate_limit.address_requests_per_second", policy.address_requests_per_second),
+        ("rate_limit.address_burst", policy.address_burst),
         ("circuit_breaker.failure_threshold", policy.failure_threshold),
         ("circuit_breaker.open_seconds", policy.open_seconds),
     ):
