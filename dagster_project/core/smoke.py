@@ -8,7 +8,12 @@ worker probes and where their results land).
 
 - `smoke`: `/healthz`, `/readyz` (the platform's probes) and every spec endpoint marked
   `smoke: true` answer with their contract's status, content type and body (JSON Schema),
-  served by the release under test (`X-Release`).
+  served by the release under test (`X-Release`). On staging the section also verifies the
+  API's own guardrails (`guardrails` of the spec and the contract; rows named `guardrails:
+  ...`): a burst as one client answered 429 with a valid Retry-After (no-store, after at least
+  the spec's burst), another client not throttled, the same URL passing after Retry-After; the
+  fault drill opening the circuit breaker (readyz 503, data 503 within fail_fast_ms) and the
+  breaker closing after it ends. A product without guardrails fails a row.
 - `edge_cache`: every endpoint's headers obey its class's `cache_policy` (declared TTL within
   `max_ttl_seconds`/`min_ttl_seconds`, `immutable` where asked, no `Set-Cookie` on a cacheable
   response: the row names the endpoint and the rule); for one endpoint of each TTL class, MISS
