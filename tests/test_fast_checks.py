@@ -631,7 +631,7 @@ def test_staging_gate_fails_on_one_failed_row_of_its_section(
     result = invoke(check, staging_smoke=staging(others + broken))
     assert result.passed is False
     expected = f"{what}: {len(rows) - 1}/{len(rows)} passed; failed: {rows[1].name}"
-    if rows[0].section == "edge_cache":  # names the endpoint and the rule: carries the detail
+    if rows[0].section in ("edge_cache", "worker_dlq"):  # the rule or bound: carries the detail
         expected += " (expected 200, got 503)"
     assert result.description == expected
     assert metadata_value(result, "verdict") == "fail"

@@ -1014,6 +1014,8 @@ BACKOFF_EARLY_SLACK_MS = 5.0
 IN_PROGRESS_MIN_MS = 150.0
 IN_PROGRESS_LOOK_SHARE = 0.6
 FAST_POLL_SECONDS = 0.02
+# The only environment whose worker the crash drill may kill.
+CRASH_DRILL_ENV = "staging"
 FLOOD_ENQUEUE_THREADS = 8
 # The flood must drain within count * (duration + this) + the run's job slack.
 FLOOD_PER_JOB_OVERHEAD_MS = 50.0
@@ -1507,6 +1509,10 @@ def _check_crash(run: _Run, queue: Queue) -> str:
             "contract.yaml: field 'worker.probes.slow' is not set: the crash-during-a-job "
             "check cannot run"
         )
+    if run.env != CRASH_DRILL_ENV:
+        raise CheckFailed(
+            f"the crash drill SIGKILLs a worker: it runs in {CRASH_DRILL_ENV} only, not {run.env}"
+        )
     job = _Job(f"{SLOW_JOB_PREFIX}{run.run_id}", queue, poison=False, payload=slow.payload)
     since = time.time()
     error = _enqueue(run, job)
@@ -1586,6 +1592,17 @@ def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
         errors = [e for e in pool.map(lambda j: _enqueue(run, j), flood_jobs) if e]
     if errors:
         raise CheckFailed(f"{len(errors)} of {flood.count} flood jobs refused: {errors[0]}")
+    table, key_column = worker.results.table, worker.results.key_column
+    keys = [job.key for job in flood_jobs]
+    ahead = flood.count - _count_rows_any(run, table, key_column, keys)
+    if ahead * flood.duration_ms <= bound:
+        raise CheckFailed(
+            f"inconclusive: only {ahead} of {flood.count} {last.name} jobs of "
+            f"{flood.duration_ms} ms were still queued once the flood was enqueued, "
+            f"{ahead * flood.duration_ms} ms of work, not above the {bound} ms bound "
+            f"(queues.{first.name}.priority_max_wait_ms): a worker ignoring priority would "
+            "pass too (raise worker.probes.flood.count or duration_ms)"
+        )
     high = _Job(f"{PRIORITY_JOB_PREFIX}{run.run_id}", first, poison=False)
     started = time.monotonic()
     error = _enqueue(run, high)
@@ -1595,8 +1612,6 @@ def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
     high.deadline = started + max(3 * bound / 1000, run.job_slack)
     _poll_until_final(run, high, FAST_POLL_SECONDS)
     waited_ms = (time.monotonic() - started) * 1000
-    table, key_column = worker.results.table, worker.results.key_column
-    keys = [job.key for job in flood_jobs]
     pending = flood.count - _count_rows_any(run, table, key_column, keys)
     status, attempts = _state(run, high.state or {})
     if status != worker.recognise.done:
@@ -1606,17 +1621,17 @@ def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
             f"expected {worker.recognise.done!r} within {bound} ms "
             f"(queues.{first.name}.priority_max_wait_ms)"
         )
-    if pending <= 0:
-        raise CheckFailed(
-            f"inconclusive: all {flood.count} {last.name} jobs were done before the "
-            f"{first.name} job ({waited_ms:.0f} ms): no contention was measured "
-            "(raise worker.probes.flood.count or duration_ms)"
-        )
     if waited_ms > bound:
         raise CheckFailed(
             f"{first.name} job {high.key} done {waited_ms:.0f} ms after its enqueue with "
             f"{pending} of {flood.count} {last.name} jobs still queued, above "
             f"queues.{first.name}.priority_max_wait_ms {bound} ms"
+        )
+    if pending <= 0:
+        raise CheckFailed(
+            f"inconclusive: all {flood.count} {last.name} jobs were done before the "
+            f"{first.name} job ({waited_ms:.0f} ms): no contention was measured "
+            "(raise worker.probes.flood.count or duration_ms)"
         )
     # The flood drains before the section ends, so later stages find an idle worker.
     drain_until = time.monotonic() + (
@@ -1634,8 +1649,9 @@ def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
         )
     return (
         f"{first.name} job done {waited_ms:.0f} ms after its enqueue (bound {bound} ms, "
-        f"queues.{first.name}.priority_max_wait_ms) with {pending} of {flood.count} "
+        f"queues.{first.name}.priority_max_wait_ms) with {ahead} of {flood.count} "
         f"{last.name} jobs of {flood.duration_ms} ms still queued ahead of it "
-        f"(>= {pending * flood.duration_ms} ms of work); all {last.name} jobs done "
+        f"(>= {ahead * flood.duration_ms} ms of work; {pending} still queued when it was "
+        f"done); all {last.name} jobs done "
         f"{time.monotonic() - started:.2f}s after it was enqueued"
     )
