@@ -73,7 +73,9 @@ def _active_targets(platform: LocalPlatform) -> set[str]:
 
 
 def _instances(platform: LocalPlatform) -> set[str]:
-    return {url.removeprefix("http://") for url in platform.api_urls(ENV).values()}
+    """What Prometheus must scrape: every serving API and worker (each on its own port)."""
+    urls = [*platform.api_urls(ENV).values(), *platform.worker_metrics_urls(ENV).values()]
+    return {url.removeprefix("http://") for url in urls}
 
 
 def _hit(url: str, n: int) -> None:
@@ -99,7 +101,7 @@ def test_deploy_and_rollback_rewrite_service_discovery(platform: LocalPlatform) 
     stable = _instances(platform)
     platform.deploy(ENV, "canary", registry.push(registry.build_artifact(spec, "1.1.0")))
     both = _instances(platform)
-    assert len(both) == 2
+    assert len(both) == 4  # stable and canary, each an API and a worker
     _until("Prometheus scrapes stable and canary", lambda: _active_targets(platform) == both)
     platform.rollback(ENV)
     _until("the canary's target is gone", lambda: _active_targets(platform) == stable)
