@@ -352,6 +352,23 @@ def test_worker_metrics(
         assert any(r.startswith(f"{metric}: ") for r in judgement.reasons)
 
 
+def test_healthy_jobs_pass_the_last_step(full_config: JudgeConfig) -> None:
+    """The last step's non-inferiority rule is the API's: with tens of job attempts the upper
+    bound of a job failure-rate increase never drops below 1%, so it must not apply to jobs
+    (a scaffolded product's canary stayed inconclusive until its deadline)."""
+    from dagster_project.core.canary.analysis import config_for_step
+
+    last = config_for_step(full_config, 3, 3)
+    assert last.error_rate_noninferiority
+    rng = np.random.default_rng(11)
+    judgement = judge(full_side(rng, 2000, jobs=80), full_side(rng, 400, jobs=20), last)
+    assert by_metric(judgement)["job_failure_rate"].verdict == Verdict.PASS  # type: ignore[attr-defined]
+    failing = judge(
+        full_side(rng, 2000, jobs=80), full_side(rng, 400, jobs=20, failure_rate=1.0), last
+    )
+    assert by_metric(failing)["job_failure_rate"].verdict == Verdict.FAIL  # type: ignore[attr-defined]
+
+
 def test_missing_worker_metrics_are_never_a_pass(full_config: JudgeConfig) -> None:
     rng = np.random.default_rng(3)
     api_only = side(rng, 2000, 0.002), side(rng, 400, 0.002)

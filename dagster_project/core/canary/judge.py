@@ -200,8 +200,12 @@ def judge_absolute(canary: SideWindow, config: JudgeConfig) -> Judgement:
 def _worker_metrics(
     baseline: SideWindow, canary: SideWindow, config: JudgeConfig
 ) -> tuple[MetricResult, ...]:
+    # No non-inferiority for jobs: with tens of job attempts per side the upper bound of an
+    # increase never drops below a 1% allowance, so the last step could never pass; a job
+    # failure-rate regression fails on significance, and dead letters on the absolute bound.
     jobs = replace(
         config,
+        error_rate_noninferiority=False,
         max_error_rate_increase=config.max_job_failure_rate_increase,
         max_latency_shift_ratio=config.max_job_latency_shift_ratio,
         min_requests_per_side=config.min_jobs_per_side,
