@@ -168,6 +168,13 @@ DB_FAULT = DatabaseFault()
 
 
 async def apply_release_knobs() -> None:
+    # An open breaker refuses before any work (the release's own latency and errors
+    # included): failing fast is the breaker's promise, checked by the staging smoke.
+    if BREAKER.state == "open":
+        raise CircuitOpen(
+            f"circuit breaker open after {BREAKER.consecutive_failures} consecutive database "
+            f"failures; retry in {BREAKER.retry_in():.1f}s"
+        )
     if CONFIG.knobs.extra_latency_ms > 0:
         await asyncio.sleep(CONFIG.knobs.extra_latency_ms / 1000)
     if FAULTS.should_fail():
