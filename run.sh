@@ -22,10 +22,29 @@ command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH: install Py
 # The real interpreter, not a pyenv/asdf shim: uv recreates .venv when the path it is given is
 # not the one .venv was made from, and a shim's path never is. Inside a virtual environment
 # (a ./run.sh started by a command of another one, with .venv/bin first on PATH) its base.
-PY="$(python3 -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))' 2>/dev/null)" ||
-  die "python3 does not start: install Python 3.11 or newer"
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-  die "$PY is Python $(python3 -c 'import sys; print(*sys.version_info[:3], sep=".")'); install Python 3.11 or newer"
+# One python3 start (a pyenv shim takes ~0.3 s each) gives the interpreter, its version check
+# and what the environment must be synced from (a digest of the interpreter, uv.lock and
+# pyproject.toml, compared with a stamp in .venv).
+SETUP="$(python3 - <<'EOF'
+import hashlib, os, sys
+py = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+if sys.version_info < (3, 11):
+    print(f"{py} is Python {'.'.join(map(str, sys.version_info[:3]))}: install Python 3.11 or newer")
+    sys.exit(3)
+digest = hashlib.sha256(py.encode())
+for name in ("uv.lock", "pyproject.toml"):
+    try:
+        with open(name, "rb") as f:
+            digest.update(b"\0" + f.read())
+    except OSError:
+        print(f"cannot read {name} in {os.getcwd()}")
+        sys.exit(4)
+print(py)
+print(digest.hexdigest())
+EOF
+)" || die "${SETUP:-python3 does not start: install Python 3.11 or newer}"
+PY="${SETUP%%$'\n'*}"
+WANT="${SETUP##*$'\n'}"
 
 if ! command -v uv >/dev/null 2>&1; then
   export PATH="$HOME/.local/bin:$PATH"
@@ -46,15 +65,6 @@ mkdir -p .release 2>/dev/null || die "cannot create $PWD/.release: make the proj
 exec 9>>.release/run-sh.lock || die "cannot open $PWD/.release/run-sh.lock: make .release writable"
 
 STAMP=.venv/.run-sh-stamp
-WANT="$(python3 - "$PY" <<'EOF'
-import hashlib, sys
-digest = hashlib.sha256(sys.argv[1].encode())
-for name in ("uv.lock", "pyproject.toml"):
-    with open(name, "rb") as f:
-        digest.update(b"\0" + f.read())
-print(digest.hexdigest())
-EOF
-)" || die "cannot read uv.lock and pyproject.toml in $PWD"
 
 fresh() {
   [ -f "$STAMP" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && .venv/bin/python -c '' 2>/dev/null
