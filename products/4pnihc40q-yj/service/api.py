@@ -152,6 +152,13 @@ BREAKER = CircuitBreaker(
 class CircuitOpen(RuntimeError):
     """The breaker refused a database call without trying it."""
 
+    @classmethod
+    def now(cls) -> CircuitOpen:
+        return cls(
+            f"circuit breaker open after {BREAKER.consecutive_failures} consecutive database "
+            f"failures; retry in {BREAKER.retry_in():.1f}s"
+        )
+
 
 class DatabaseFault:
     """The staging drill: database calls wait `delay_ms`, then fail, until `until`."""
@@ -171,10 +178,7 @@ async def apply_release_knobs() -> None:
     # An open breaker refuses before any work (the release's own latency and errors
     # included): failing fast is the breaker's promise, checked by the staging smoke.
     if BREAKER.state == "open":
-        raise CircuitOpen(
-            f"circuit breaker open after {BREAKER.consecutive_failures} consecutive database "
-            f"failures; retry in {BREAKER.retry_in():.1f}s"
-        )
+        raise CircuitOpen.now()
     if CONFIG.knobs.extra_latency_ms > 0:
         await asyncio.sleep(CONFIG.knobs.extra_latency_ms / 1000)
     if FAULTS.should_fail():
@@ -196,10 +200,7 @@ def jsonable(value: Any) -> Any:
 async def query(sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     """Every database call goes through the circuit breaker (and the staging fault drill)."""
     if not BREAKER.allow():
-        raise CircuitOpen(
-            f"circuit breaker open after {BREAKER.consecutive_failures} consecutive database "
-            f"failures; retry in {BREAKER.retry_in():.1f}s"
-        )
+        raise CircuitOpen.now()
     try:
         if DB_FAULT.active():
             await asyncio.sleep(DB_FAULT.delay_ms / 1000)
