@@ -31,7 +31,8 @@ py = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
 if sys.version_info < (3, 11):
     print(f"{py} is Python {'.'.join(map(str, sys.version_info[:3]))}: install Python 3.11 or newer")
     sys.exit(3)
-digest = hashlib.sha256(py.encode())
+# "bytecode": the sync compiles site-packages (a change of sync flags re-syncs once).
+digest = hashlib.sha256(py.encode() + b"\0bytecode")
 for name in ("uv.lock", "pyproject.toml"):
     try:
         with open(name, "rb") as f:
@@ -81,7 +82,11 @@ if ! fresh; then
   fi
   if ! fresh; then # another ./run.sh may have synced it while this one waited
     rm -f "$STAMP"
-    UV_PYTHON_DOWNLOADS=never "$UV" sync --locked --quiet --python "$PY" ||
+    # --compile-bytecode: every start then reads cached bytecode instead of compiling dagster,
+    # Great Expectations and their dependencies from source (measured: `import dagster` 1.0 s
+    # instead of 3 s, `import great_expectations` 3.5 s instead of 9.5 s), also where
+    # PYTHONDONTWRITEBYTECODE keeps Python from caching it on its own.
+    UV_PYTHON_DOWNLOADS=never "$UV" sync --locked --quiet --compile-bytecode --python "$PY" ||
       die "'uv sync --locked' failed (see above): if uv.lock is out of date with pyproject.toml run 'uv lock'; otherwise check the network or the package index"
     echo "$WANT" >"$STAMP"
   fi
@@ -90,6 +95,10 @@ fi
 flock -s 9
 
 export RUN_SH_ACTIVE=1
+# The project's own modules (dagster_project, assets, checks, the tests) and the processes a
+# release starts cache their bytecode under __pycache__ (git-ignored) even where the shell sets
+# PYTHONDONTWRITEBYTECODE: compiling them again on every start costs each command ~0.5 s.
+unset PYTHONDONTWRITEBYTECODE
 export VIRTUAL_ENV="$PWD/.venv"
 export PATH="$VIRTUAL_ENV/bin:$PATH"
 cmd="${1:-}"

@@ -40,8 +40,12 @@ def staging_smoke_asset(
         platform: PlatformResource,
         registry: RegistryResource,
     ) -> dg.Output[StagingSmokeReport]:
+        from dagster_project.core import data_quality
         from dagster_project.core.smoke import run_smoke
 
+        # The data_quality gate after this step imports Great Expectations (~3.5 s of CPU):
+        # done now, beside a smoke suite that mostly waits (same process under `deploy`).
+        data_quality.preload()
         own_staging(context, spec, artifact.sha256)
         started = time.monotonic()
         local = platform.for_product(spec.product)
