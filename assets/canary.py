@@ -15,7 +15,6 @@ run, for `promotion`; if the run dies first, the reconciler returns production t
 records the abort. Gates: `slo_regression`, `schema_drift`.
 """
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -308,8 +307,11 @@ def step_problems(spec: ProductSpec, local: Any, since_epoch: float) -> list[str
 
 
 def bake_scale() -> float:
-    """`RELEASE_BAKE_SCALE` shortens bake times (tests, demos) without editing the spec."""
-    return float(os.environ.get("RELEASE_BAKE_SCALE", "1.0"))
+    """`RELEASE_BAKE_SCALE` shortens bake times (tests, demos) without editing the spec
+    (validated by `deploy` before any work; here an invalid value fails the stage, naming it)."""
+    from dagster_project.core.settings import bake_scale as scale
+
+    return scale()
 
 
 def describe_event(event: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from dagster_project.core import guardrail, knobs
 from dagster_project.core.knobs import quote
-from dagster_project.core.settings import validate_release_key
+from dagster_project.core.settings import bake_scale, validate_release_key
 from dagster_project.core.spec import ProductSpec, SpecError, load_spec, validate_product_id
 from dagster_project.core.versioning import default_release_version
 
@@ -143,6 +143,10 @@ def prepare(
         validate_release_key(version)
     except ValueError as exc:
         raise BadInput(f"--release: {exc}") from None
+    try:
+        bake_scale()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
     settings = parse_settings(pairs)
     try:
         parsed = knobs.validate(settings)

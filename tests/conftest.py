@@ -26,6 +26,9 @@ def release_home() -> Iterator[Path]:
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
     if os.environ.get("RELEASE_DATABASE_URL"):
         os.environ["RELEASE_DB_PREFIX"] = f"t{os.getpid()}_"
+    # Half the spec's bake and watch times (the README's RELEASE_BAKE_SCALE): a canary step
+    # still extends until its sample is big enough, so every gate judges as much evidence.
+    os.environ.setdefault("RELEASE_BAKE_SCALE", "0.5")
     # Resolve the code location once, up front: Dagster's definitions load context keeps a weak
     # reference to the instance that was current when it is first built, and a test's
     # short-lived instance would leave later tests with a dead one.
@@ -77,6 +80,48 @@ _LONGEST_FIRST = (
     "test_real_edge_e2e.py",
     "test_automations.py",
 )
+
+
+# `slow` is what starts a process or talks to Postgres: `-m "not slow"` runs the pure tests only,
+# in seconds. Kept true by a guard: an unmarked test (its fixtures' setup included) that starts
+# a process or connects to Postgres fails, naming the marker it lacks.
+class StartsProcesses(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _pure(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    import subprocess
+    from unittest import mock
+
+    import psycopg2
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise StartsProcesses(
+            f"{item.nodeid} starts a process or connects to Postgres but is not marked slow: "
+            "add @pytest.mark.slow (or the module's pytestmark)"
+        )
+
+    with (
+        mock.patch.object(subprocess.Popen, "_execute_child", refuse),
+        mock.patch.object(psycopg2, "connect", refuse),
+    ):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _pure(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _pure(item):
+        yield
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -280,6 +280,7 @@ def sandbox(guardrail_token: str) -> Iterator[Sandbox]:
 # ------------------------------------------------------------------ checkpoints (own database)
 
 
+@pytest.mark.slow
 def test_each_append_signs_a_checkpoint_outside_the_database(audit_db: str) -> None:
     written = append(audit_db, 3)
 
@@ -309,6 +310,7 @@ def test_each_append_signs_a_checkpoint_outside_the_database(audit_db: str) -> N
     assert not again.created and len(list(directory.iterdir())) == 3
 
 
+@pytest.mark.slow
 def test_a_consistent_rewrite_is_caught_and_never_signed_over(audit_db: str) -> None:
     append(audit_db, 5)
     rewrite_consistently(audit_db, 3)
@@ -333,6 +335,7 @@ def test_a_consistent_rewrite_is_caught_and_never_signed_over(audit_db: str) -> 
     assert audit.verify(database=audit_db).first_bad_seq == 3
 
 
+@pytest.mark.slow
 def test_entries_without_any_checkpoint_fail_until_one_is_signed(audit_db: str) -> None:
     append(audit_db, 2)
     for path in checkpoints.log_dir(audit_db).iterdir():
@@ -346,6 +349,7 @@ def test_entries_without_any_checkpoint_fail_until_one_is_signed(audit_db: str) 
     assert audit.verify(database=audit_db).ok
 
 
+@pytest.mark.slow
 def test_the_covering_checkpoint_proves_an_entry_and_names_a_forged_one(audit_db: str) -> None:
     first, second = append(audit_db, 2)
     checkpoint, problem = audit.covering(first.seq, first.entry_hash, database=audit_db)
@@ -362,6 +366,7 @@ def test_the_covering_checkpoint_proves_an_entry_and_names_a_forged_one(audit_db
     )
 
 
+@pytest.mark.slow
 def test_a_pinned_public_key_refuses_another_signing_key_before_anything_is_written(
     audit_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -389,6 +394,7 @@ def test_a_pinned_public_key_refuses_another_signing_key_before_anything_is_writ
     )
 
 
+@pytest.mark.slow
 def test_verify_without_a_trusted_key_is_an_environment_problem(
     audit_db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -566,6 +572,7 @@ TAMPERING: dict[str, tuple[Callable[[str, int], None], str, str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", TAMPERING)
 def test_cli_verify_names_the_first_bad_item(capsys: pytest.CaptureFixture[str], how: str) -> None:
     with trail_restored():
@@ -590,6 +597,7 @@ def test_cli_verify_names_the_first_bad_item(capsys: pytest.CaptureFixture[str],
         )
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_signs_an_uncovered_head_and_refuses_a_rewritten_one(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -618,6 +626,7 @@ def test_cli_checkpoint_signs_an_uncovered_head_and_refuses_a_rewritten_one(
         assert code == 3 and checkpoints.file_name(more[0].seq) in err
 
 
+@pytest.mark.slow
 def test_cli_a_truncate_attempt_is_refused_and_the_trail_stays_intact(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -630,6 +639,7 @@ def test_cli_a_truncate_attempt_is_refused_and_the_trail_stays_intact(
         assert code == 0 and "audit trail intact" in out and "signed checkpoints verified" in out
 
 
+@pytest.mark.slow
 def test_cli_verify_reports_the_checkpoints_and_show_masks_the_token(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -653,6 +663,7 @@ def test_cli_verify_reports_the_checkpoints_and_show_masks_the_token(
         assert code == 2 and "no-such-product" in err
 
 
+@pytest.mark.slow
 def test_cli_export_prints_stable_json_lines_with_the_covering_checkpoint(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -803,6 +814,7 @@ def compliance_of(result: dg.ExecuteInProcessResult) -> tuple[bool, dict[str, tu
     }
 
 
+@pytest.mark.slow
 def test_a_complete_promotion_passes_compliance_and_gets_its_ticket(
     sandbox: Sandbox, spec: ProductSpec, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -900,6 +912,7 @@ ITEM_FAILURES: dict[str, tuple[dict[str, Any], Callable[[Staged], None] | None, 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ITEM_FAILURES)
 def test_each_checklist_item_fails_on_its_own_and_compliance_blocks(
     sandbox: Sandbox, spec: ProductSpec, capsys: pytest.CaptureFixture[str], case: str
@@ -921,6 +934,7 @@ def test_each_checklist_item_fails_on_its_own_and_compliance_blocks(
     assert code == 3 and failing in err, err
 
 
+@pytest.mark.slow
 def test_an_aborted_first_canary_and_a_promoted_retry_pass_compliance(
     sandbox: Sandbox, spec: ProductSpec, capsys: pytest.CaptureFixture[str]
 ) -> None:

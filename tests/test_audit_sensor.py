@@ -70,6 +70,7 @@ def history() -> list[str]:
     return [row[0] for row in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", [None, "tpt-wrong-token"])
 def test_sensor_requests_nothing_without_the_right_token(
     history: list[str], token: str | None, monkeypatch: pytest.MonkeyPatch
@@ -86,6 +87,7 @@ def test_sensor_requests_nothing_without_the_right_token(
         assert token not in (result.skip_message or "")
 
 
+@pytest.mark.slow
 def test_sensor_walks_history_with_a_bounded_cursor_and_dedupes(
     history: list[str], guardrail_token: str
 ) -> None:

@@ -71,6 +71,7 @@ def as_owner(db: str, *statements: str) -> None:
 # ------------------------------------------------------------------ append and verify
 
 
+@pytest.mark.slow
 def test_append_chains_entries_and_verify_passes(audit_db: str) -> None:
     written = append_releases(audit_db, 3)
 
@@ -104,6 +105,7 @@ def test_append_chains_entries_and_verify_passes(audit_db: str) -> None:
     assert code == 0 and json.loads(as_json)["ok"] is True
 
 
+@pytest.mark.slow
 def test_reappending_a_change_returns_the_existing_entry(audit_db: str) -> None:
     first = audit.append("chg-1", make_payload(), database=audit_db)
     again = audit.append("chg-1", make_payload(outcome="aborted"), database=audit_db)
@@ -120,6 +122,7 @@ def test_reappending_a_change_returns_the_existing_entry(audit_db: str) -> None:
     assert audit.find("chg-unknown", database=audit_db) is None
 
 
+@pytest.mark.slow
 def test_entries_filter_by_product(audit_db: str) -> None:
     audit.append("a-1", make_payload("1.0.0"), database=audit_db)
     audit.append("b-1", make_payload("2.0.0", product="other-product"), database=audit_db)
@@ -133,6 +136,7 @@ def test_entries_filter_by_product(audit_db: str) -> None:
 # ------------------------------------------------------------------ tampering is detected
 
 
+@pytest.mark.slow
 def test_edited_payload_is_named_by_seq(audit_db: str) -> None:
     append_releases(audit_db, 5)
     as_owner(
@@ -156,6 +160,7 @@ def test_edited_payload_is_named_by_seq(audit_db: str) -> None:
     assert json.loads(audit.verify_output(result, as_json=True)[0])["first_bad_seq"] == 3
 
 
+@pytest.mark.slow
 def test_edit_with_recomputed_hash_breaks_the_next_link(audit_db: str) -> None:
     written = append_releases(audit_db, 4)
     forged = audit.canonical_json({**written[1].payload, "outcome": "aborted"})
@@ -172,6 +177,7 @@ def test_edit_with_recomputed_hash_breaks_the_next_link(audit_db: str) -> None:
     assert (result.ok, result.first_bad_seq, result.reason) == (False, 3, audit.BROKEN_LINK)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("deleted", "first_bad"), [(3, 3), (1, 1), (5, 5)])
 def test_deleted_row_is_named_by_seq(audit_db: str, deleted: int, first_bad: int) -> None:
     append_releases(audit_db, 5)
@@ -192,6 +198,7 @@ def test_deleted_row_is_named_by_seq(audit_db: str, deleted: int, first_bad: int
     assert code != 0 and f"seq {first_bad}" in text
 
 
+@pytest.mark.slow
 def test_reordered_rows_are_detected(audit_db: str) -> None:
     append_releases(audit_db, 4)
     as_owner(
@@ -208,6 +215,7 @@ def test_reordered_rows_are_detected(audit_db: str) -> None:
     assert (result.ok, result.first_bad_seq, result.reason) == (False, 2, audit.BROKEN_LINK)
 
 
+@pytest.mark.slow
 def test_tampered_head_and_lookup_columns_are_detected(audit_db: str) -> None:
     append_releases(audit_db, 2)
     as_owner(
@@ -243,6 +251,7 @@ def test_tampered_head_and_lookup_columns_are_detected(audit_db: str) -> None:
 # ------------------------------------------------------------------ the trail refuses changes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("statement", "refusal"),
     [
@@ -271,6 +280,7 @@ def test_owner_sql_is_refused_by_triggers(audit_db: str, statement: str, refusal
     assert audit.verify(database=audit_db).ok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "statement",
     [
@@ -302,6 +312,7 @@ def test_pipeline_role_can_only_append_and_read(audit_db: str, statement: str) -
     assert audit.verify(database=audit_db).ok
 
 
+@pytest.mark.slow
 def test_append_function_checks_required_fields_itself(audit_db: str) -> None:
     # Defence in depth: SQL callers bypassing the Python validation are refused too.
     payload = {**make_payload(), "change_id": "raw"}
@@ -320,6 +331,7 @@ def test_append_function_checks_required_fields_itself(audit_db: str) -> None:
 # ------------------------------------------------------------------ concurrency
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_appends_stay_gap_free_and_unforked(audit_db: str) -> None:
     count = 20
     barrier = threading.Barrier(count)
@@ -355,6 +367,7 @@ def test_twenty_concurrent_appends_stay_gap_free_and_unforked(audit_db: str) -> 
     assert (result.ok, result.entries_checked, result.head_seq) == (True, count, count)
 
 
+@pytest.mark.slow
 def test_concurrent_appends_of_one_change_write_one_entry(audit_db: str) -> None:
     count = 6
     barrier = threading.Barrier(count)
@@ -379,6 +392,7 @@ def test_concurrent_appends_of_one_change_write_one_entry(audit_db: str) -> None
 # ------------------------------------------------------------------ bad input and fail-closed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", audit.REQUIRED_FIELDS)
 @pytest.mark.parametrize("how", ["missing", "empty", "blank"])
 def test_missing_required_field_is_refused_by_name(audit_db: str, field: str, how: str) -> None:
@@ -393,6 +407,7 @@ def test_missing_required_field_is_refused_by_name(audit_db: str, field: str, ho
     assert audit.entries(database=audit_db) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
@@ -416,6 +431,7 @@ def test_bad_payload_is_refused_naming_the_field(
     assert "12345678" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_verify_fails_closed(audit_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     empty = audit.verify(database=audit_db)
     assert (empty.ok, empty.reason) == (False, audit.EMPTY_TRAIL)
@@ -442,6 +458,7 @@ def test_verify_fails_closed(audit_db: str, monkeypatch: pytest.MonkeyPatch) -> 
 # ------------------------------------------------------------------ token hygiene
 
 
+@pytest.mark.slow
 def test_token_is_stored_but_masked_everywhere_else(audit_db: str) -> None:
     entry = audit.append("chg-1", make_payload(note=f"echo {GUARDRAIL_TOKEN}"), database=audit_db)
     audit.append("chg-2", make_payload("1.0.1", outcome="aborted"), database=audit_db)
@@ -468,6 +485,7 @@ def test_token_is_stored_but_masked_everywhere_else(audit_db: str) -> None:
     assert audit.show_output("no-such-product", database=audit_db)[0].startswith("no audit")
 
 
+@pytest.mark.slow
 def test_database_errors_from_append_never_carry_the_token(audit_db: str) -> None:
     # A server-side failure that quotes the payload (the worst case) must come out scrubbed.
     as_owner(

@@ -153,6 +153,7 @@ def test_nightly_train_skips_without_the_right_token_before_any_work(
         assert token not in message
 
 
+@pytest.mark.slow
 def test_nightly_train_releases_the_newest_release_not_in_production(
     guardrail_token: str, scratch: dg.DagsterInstance
 ) -> None:
@@ -206,6 +207,7 @@ def test_verification_schedule_requests_a_valid_run_of_its_job(
     assert node.definition.pool == release_pool(PRODUCT)
 
 
+@pytest.mark.slow
 def test_verification_fails_clearly_when_nothing_is_deployed() -> None:
     _, job = _verification()
     result = job.execute_in_process(
@@ -218,6 +220,7 @@ def test_verification_fails_clearly_when_nothing_is_deployed() -> None:
     assert NOTHING_DEPLOYED in failure.step_failure_data.error.to_string()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("passed", [True, False])
 def test_verification_judges_the_post_deploy_smoke(
     passed: bool, monkeypatch: pytest.MonkeyPatch
@@ -258,6 +261,7 @@ def test_verification_judges_the_post_deploy_smoke(
 # -- the product's pool at run granularity ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_instance_limits_each_pool_to_one_run_at_a_time() -> None:
     from dagster._core.instance.config import PoolGranularity
 
@@ -276,6 +280,7 @@ def test_instance_limits_each_pool_to_one_run_at_a_time() -> None:
     assert instance.event_log_storage.supports_global_concurrency_limits
 
 
+@pytest.mark.slow
 def test_get_instance_creates_each_product_pool_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every product's pool exists at the default limit before a run needs it, so the queue
     daemon never initialises one (dagster-io/dagster#33552 on Postgres); existing pools are
@@ -342,6 +347,7 @@ def _asset_run(instance: dg.DagsterInstance, stage: str, **kwargs: Any) -> Any:
     )
 
 
+@pytest.mark.slow
 def test_an_in_progress_run_with_the_pool_blocks_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """A release run in progress (as the CLI's in-process run is) has the product's pool; while
     it is, the queue's pool counter (the daemon's, at the instance's granularity) holds a queued

@@ -229,6 +229,20 @@ DEPLOY_CASES: list[tuple[str, list[str], dict[str, Any], int, tuple[str, ...]]] 
         ("RELEASE_DATABASE_URL", "***"),
     ),
     (
+        "bake scale not a number",
+        [PRODUCT],
+        {**TOKEN, "RELEASE_BAKE_SCALE": "fast"},
+        2,
+        ("RELEASE_BAKE_SCALE", "(0, 1]"),
+    ),
+    (
+        "bake scale above 1",
+        [PRODUCT],
+        {**TOKEN, "RELEASE_BAKE_SCALE": "2"},
+        2,
+        ("RELEASE_BAKE_SCALE", "(0, 1]"),
+    ),
+    (
         "state dir not creatable",
         [PRODUCT],
         {**TOKEN, "RELEASE_HOME": "/etc/hostname/state"},
@@ -238,6 +252,7 @@ DEPLOY_CASES: list[tuple[str, list[str], dict[str, Any], int, tuple[str, ...]]] 
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "env", "code", "needles"),
     [pytest.param(*case[1:], id=case[0]) for case in DEPLOY_CASES],
@@ -252,6 +267,7 @@ def test_deploy_answers_bad_input_up_front(
     assert seconds < UP_FRONT_SECONDS, f"took {seconds:.1f}s: not checked up front"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("edit", "needles"),
     [
@@ -314,6 +330,7 @@ RELEASE_CASES: list[tuple[str, list[str], dict[str, Any], int, tuple[str, ...]]]
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "env", "code", "needles"),
     [pytest.param(*case[1:], id=case[0]) for case in RELEASE_CASES],
@@ -445,6 +462,7 @@ def test_a_superseded_release_is_reported_by_its_rule_not_as_a_gate(
     assert "blocked by slo_regression" not in out
 
 
+@pytest.mark.slow
 def test_a_blocked_migration_lists_every_finding_with_file_line_rule_and_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -572,6 +590,7 @@ def test_fuzz_the_deploy_parser_never_crashes(seed: int) -> None:
 # -- ./run.sh -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_run_sh_at_once_both_work_and_never_resync() -> None:
     python = PROJECT_ROOT / ".venv" / "bin" / "python"
     before = python.lstat()

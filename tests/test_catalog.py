@@ -47,6 +47,7 @@ def db() -> Iterator[str]:
     database.drop_database(name)
 
 
+@pytest.mark.slow
 def test_two_builds_of_the_product_schema_snapshot_equal() -> None:
     files = _product_migrations()
     assert files, "the product has migrations"
@@ -70,6 +71,7 @@ def test_two_builds_of_the_product_schema_snapshot_equal() -> None:
     assert _scratch_databases() == []
 
 
+@pytest.mark.slow
 def test_scratch_database_is_dropped_after_an_error_in_the_block() -> None:
     with (
         pytest.raises(ZeroDivisionError),
@@ -80,6 +82,7 @@ def test_scratch_database_is_dropped_after_an_error_in_the_block() -> None:
     assert _scratch_databases() == []
 
 
+@pytest.mark.slow
 def test_failing_migration_names_file_and_line_and_scratch_is_dropped(tmp_path: Path) -> None:
     files = _write(
         tmp_path,
@@ -104,6 +107,7 @@ def test_failing_migration_names_file_and_line_and_scratch_is_dropped(tmp_path: 
     assert _scratch_databases() == []
 
 
+@pytest.mark.slow
 def test_each_file_is_its_own_transaction(db: str, tmp_path: Path) -> None:
     """As history.apply_pending: earlier files stay committed, the failing one is rolled back
     whole, and a no-transaction file runs statement by statement (CONCURRENTLY works)."""
@@ -125,6 +129,7 @@ def test_each_file_is_its_own_transaction(db: str, tmp_path: Path) -> None:
     assert ("table", "public.b") not in objects  # rolled back with the rest of 0003
 
 
+@pytest.mark.slow
 def test_view_columns_are_in_the_snapshot(db: str) -> None:
     # The compatibility check relies on them: the stable version reads views too.
     with database.connection(db) as conn, conn.cursor() as cur:

@@ -53,6 +53,7 @@ def _tables(name: str) -> set[str]:
         return {row[0] for row in cur.fetchall()}
 
 
+@pytest.mark.slow
 def test_applying_twice_is_a_no_op_and_the_version_table_lists_every_file(
     scratch_db: str,
 ) -> None:
@@ -81,6 +82,7 @@ def test_applying_twice_is_a_no_op_and_the_version_table_lists_every_file(
     } <= _tables(scratch_db)
 
 
+@pytest.mark.slow
 def test_environment_databases_get_the_migration_history_table(scratch_db: str) -> None:
     from dagster_project.core.migrations import history
 
@@ -95,12 +97,14 @@ def test_environment_databases_get_the_migration_history_table(scratch_db: str) 
     assert not any(t.startswith(("platform.", "audit.")) for t in _tables(scratch_db))
 
 
+@pytest.mark.slow
 def test_a_dropped_database_is_set_up_again(scratch_db: str) -> None:
     assert control_schema.ensure(scratch_db)
     database.drop_database(scratch_db)
     assert control_schema.ensure(scratch_db)  # not served from the per-process cache
 
 
+@pytest.mark.slow
 def test_concurrent_threads_apply_each_file_once(scratch_db: str) -> None:
     database.ensure_database(scratch_db)
     barrier = threading.Barrier(6)
@@ -125,6 +129,7 @@ def test_concurrent_threads_apply_each_file_once(scratch_db: str) -> None:
     assert len(_versions(scratch_db)) == len(control_schema.files("control"))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_apply_each_file_once(scratch_db: str) -> None:
     script = (
         "import json, sys\n"
@@ -153,6 +158,7 @@ def test_concurrent_processes_apply_each_file_once(scratch_db: str) -> None:
         assert len(_versions(scratch_db, kind)) == len(control_schema.files(kind))
 
 
+@pytest.mark.slow
 def test_an_edited_applied_file_is_refused_naming_it(
     scratch_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,6 +185,7 @@ def test_an_edited_applied_file_is_refused_naming_it(
         control_schema.ensure(scratch_db)
 
 
+@pytest.mark.slow
 def test_a_failing_file_is_named_and_leaves_nothing_applied(
     scratch_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,6 +205,7 @@ def test_the_audit_file_spells_out_the_python_constants() -> None:
     assert f"GRANT {audit.PIPELINE_ROLE} TO" in sql
 
 
+@pytest.mark.slow
 def test_advisory_keys_are_stable_signed_bigints(scratch_db: str) -> None:
     key = database.advisory_key("control-schema")
     assert key == database.advisory_key("control-schema")
@@ -223,6 +231,7 @@ def pushed() -> registry.Artifact:
     return registry.push(registry.build_artifact(spec, version, {}))
 
 
+@pytest.mark.slow
 def test_concurrent_unpacks_give_one_complete_directory(
     pushed: registry.Artifact, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -266,6 +275,7 @@ def test_concurrent_unpacks_give_one_complete_directory(
     assert registry.unpacked(pushed.sha256) == target
 
 
+@pytest.mark.slow
 def test_a_modified_artifact_is_not_unpacked(pushed: registry.Artifact) -> None:
     pushed.path.write_bytes(pushed.path.read_bytes() + b"tampered")
     with pytest.raises(registry.UnsafeArtifact, match="refusing to extract a modified artifact"):

@@ -54,6 +54,7 @@ def test_product_suite_file_is_versioned_and_covers_the_written_tables() -> None
     assert all(t.min_rows >= 1 for t in suite.tables.values())
 
 
+@pytest.mark.slow
 def test_good_rows_pass_with_every_expectation_reported(product_db: str) -> None:
     report = data_quality.validate_tables(product_db, SUITE)
     assert report.success, report.reasons
@@ -74,6 +75,7 @@ def test_good_rows_pass_with_every_expectation_reported(product_db: str) -> None
     assert "**FAIL**" not in report.as_markdown()
 
 
+@pytest.mark.slow
 def test_failing_expectations_fail_and_are_named(product_db: str) -> None:
     # A constraint lost in production would let such rows in; the suite must still catch them.
     _execute(product_db, "ALTER TABLE items DROP CONSTRAINT items_price_cents_check")
@@ -92,6 +94,7 @@ def test_failing_expectations_fail_and_are_named(product_db: str) -> None:
     assert "**FAIL**" in report.as_markdown()
 
 
+@pytest.mark.slow
 def test_empty_table_does_not_pass(product_db: str) -> None:
     _execute(product_db, "DELETE FROM dead_letter")
     report = data_quality.validate_tables(product_db, SUITE)
@@ -102,6 +105,7 @@ def test_empty_table_does_not_pass(product_db: str) -> None:
     assert [r["expectation"] for r in report.failures] == ["expect_table_row_count_to_be_between"]
 
 
+@pytest.mark.slow
 def test_missing_table_and_missing_column_do_not_pass(product_db: str, tmp_path: Path) -> None:
     suite_path = tmp_path / "suite.json"
     suite_path.write_text(
@@ -139,6 +143,7 @@ def test_missing_table_and_missing_column_do_not_pass(product_db: str, tmp_path:
     assert any("public.no_such_table could not be validated" in r for r in report.reasons)
 
 
+@pytest.mark.slow
 def test_all_tables_empty_is_not_a_pass(tmp_path: Path) -> None:
     name = f"dq_empty_{secrets.token_hex(3)}"
     database.ensure_database(name)
@@ -200,6 +205,7 @@ def test_invalid_suite_file_names_file_and_field(
     assert str(suite_path) in str(failure.value)
 
 
+@pytest.mark.slow
 def test_unknown_expectation_type_is_an_error(product_db: str, tmp_path: Path) -> None:
     suite_path = tmp_path / "suite.json"
     suite_path.write_text(
@@ -215,6 +221,7 @@ def test_missing_suite_file_is_an_error(tmp_path: Path) -> None:
         data_quality.load_suite(tmp_path / "nowhere.json")
 
 
+@pytest.mark.slow
 def test_unreachable_database_is_an_error_not_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(database.ENV_URL, "postgresql://postgres@127.0.0.1:9/postgres")
     with pytest.raises(database.DatabaseUnavailable, match=r"127\.0\.0\.1:9"):

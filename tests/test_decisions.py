@@ -392,6 +392,7 @@ def test_behind_production(
     assert behind_production(release, live, registered) is behind
 
 
+@pytest.mark.slow
 def test_the_decisions_module_imports_neither_dagster_nor_a_database_driver() -> None:
     import subprocess
     import sys

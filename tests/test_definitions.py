@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from conftest import PRODUCT
 
@@ -54,6 +55,7 @@ def test_gates_are_blocking_partitioned_checks() -> None:
         assert isinstance(spec.partitions_def, dg.DynamicPartitionsDefinition), name
 
 
+@pytest.mark.slow
 def test_loading_the_code_location_imports_no_heavy_library() -> None:
     code = (
         "import sys; import dagster_project.definitions as d; "

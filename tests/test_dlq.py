@@ -184,6 +184,7 @@ def wait_for(db: str, key: str, status: str, worker: Worker) -> None:
 # --- pure: arguments and the contract -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -207,6 +208,7 @@ def test_bad_arguments_exit_2_naming_the_argument(
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_a_contract_without_the_replay_section_is_named(products_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "products"
     shutil.copytree(products_dir / PRODUCT, root / PRODUCT)
@@ -240,6 +242,7 @@ def test_a_bad_replay_field_names_file_line_and_field(products_dir: Path, tmp_pa
     assert f"contract.yaml:{line}:" in message
 
 
+@pytest.mark.slow
 def test_database_down_exits_2_naming_it(products_dir: Path) -> None:
     url = "postgresql://nobody@127.0.0.1:9/postgres"  # discard port: nothing listens
     code, out = run_cli(
@@ -253,6 +256,7 @@ def test_database_down_exits_2_naming_it(products_dir: Path) -> None:
 # --- real: the worker dead-letters, list and replay in staging ------------------------------------
 
 
+@pytest.mark.slow
 def test_staging_list_and_replay_with_the_real_worker(spec: ProductSpec, start_worker: Any) -> None:
     db = migrated(spec, "staging")
     broken = start_worker(db, "9.0.0-dlqt", {"fail_jobs_matching": "^dlqt-doomed-"})
@@ -328,6 +332,7 @@ def test_staging_list_and_replay_with_the_real_worker(spec: ProductSpec, start_w
     assert dlq.depth(spec, "staging").depth == 1
 
 
+@pytest.mark.slow
 def test_a_concurrent_double_replay_queues_the_job_once(spec: ProductSpec) -> None:
     db = migrated(spec, "staging")
     insert_dead(db, "dlqt-race-1")
@@ -360,6 +365,7 @@ def test_a_concurrent_double_replay_queues_the_job_once(spec: ProductSpec) -> No
     assert sql(db, "SELECT count(*) FROM dead_letter") == [(0,)]
 
 
+@pytest.mark.slow
 def test_a_scaffolded_product_with_other_names_lists_and_replays(products_dir: Path) -> None:
     from dagster_project.core.scaffold import create_product
 
@@ -393,6 +399,7 @@ def test_a_scaffolded_product_with_other_names_lists_and_replays(products_dir: P
 # --- production: the token and the audit trail ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_production_replay_needs_the_token_and_is_audited_once(spec: ProductSpec) -> None:
     db = migrated(spec, "production")
     insert_dead(db, "dlqt-prod-1")
@@ -429,6 +436,7 @@ def test_production_replay_needs_the_token_and_is_audited_once(spec: ProductSpec
     assert code == 0, out
 
 
+@pytest.mark.slow
 def test_release_status_shows_the_dead_letter_depth(spec: ProductSpec) -> None:
     db = migrated(spec, "staging")
     insert_dead(db, "dlqt-status-1")
@@ -440,6 +448,7 @@ def test_release_status_shows_the_dead_letter_depth(spec: ProductSpec) -> None:
     assert "depth" in environments["production"]["dead_letter"]
 
 
+@pytest.mark.slow
 def test_validate_names_a_replay_column_the_migrations_lack(
     products_dir: Path, tmp_path: Path
 ) -> None:

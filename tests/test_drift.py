@@ -130,6 +130,7 @@ def _migrated(env: str, tmp_path: Path, names: list[str] | None = None) -> Path:
     return migrations
 
 
+@pytest.mark.slow
 def test_untouched_schema_has_no_drift(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path)
     report = drift.check_drift(env, migrations)
@@ -143,6 +144,7 @@ def test_untouched_schema_has_no_drift(env: str, tmp_path: Path) -> None:
     assert "No schema drift" in report.as_markdown()
 
 
+@pytest.mark.slow
 def test_no_false_positives_across_several_releases(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path, ["0001_items.sql", "0002_jobs.sql"])
     assert drift.check_drift(env, migrations).items == []
@@ -196,6 +198,7 @@ $$""",
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("label", "alter_sql", "expected"), HAND_CHANGES, ids=[h[0] for h in HAND_CHANGES]
 )
@@ -214,6 +217,7 @@ def test_hand_change_is_detected_and_named(
     assert report.summary().startswith(f"schema drift in {env}")
 
 
+@pytest.mark.slow
 def test_changed_items_show_only_the_differing_attributes(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path)
     _execute(env, "ALTER TABLE items ALTER COLUMN price_cents SET DEFAULT 100")
@@ -227,6 +231,7 @@ def test_changed_items_show_only_the_differing_attributes(env: str, tmp_path: Pa
     assert items["public.jobs.jobs_attempts_not_null"].change == "missing"
 
 
+@pytest.mark.slow
 def test_extra_table_is_one_item_not_one_per_column(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path)
     _execute(env, "CREATE TABLE scratchpad (id int PRIMARY KEY, note text NOT NULL)")
@@ -236,6 +241,7 @@ def test_extra_table_is_one_item_not_one_per_column(env: str, tmp_path: Path) ->
     ]
 
 
+@pytest.mark.slow
 def test_no_history_means_expected_is_empty(env: str, tmp_path: Path) -> None:
     _execute(env, "CREATE TABLE handmade (id int)")
     report = drift.check_drift(env, _write(tmp_path / "m", ["0001_items.sql"]))
@@ -245,12 +251,14 @@ def test_no_history_means_expected_is_empty(env: str, tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_release_meta_is_ignored(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path)
     _execute(env, "CREATE TABLE release_meta.anything_goes (id int)")
     assert drift.check_drift(env, migrations).items == []
 
 
+@pytest.mark.slow
 def test_edited_applied_migration_is_an_error(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path)
     (migrations / "0002_jobs.sql").write_text(MIGRATIONS["0002_jobs.sql"] + "\n-- edited\n")
@@ -261,6 +269,7 @@ def test_edited_applied_migration_is_an_error(env: str, tmp_path: Path) -> None:
         drift.check_drift(env, migrations)
 
 
+@pytest.mark.slow
 def test_migration_failing_in_scratch_is_an_error_and_scratch_is_dropped(
     env: str, tmp_path: Path
 ) -> None:
@@ -281,17 +290,20 @@ def test_migration_failing_in_scratch_is_an_error_and_scratch_is_dropped(
     assert _scratch_databases() == before == []
 
 
+@pytest.mark.slow
 def test_scratch_databases_are_dropped_after_success(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path)
     drift.check_drift(env, migrations)  # builds the expected schema in a scratch database
     assert _scratch_databases() == []
 
 
+@pytest.mark.slow
 def test_missing_environment_database_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(database.DatabaseUnavailable, match="drift_env_never_created"):
         drift.check_drift("drift_env_never_created", tmp_path)
 
 
+@pytest.mark.slow
 def test_unreachable_server_is_an_error_not_a_pass(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -337,6 +349,7 @@ def test_diff_is_pure_and_ordered() -> None:
     assert len(report.items) == 3
 
 
+@pytest.mark.slow
 def test_environment_name_in_content_is_not_drift(env: str, tmp_path: Path) -> None:
     # A table and a default spelled like the environment database must survive the
     # normalisation that maps the scratch database's name onto the environment's.
@@ -353,6 +366,7 @@ def test_environment_name_in_content_is_not_drift(env: str, tmp_path: Path) -> N
     assert ("table", f"public.{physical}") in catalog.snapshot_schema(env).objects
 
 
+@pytest.mark.slow
 def test_scratch_name_is_written_as_the_environment_name(env: str) -> None:
     with catalog.scratch_database(env) as scratch:
         scratch_physical = database.physical_name(scratch)
@@ -367,6 +381,7 @@ def test_scratch_name_is_written_as_the_environment_name(env: str) -> None:
     assert _scratch_databases() == []
 
 
+@pytest.mark.slow
 def test_changed_function_body_shows_the_differing_line(env: str, tmp_path: Path) -> None:
     migrations = _migrated(env, tmp_path)
     _execute(env, HAND_CHANGES[-1][1])
@@ -378,6 +393,7 @@ def test_changed_function_body_shows_the_differing_line(env: str, tmp_path: Path
     assert function.expected is not None and "NEW.updated_at" in function.expected["definition"]
 
 
+@pytest.mark.slow
 def test_no_transaction_migration_rebuilds_in_scratch_without_drift(tmp_path) -> None:
     """A CONCURRENTLY index file (marked no-transaction) applies in scratch as it did live."""
     from dagster_project.core import database

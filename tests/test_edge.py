@@ -68,6 +68,7 @@ def _purge(edge: str, payload: dict[str, str], key: str | None) -> httpx.Respons
 # -- real path -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_miss_then_hit_with_growing_age(platform: LocalPlatform) -> None:
     url = f"{platform.edge_url('staging')}/v1/items"
     first = _get(url)
@@ -86,6 +87,7 @@ def test_miss_then_hit_with_growing_age(platform: LocalPlatform) -> None:
     assert int(third.headers["age"]) > int(second.headers["age"])
 
 
+@pytest.mark.slow
 def test_ttl_comes_from_the_endpoint_class(platform: LocalPlatform) -> None:
     edge = platform.edge_url("staging")
     spec = load_spec(PRODUCT)
@@ -105,6 +107,7 @@ def test_ttl_comes_from_the_endpoint_class(platform: LocalPlatform) -> None:
     assert _get(f"{edge}/static/app.js").headers["x-cache"] == "HIT"
 
 
+@pytest.mark.slow
 def test_no_cache_request_and_uncacheable_paths_reach_the_origin(platform: LocalPlatform) -> None:
     edge = platform.edge_url("staging")
     _get(f"{edge}/v1/summary")
@@ -116,6 +119,7 @@ def test_no_cache_request_and_uncacheable_paths_reach_the_origin(platform: Local
         assert _get(f"{edge}/healthz").headers["x-cache"] == "MISS"
 
 
+@pytest.mark.slow
 def test_purge_by_surrogate_key_and_by_url(platform: LocalPlatform) -> None:
     edge = platform.edge_url("staging")
     for path in ("/v1/items", "/v1/items/1", "/v1/summary"):
@@ -132,6 +136,7 @@ def test_purge_by_surrogate_key_and_by_url(platform: LocalPlatform) -> None:
     assert platform.purge("staging", surrogate_key="no-such-key") == 0
 
 
+@pytest.mark.slow
 def test_many_unique_urls_are_cached_and_purged_through_the_edge(
     platform: LocalPlatform,
 ) -> None:
@@ -161,6 +166,7 @@ def test_many_unique_urls_are_cached_and_purged_through_the_edge(
         assert {client.get(u).headers["x-cache"] for u in urls[::10]} == {"MISS"}
 
 
+@pytest.mark.slow
 def test_purge_and_route_updates_are_refused_without_the_key(platform: LocalPlatform) -> None:
     edge = platform.edge_url("staging")
     _get(f"{edge}/v1/items")
@@ -183,6 +189,7 @@ def test_purge_and_route_updates_are_refused_without_the_key(platform: LocalPlat
     assert _purge(edge, {"surrogate_key": "items"}, production_key).status_code == 403
 
 
+@pytest.mark.slow
 def test_purge_with_bad_body_names_the_field(platform: LocalPlatform) -> None:
     edge = platform.edge_url("staging")
     key = platform.state.environment("staging").purge_key  # type: ignore[union-attr]
@@ -191,6 +198,7 @@ def test_purge_with_bad_body_names_the_field(platform: LocalPlatform) -> None:
     assert "'url' or 'surrogate_key'" in bad.json()["error"]
 
 
+@pytest.mark.slow
 def test_canary_answers_never_fill_the_stable_cache(
     platform: LocalPlatform, canary_artifact: registry.Artifact
 ) -> None:
@@ -216,6 +224,7 @@ def test_canary_answers_never_fill_the_stable_cache(
         platform.rollback("production")
 
 
+@pytest.mark.slow
 def test_weights_pushed_to_the_edge_split_traffic(
     platform: LocalPlatform, canary_artifact: registry.Artifact
 ) -> None:
@@ -233,6 +242,7 @@ def test_weights_pushed_to_the_edge_split_traffic(
         platform.rollback("production")
 
 
+@pytest.mark.slow
 def test_edge_health_shows_routes_without_secrets(platform: LocalPlatform) -> None:
     health = _get(f"{platform.edge_url('production')}/_edge/health")
     assert health.status_code == 200

@@ -27,11 +27,13 @@ def _ruff_tid251(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow
 def test_the_layer_contract_holds() -> None:
     result = _ruff_tid251(".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("path", "source"),
     [
@@ -51,6 +53,7 @@ def test_the_layer_contract_refuses_a_violation(path: str, source: str) -> None:
     assert "TID251" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_layer_contract_allows_dagster_above_the_core() -> None:
     result = _ruff_tid251("--stdin-filename", "assets/example.py", "-", stdin="import dagster\n")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -54,6 +54,7 @@ def test_duplicate_version_is_refused(tmp_path: Path) -> None:
         history.read_migrations(tmp_path)
 
 
+@pytest.mark.slow
 def test_apply_records_checksum_actor_outcome_and_is_idempotent(env: str, migrations: Path) -> None:
     before = history.plan(env, migrations)
     assert [p.filename for p in before.pending] == ["0001_create_orders.sql", "0002_add_note.sql"]
@@ -82,6 +83,7 @@ def test_apply_records_checksum_actor_outcome_and_is_idempotent(env: str, migrat
     assert after.pending == [] and after.problems == [] and len(after.applied) == 2
 
 
+@pytest.mark.slow
 def test_new_file_is_pending_not_a_problem(env: str, migrations: Path) -> None:
     history.apply_pending(env, migrations, actor="ci")
     write(migrations, "0003_add_index.sql", "CREATE INDEX orders_note ON orders (note);\n")
@@ -90,6 +92,7 @@ def test_new_file_is_pending_not_a_problem(env: str, migrations: Path) -> None:
     assert result.problems == []
 
 
+@pytest.mark.slow
 def test_edited_applied_file_blocks(env: str, migrations: Path) -> None:
     history.apply_pending(env, migrations, actor="ci")
     write(migrations, "0002_add_note.sql", "ALTER TABLE orders ADD COLUMN note varchar(10);\n")
@@ -100,6 +103,7 @@ def test_edited_applied_file_blocks(env: str, migrations: Path) -> None:
         history.apply_pending(env, migrations, actor="ci")
 
 
+@pytest.mark.slow
 def test_deleted_applied_file_blocks(env: str, migrations: Path) -> None:
     history.apply_pending(env, migrations, actor="ci")
     (migrations / "0002_add_note.sql").unlink()
@@ -110,6 +114,7 @@ def test_deleted_applied_file_blocks(env: str, migrations: Path) -> None:
         history.apply_pending(env, migrations, actor="ci")
 
 
+@pytest.mark.slow
 def test_unapplied_file_older_than_newest_applied_blocks(env: str, migrations: Path) -> None:
     history.apply_pending(env, migrations, actor="ci")
     write(migrations, "00015_late.sql", "SELECT 1;")  # version 15 > 2: fine, pending
@@ -124,6 +129,7 @@ def test_unapplied_file_older_than_newest_applied_blocks(env: str, migrations: P
         history.apply_pending(env, migrations, actor="ci")
 
 
+@pytest.mark.slow
 def test_syntax_error_names_file_and_line_and_records_failure(env: str, migrations: Path) -> None:
     history.apply_pending(env, migrations, actor="ci")
     write(
@@ -145,6 +151,7 @@ def test_syntax_error_names_file_and_line_and_records_failure(env: str, migratio
     assert [p.filename for p in history.plan(env, migrations).pending] == ["0003_broken.sql"]
 
 
+@pytest.mark.slow
 def test_runtime_error_without_position_still_names_the_line(env: str, migrations: Path) -> None:
     history.apply_pending(env, migrations, actor="ci")
     write(
@@ -157,6 +164,7 @@ def test_runtime_error_without_position_still_names_the_line(env: str, migration
         history.apply_pending(env, migrations, actor="ci")
 
 
+@pytest.mark.slow
 def test_concurrent_index_needs_and_honours_the_no_transaction_marker(
     env: str, migrations: Path
 ) -> None:
@@ -177,6 +185,7 @@ def test_concurrent_index_needs_and_honours_the_no_transaction_marker(
     assert [r["outcome"] for r in history.history(env)][-2:] == ["failed", "applied"]
 
 
+@pytest.mark.slow
 def test_concurrent_appliers_apply_each_file_once(env: str, migrations: Path) -> None:
     write(migrations, "0003_slow.sql", "SELECT pg_sleep(0.3);\nCREATE TABLE slow (id int);\n")
     results: list[list[dict[str, object]]] = []

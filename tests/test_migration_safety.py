@@ -128,6 +128,7 @@ def write(directory: Path, name: str, sql: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("rule", "failing", "passing"), RULE_CASES, ids=[c[0] for c in RULE_CASES])
 def test_rule_fails_the_unsafe_form_and_passes_the_safe_one(
     tmp_path: Path, rule: str, failing: str, passing: str
@@ -148,6 +149,7 @@ def test_rule_fails_the_unsafe_form_and_passes_the_safe_one(
     assert all(w.rule == rule for w in good_report.waivers)
 
 
+@pytest.mark.slow
 def test_finding_line_points_at_the_statement(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -171,6 +173,7 @@ def test_finding_line_points_at_the_statement(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_waiver_with_reason_is_accepted_and_listed(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -188,6 +191,7 @@ def test_waiver_with_reason_is_accepted_and_listed(tmp_path: Path) -> None:
     assert report.as_dict()["waivers"][0]["reason"].startswith("1.3 stopped")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("comment", "rule"),
     [
@@ -206,6 +210,7 @@ def test_waiver_without_reason_is_refused(tmp_path: Path, comment: str, rule: st
     assert not report.ok
 
 
+@pytest.mark.slow
 def test_waiver_for_another_rule_does_not_apply(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -218,6 +223,7 @@ def test_waiver_for_another_rule_does_not_apply(tmp_path: Path) -> None:
     assert report.waivers == []
 
 
+@pytest.mark.slow
 def test_syntax_error_is_a_finding_not_a_pass(tmp_path: Path) -> None:
     path = write(tmp_path, "0011_typo.sql", TIMEOUTS + "ALTER TABEL orders ADD COLUMN x text;\n")
     report = safety.check_safety([path])
@@ -236,6 +242,7 @@ def test_missing_squawk_binary_is_an_error_that_blocks(
     assert not report.ok
 
 
+@pytest.mark.slow
 def test_squawk_crash_is_an_error_that_blocks(tmp_path: Path) -> None:
     path = write(tmp_path, "0013_ok.sql", TIMEOUTS + "ALTER TABLE orders ADD COLUMN x text;\n")
     # An invalid --pg-version makes the real squawk exit with status 2.
@@ -250,6 +257,7 @@ def test_unreadable_file_is_an_error_naming_it(tmp_path: Path) -> None:
     assert not report.ok
 
 
+@pytest.mark.slow
 def test_server_pg_version_reads_the_real_server() -> None:
     version = safety.server_pg_version()
     major = int(version.split(".")[0])
@@ -273,6 +281,7 @@ def compat_findings(tmp_path: Path, pending_sql: str) -> list[compat.Finding]:
     return compat.check_backward_compat([applied], [pending])
 
 
+@pytest.mark.slow
 def test_dropping_a_used_column_blocks_with_expand_then_contract(tmp_path: Path) -> None:
     findings = compat_findings(tmp_path, "ALTER TABLE orders DROP COLUMN note;\n")
     assert [(f.rule, f.file.endswith("0002_change.sql"), f.line) for f in findings] == [
@@ -283,10 +292,12 @@ def test_dropping_a_used_column_blocks_with_expand_then_contract(tmp_path: Path)
     assert "backfill" in findings[0].message
 
 
+@pytest.mark.slow
 def test_adding_a_nullable_column_passes(tmp_path: Path) -> None:
     assert compat_findings(tmp_path, "ALTER TABLE orders ADD COLUMN status text;\n") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sql", "rule", "subject"),
     [
@@ -321,6 +332,7 @@ def test_breaking_changes_block(tmp_path: Path, sql: str, rule: str, subject: st
     assert subject in findings[0].message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sql",
     [
@@ -336,6 +348,7 @@ def test_expand_only_changes_pass(tmp_path: Path, sql: str) -> None:
     assert compat_findings(tmp_path, sql) == []
 
 
+@pytest.mark.slow
 def test_pending_statement_that_fails_blocks(tmp_path: Path) -> None:
     # A typo must not look like a pass: it would fail in production too.
     findings = compat_findings(tmp_path, "ALTER TABLE ordrs DROP COLUMN note;\n")
@@ -343,6 +356,7 @@ def test_pending_statement_that_fails_blocks(tmp_path: Path) -> None:
     assert "ordrs" in findings[0].message
 
 
+@pytest.mark.slow
 def test_broken_applied_migration_blocks(tmp_path: Path) -> None:
     applied = write(tmp_path, "0001_base.sql", "CREATE TABEL orders (id bigint);\n")
     pending = write(tmp_path, "0002_change.sql", "ALTER TABLE orders ADD COLUMN x text;\n")
@@ -350,6 +364,7 @@ def test_broken_applied_migration_blocks(tmp_path: Path) -> None:
     assert [(f.rule, f.line) for f in findings] == [("cannot-build-stable-schema", 1)]
 
 
+@pytest.mark.slow
 def test_scratch_database_is_dropped(tmp_path: Path) -> None:
     from dagster_project.core import database
 

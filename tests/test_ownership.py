@@ -84,6 +84,7 @@ def _acquire(run_id: str, *, wait: float = 0.0, in_progress: bool | None = None,
     return owner, taken
 
 
+@pytest.mark.slow
 def test_one_owner_at_a_time_reentrant_and_released() -> None:
     owner, _ = _acquire("run-a")
     assert owner.run_id == "run-a"
@@ -100,6 +101,7 @@ def test_one_owner_at_a_time_reentrant_and_released() -> None:
     assert ownership.current("own-test", "production") is None
 
 
+@pytest.mark.slow
 def test_a_dead_owner_is_handed_to_the_reconciler() -> None:
     # An owner whose process is gone: a child that records ownership, then exits.
     code = (
@@ -116,6 +118,7 @@ def test_a_dead_owner_is_handed_to_the_reconciler() -> None:
     ownership.release("own-test", "production", "run-c")
 
 
+@pytest.mark.slow
 def test_a_finished_run_no_longer_owns() -> None:
     _acquire("run-d")
     owner, taken = _acquire("run-e", in_progress=False)
@@ -124,6 +127,7 @@ def test_a_finished_run_no_longer_owns() -> None:
     ownership.release("own-test", "production", "run-e")
 
 
+@pytest.mark.slow
 def test_heartbeat_refreshes_and_notices_a_take_over() -> None:
     _acquire("run-f")
     with ownership.heartbeat_while("own-test", "production", "run-f") as beat:
@@ -136,6 +140,7 @@ def test_heartbeat_refreshes_and_notices_a_take_over() -> None:
         assert beat.lost is not None and "taken over" in beat.lost
 
 
+@pytest.mark.slow
 def test_reconcile_sensor_takes_over_a_dead_staging_owner() -> None:
     """The daemon's reconciler through Dagster's test API: a run that died while it owned
     staging is released, and its Dagster run (left STARTED) is marked failed."""

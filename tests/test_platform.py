@@ -70,6 +70,7 @@ def _get(url: str, **kwargs: Any) -> httpx.Response:
     return httpx.get(url, timeout=5.0, trust_env=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_environments_without_release_are_healthy_and_answer_503(
     platform: LocalPlatform,
 ) -> None:
@@ -87,6 +88,7 @@ def test_environments_without_release_are_healthy_and_answer_503(
         assert "no healthy upstream" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_deploy_that_never_gets_ready_names_endpoint_and_log(
     platform: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -110,6 +112,7 @@ def test_deploy_that_never_gets_ready_names_endpoint_and_log(
     assert platform.status()["production"]["healthy"] is True
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_with_a_clear_message(deployed: LocalPlatform) -> None:
     with pytest.raises(ValueError, match="add up to 100"):
         deployed.set_weights("production", {"stable": 90, "canary": 5})
@@ -123,6 +126,7 @@ def test_bad_input_is_refused_with_a_clear_message(deployed: LocalPlatform) -> N
         deployed.promote("staging")
 
 
+@pytest.mark.slow
 def test_both_environments_serve_the_stable_release(deployed: LocalPlatform) -> None:
     status = deployed.status()
     for env in ENVS:
@@ -139,6 +143,7 @@ def test_both_environments_serve_the_stable_release(deployed: LocalPlatform) -> 
         assert response.headers["x-track"] == "stable"
 
 
+@pytest.mark.slow
 def test_up_twice_is_harmless(deployed: LocalPlatform) -> None:
     before = {p.id: p.pid for p in deployed.state.processes()}
     status = deployed.up()
@@ -146,6 +151,7 @@ def test_up_twice_is_harmless(deployed: LocalPlatform) -> None:
     assert all(status[env]["healthy"] for env in ENVS)
 
 
+@pytest.mark.slow
 def test_weighted_split_then_rollback_under_a_second(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -186,6 +192,7 @@ def test_weighted_split_then_rollback_under_a_second(
     assert "canary" not in info["tracks"] and info["healthy"], info["problems"]
 
 
+@pytest.mark.slow
 def test_promote_makes_the_canary_stable_and_starts_a_clean_cache(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -210,6 +217,7 @@ def test_promote_makes_the_canary_stable_and_starts_a_clean_cache(
     assert info["healthy"], info["problems"]
 
 
+@pytest.mark.slow
 def test_routes_reload_from_state_without_a_push(deployed: LocalPlatform) -> None:
     # A change written only to platform state reaches the edge by its periodic reload.
     generation = deployed.state.bump_generation("staging")
@@ -223,6 +231,7 @@ def test_routes_reload_from_state_without_a_push(deployed: LocalPlatform) -> Non
     assert seen == generation
 
 
+@pytest.mark.slow
 def test_killed_edge_comes_back_on_the_same_url_and_serves(deployed: LocalPlatform) -> None:
     url = deployed.edge_url("production")
     edge = deployed.state.processes("production", role="edge")[0]
@@ -254,6 +263,7 @@ def test_killed_edge_comes_back_on_the_same_url_and_serves(deployed: LocalPlatfo
     assert any("edge of production" in r and "restarted" in r for r in info["restarts"])
 
 
+@pytest.mark.slow
 def test_cli_status_json_lists_both_edges(deployed: LocalPlatform) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "dagster_project.cli", "platform", "status", "--json"],
@@ -270,6 +280,7 @@ def test_cli_status_json_lists_both_edges(deployed: LocalPlatform) -> None:
         assert status[env]["healthy"] is True
 
 
+@pytest.mark.slow
 def test_cli_table_and_clean_error(deployed: LocalPlatform) -> None:
     table = subprocess.run(
         [sys.executable, "-m", "dagster_project.cli", "platform", "status"],
@@ -286,6 +297,7 @@ def test_cli_table_and_clean_error(deployed: LocalPlatform) -> None:
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_killed_api_is_restarted_on_the_same_port_and_reported(deployed: LocalPlatform) -> None:
     api_url = deployed.api_urls("staging")["stable"]
     api = deployed.state.processes("staging", track="stable", role="api")[0]
@@ -316,6 +328,7 @@ def test_killed_api_is_restarted_on_the_same_port_and_reported(deployed: LocalPl
     assert deployed.outages("production", since) == []
 
 
+@pytest.mark.slow
 def test_rollback_waits_for_a_restarting_stable_then_routes(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -337,6 +350,7 @@ def test_rollback_waits_for_a_restarting_stable_then_routes(
     assert {(r.status_code, r.headers["x-track"]) for r in answers} == {(200, "stable")}
 
 
+@pytest.mark.slow
 def test_set_weights_refuses_a_track_that_is_not_ready(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -358,6 +372,7 @@ def test_set_weights_refuses_a_track_that_is_not_ready(
     assert deployed.outages("production", time.time()) == []
 
 
+@pytest.mark.slow
 def test_rollback_keeps_the_routing_when_stable_cannot_be_made_ready(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -397,6 +412,7 @@ def test_rollback_keeps_the_routing_when_stable_cannot_be_made_ready(
     assert _get(f"{deployed.edge_url('production')}/v1/items").headers["x-track"] == "stable"
 
 
+@pytest.mark.slow
 def test_reap_orphans_stops_processes_no_serving_track_owns(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -434,6 +450,7 @@ def test_reap_orphans_stops_processes_no_serving_track_owns(
     assert deployed.status()["production"]["healthy"]
 
 
+@pytest.mark.slow
 def test_reap_orphans_waits_for_an_operation_in_progress(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
@@ -471,6 +488,7 @@ def test_reap_orphans_waits_for_an_operation_in_progress(
     deployed.rollback("production")
 
 
+@pytest.mark.slow
 def test_programs_get_their_environment_and_arguments_verbatim(
     deployed: LocalPlatform, tmp_path: Path
 ) -> None:
@@ -514,6 +532,7 @@ def processes_log(platform: LocalPlatform, name: str) -> str:
     return platform.supervisor.log_path(name).read_text(errors="replace")
 
 
+@pytest.mark.slow
 def test_down_leaves_no_platform_process(deployed: LocalPlatform) -> None:
     recorded = deployed.state.processes()
     assert {p.role for p in recorded} == {"edge", "api", "worker"}
@@ -531,6 +550,7 @@ def test_down_leaves_no_platform_process(deployed: LocalPlatform) -> None:
     deployed.down()  # a second down is harmless
 
 
+@pytest.mark.slow
 def test_two_ups_at_once_start_one_supervisord_and_one_edge_per_environment(
     platform: LocalPlatform,
 ) -> None:

@@ -53,6 +53,7 @@ def products(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 # --- release new ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_release_new_writes_a_product_that_loads_and_prints_its_token_once(
     products: Path,
 ) -> None:
@@ -82,6 +83,7 @@ def test_release_new_writes_a_product_that_loads_and_prints_its_token_once(
     assert spec.queues.dead_letter != sample.queues.dead_letter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -113,6 +115,7 @@ def test_two_new_products_get_different_tokens(products: Path) -> None:
 # --- release validate -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_new_product_and_the_sample_validate(products: Path) -> None:
     scaffold.create_product("fresh-one")
     for product in ("fresh-one", PRODUCT):
@@ -134,6 +137,7 @@ def _edit(path: Path, old: str, new: str) -> int:
     return text[: text.index(old)].count("\n") + 1
 
 
+@pytest.mark.slow
 def test_validate_names_file_line_and_field_of_each_problem(products: Path) -> None:
     folder = scaffold.create_product("broken-one").path
     spec_line = _edit(folder / "product.yaml", "  fresh: 3\n", "  fresh: -3\n")
@@ -171,6 +175,7 @@ def test_validate_names_file_line_and_field_of_each_problem(products: Path) -> N
     assert column.file == str(suite) and "no column 'headline'" in column.message
 
 
+@pytest.mark.slow
 def test_validate_reports_unsafe_and_unlinted_migrations_by_file_and_line(products: Path) -> None:
     folder = scaffold.create_product("unsafe-one").path
     migration = folder / "migrations" / "0002_index.sql"
@@ -182,6 +187,7 @@ def test_validate_reports_unsafe_and_unlinted_migrations_by_file_and_line(produc
     assert any(p.line == 2 and "concurrently" in p.message.lower() for p in found), found
 
 
+@pytest.mark.slow
 def test_deploy_refuses_a_bad_contract_up_front_naming_file_line_and_field(
     products: Path,
 ) -> None:
@@ -201,6 +207,7 @@ def test_deploy_refuses_a_bad_contract_up_front_naming_file_line_and_field(
     assert time.monotonic() - started < 30  # answered before any work
 
 
+@pytest.mark.slow
 def test_validate_of_an_unknown_product_lists_the_known_ones(products: Path) -> None:
     done = run_release("validate", "nope", products=products)
     assert done.returncode == 2
@@ -242,6 +249,7 @@ def test_the_code_location_loads_every_folder_and_a_bad_one_as_its_problem(
     assert not result.success  # materializing it re-reads the folder and fails naming it
 
 
+@pytest.mark.slow
 def test_a_bad_folder_does_not_stop_the_code_location_loading_in_a_fresh_process(
     products: Path,
 ) -> None:

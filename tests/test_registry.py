@@ -92,6 +92,7 @@ def test_manifest_lists_every_shipped_file_with_its_hash(spec: ProductSpec, tmp_
         assert registry._sha256_file(root / name) == digest, name
 
 
+@pytest.mark.slow
 def test_push_fetch_verify_roundtrip_and_idempotent_index(spec: ProductSpec) -> None:
     built = registry.build_artifact(spec, "3.0.0", {"error_rate": 0.1})
     pushed = registry.push(built)
@@ -114,6 +115,7 @@ def test_push_fetch_verify_roundtrip_and_idempotent_index(spec: ProductSpec) -> 
     assert size == pushed.path.stat().st_size
 
 
+@pytest.mark.slow
 def test_verify_detects_a_tampered_or_missing_file(spec: ProductSpec) -> None:
     pushed = registry.push(registry.build_artifact(spec, "4.0.0", {"extra_latency_ms": 5}))
     assert registry.verify(pushed.sha256) is True
@@ -136,6 +138,7 @@ def test_push_refuses_a_file_that_does_not_match_its_sha(spec: ProductSpec) -> N
         registry.push(built)
 
 
+@pytest.mark.slow
 def test_unknown_sha_is_named_in_the_error() -> None:
     missing = "ab" * 32
     with pytest.raises(registry.ArtifactNotFound, match=missing):

@@ -246,6 +246,7 @@ def enqueue(url: str, key: str, priority: str, payload: dict[str, Any]) -> httpx
 # --- probes, data endpoints, headers, metrics -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_probes_answer_when_database_and_schema_are_present(api: Deployed) -> None:
     health = httpx.get(f"{api.url}/healthz", timeout=5)
     ready = httpx.get(f"{api.url}/readyz", timeout=5)
@@ -256,6 +257,7 @@ def test_probes_answer_when_database_and_schema_are_present(api: Deployed) -> No
     assert ready.headers["X-Release"] == "1.0.0"
 
 
+@pytest.mark.slow
 def test_readyz_is_503_without_schema_but_the_process_is_alive(
     deploy_artifact: Callable[..., Deployed], processes: Processes, empty_dsn: str
 ) -> None:
@@ -268,6 +270,7 @@ def test_readyz_is_503_without_schema_but_the_process_is_alive(
     assert EMPTY_DB in reason
 
 
+@pytest.mark.slow
 def test_readyz_is_503_when_the_database_is_unreachable(
     deploy_artifact: Callable[..., Deployed], processes: Processes
 ) -> None:
@@ -279,6 +282,7 @@ def test_readyz_is_503_when_the_database_is_unreachable(
     assert httpx.get(f"{deployed.url}/v1/items", timeout=10).status_code == 503
 
 
+@pytest.mark.slow
 def test_items_come_from_postgres_with_release_and_cache_headers(api: Deployed) -> None:
     rows = sql("SELECT id, name, price_cents FROM items ORDER BY id")
     assert len(rows) >= 3  # seeded by 0002_seed_items.sql
@@ -293,6 +297,7 @@ def test_items_come_from_postgres_with_release_and_cache_headers(api: Deployed) 
     assert response.headers["Cache-Control"] == "public, max-age=5"  # ttl class dynamic
 
 
+@pytest.mark.slow
 def test_single_item_and_its_surrogate_keys(api: Deployed) -> None:
     sql("UPDATE items SET price_cents = 451 WHERE id = 1")
     one = httpx.get(f"{api.url}/v1/items/1", timeout=5)
@@ -310,6 +315,7 @@ def test_single_item_and_its_surrogate_keys(api: Deployed) -> None:
     assert missing.headers["Cache-Control"] == "no-store"  # errors are never cached
 
 
+@pytest.mark.slow
 def test_summary_counts_match_the_database(api: Deployed) -> None:
     response = httpx.get(f"{api.url}/v1/summary", timeout=5)
     assert response.status_code == 200
@@ -325,6 +331,7 @@ def test_summary_counts_match_the_database(api: Deployed) -> None:
     assert response.headers["Surrogate-Key"] == "summary"
 
 
+@pytest.mark.slow
 def test_static_asset_is_served_with_the_long_ttl(api: Deployed) -> None:
     response = httpx.get(f"{api.url}/static/app.js", timeout=5)
     assert response.status_code == 200
@@ -335,6 +342,7 @@ def test_static_asset_is_served_with_the_long_ttl(api: Deployed) -> None:
     assert response.headers["X-Release"] == "1.0.0"
 
 
+@pytest.mark.slow
 def test_non_spec_endpoints_are_not_cacheable(api: Deployed) -> None:
     for path in ("/healthz", "/metrics", "/v1/jobs/nope"):
         response = httpx.get(f"{api.url}{path}", timeout=5)
@@ -343,6 +351,7 @@ def test_non_spec_endpoints_are_not_cacheable(api: Deployed) -> None:
         assert response.headers["X-Track"] == "stable", path
 
 
+@pytest.mark.slow
 def test_metrics_count_requests_by_route_template_version_and_track(api: Deployed) -> None:
     before = requests_total(api.url, api, "/v1/items", "200")
     before_item = requests_total(api.url, api, "/v1/items/{item_id:int}", "200")
@@ -376,6 +385,7 @@ def test_metrics_count_requests_by_route_template_version_and_track(api: Deploye
 # --- release knobs ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_error_rate_one_makes_every_data_request_fail(faulty_api: Deployed) -> None:
     for path in ("/v1/items", "/v1/items/1", "/v1/summary"):
         response = httpx.get(f"{faulty_api.url}{path}", timeout=5)
@@ -392,6 +402,7 @@ def test_error_rate_one_makes_every_data_request_fail(faulty_api: Deployed) -> N
     assert requests_total(faulty_api.url, faulty_api, "/v1/items", "200") == 0
 
 
+@pytest.mark.slow
 def test_extra_latency_and_an_exact_error_fraction(slow_api: Deployed) -> None:
     statuses = []
     with httpx.Client(base_url=slow_api.url, timeout=5) as client:
@@ -415,6 +426,7 @@ def test_extra_latency_and_an_exact_error_fraction(slow_api: Deployed) -> None:
 # --- jobs and the worker ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_enqueue_is_idempotent_and_validated(api: Deployed) -> None:
     first = enqueue(api.url, "idem-1", "low", {"values": [1]})
     assert first.status_code == 202
@@ -440,6 +452,7 @@ def test_enqueue_is_idempotent_and_validated(api: Deployed) -> None:
     assert httpx.get(f"{api.url}/v1/jobs/never-enqueued", timeout=5).status_code == 404
 
 
+@pytest.mark.slow
 def test_a_normal_job_is_processed_exactly_once(
     api: Deployed, processes: Processes, service_dsn: str
 ) -> None:
@@ -462,6 +475,7 @@ def test_a_normal_job_is_processed_exactly_once(
     assert "stopped" in processes.log_of(worker)
 
 
+@pytest.mark.slow
 def test_a_transient_failure_is_retried_then_succeeds(
     api: Deployed, processes: Processes, service_dsn: str
 ) -> None:
@@ -474,6 +488,7 @@ def test_a_transient_failure_is_retried_then_succeeds(
     assert sql("SELECT count(*) FROM job_results WHERE job_key = 'flaky-1'") == [(1,)]
 
 
+@pytest.mark.slow
 def test_a_poison_job_lands_in_the_dead_letter_after_max_attempts(
     api: Deployed, processes: Processes, service_dsn: str, spec: ProductSpec
 ) -> None:
@@ -508,6 +523,7 @@ def test_a_poison_job_lands_in_the_dead_letter_after_max_attempts(
     assert float(elapsed) >= backoff_s
 
 
+@pytest.mark.slow
 def test_a_job_matching_fail_jobs_matching_goes_to_the_dead_letter(
     api: Deployed, processes: Processes, service_dsn: str, spec: ProductSpec
 ) -> None:
@@ -522,6 +538,7 @@ def test_a_job_matching_fail_jobs_matching_goes_to_the_dead_letter(
     assert sql("SELECT queue FROM dead_letter WHERE job_key = 'doomed-7'") == [("low",)]
 
 
+@pytest.mark.slow
 def test_high_queue_is_drained_before_low(
     api: Deployed, processes: Processes, service_dsn: str
 ) -> None:
@@ -544,6 +561,7 @@ def test_high_queue_is_drained_before_low(
     assert order == highs + lows
 
 
+@pytest.mark.slow
 def test_exactly_once_with_competing_workers_and_a_crash(
     api: Deployed, processes: Processes, service_dsn: str
 ) -> None:
@@ -568,6 +586,7 @@ def test_exactly_once_with_competing_workers_and_a_crash(
 # --- configuration errors ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_configuration_stops_the_processes_naming_the_variable(
     deploy_artifact: Callable[..., Deployed], service_dsn: str, tmp_path: Path
 ) -> None:
@@ -653,6 +672,7 @@ def test_service_refuses_bad_knobs_naming_them(
     assert "/x/manifest.json" in str(raised.value)
 
 
+@pytest.mark.slow
 def test_service_config_reads_the_spec_and_manifest(
     service_config: Any, deploy_artifact: Callable[..., Deployed], spec: ProductSpec
 ) -> None:

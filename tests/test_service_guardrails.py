@@ -351,6 +351,7 @@ def _fault(api: Api, seconds: float, delay_ms: int) -> httpx.Response:
     )
 
 
+@pytest.mark.slow
 def test_the_rate_limit_answers_429_with_retry_after_per_client(
     spec: ProductSpec, start_api: Callable[..., Api]
 ) -> None:
@@ -383,6 +384,7 @@ def _burst_anonymous(api: Api, n: int) -> list[httpx.Response]:
         return [http.get("/v1/summary") for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_database_faults_open_the_breaker_and_it_closes_after_recovery(
     spec: ProductSpec, start_api: Callable[..., Api]
 ) -> None:
@@ -421,6 +423,7 @@ def test_database_faults_open_the_breaker_and_it_closes_after_recovery(
     assert api.get("/v1/items/1")[0].status_code == 200
 
 
+@pytest.mark.slow
 def test_guardrails_off_has_no_rate_limit_and_a_breaker_that_never_opens(
     spec: ProductSpec, start_api: Callable[..., Api]
 ) -> None:
@@ -442,6 +445,7 @@ def test_guardrails_off_has_no_rate_limit_and_a_breaker_that_never_opens(
     assert api.get("/v1/items/1")[0].status_code == 200
 
 
+@pytest.mark.slow
 def test_the_fault_endpoint_exists_only_when_the_platform_turns_it_on(
     start_api: Callable[..., Api],
 ) -> None:

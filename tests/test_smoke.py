@@ -247,6 +247,7 @@ def _failure_details(report: SmokeReport, section: str) -> str:
     return "\n".join(f"{row.name}: {row.detail}" for row in report.failures(section))
 
 
+@pytest.mark.slow
 def test_healthy_release_passes_all_sections(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
@@ -289,6 +290,7 @@ def test_healthy_release_passes_all_sections(
     assert SmokeReport.parse(json.loads(report.model_dump_json())).passed()
 
 
+@pytest.mark.slow
 def test_wrong_expected_version_fails_the_smoke_section(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
@@ -302,6 +304,7 @@ def test_wrong_expected_version_fails_the_smoke_section(
     assert "/v1/items" in details
 
 
+@pytest.mark.slow
 def test_release_answering_errors_fails_smoke_naming_the_endpoint(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
@@ -317,6 +320,7 @@ def test_release_answering_errors_fails_smoke_naming_the_endpoint(
     assert report.section_rows("smoke")[0].passed
 
 
+@pytest.mark.slow
 def test_occasional_errors_are_retried_once_and_listed_not_hidden(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
@@ -333,6 +337,7 @@ def test_occasional_errors_are_retried_once_and_listed_not_hidden(
         assert ("500, retried: 503" if drill else "500, retried: 200") in line, report.retries
 
 
+@pytest.mark.slow
 def test_release_failing_jobs_fails_the_worker_section(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
@@ -349,6 +354,7 @@ def test_release_failing_jobs_fails_the_worker_section(
     assert len(report.failures("worker_dlq")) == 2
 
 
+@pytest.mark.slow
 def test_release_failing_retried_and_priority_jobs_is_blocked_by_the_new_rows(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
@@ -370,6 +376,7 @@ def test_release_failing_retried_and_priority_jobs_is_blocked_by_the_new_rows(
     assert backoff["backoff between attempts of the retry job (high queue)"].passed
 
 
+@pytest.mark.slow
 def test_post_deploy_smoke_runs_the_smoke_section_on_production(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
@@ -385,6 +392,7 @@ def test_post_deploy_smoke_runs_the_smoke_section_on_production(
     assert not post_deploy_smoke(spec, platform, "0.0.1-not-deployed").passed()
 
 
+@pytest.mark.slow
 def test_stopped_edge_fails_naming_the_endpoint_never_passes(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:

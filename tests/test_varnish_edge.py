@@ -29,6 +29,9 @@ from dagster_project.core.platform.processes import free_port, is_alive
 from dagster_project.core.settings import release_home
 from dagster_project.core.spec import load_spec
 
+# Every test here runs the real binary (a fixture of the module requires it).
+pytestmark = pytest.mark.slow
+
 ENV = "staging"
 
 

@@ -52,6 +52,29 @@ def _writable_dir(path: Path, variable: str) -> Path:
     return path
 
 
+BAKE_SCALE_ENV = "RELEASE_BAKE_SCALE"
+
+
+def bake_scale() -> float:
+    """`RELEASE_BAKE_SCALE` (default 1): a factor on the canary's bake times and the
+    promotion's watch, for tests and demos, without editing the spec. Never on the evidence a
+    step needs: a step whose sample is short still extends until it is big enough. Raises
+    ValueError naming the variable when it is not a number in (0, 1]."""
+    raw = os.environ.get(BAKE_SCALE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # nan fails both
+        raise ValueError(
+            f"{BAKE_SCALE_ENV}: {quote(raw, 40)} is not a number in (0, 1] (a factor on the "
+            "spec's bake times, e.g. 0.5; unset it for the spec's own)"
+        )
+    return value
+
+
 def products_dir() -> Path:
     """Where the product folders live: `$RELEASE_PRODUCTS_DIR`, else `<project>/products/`.
     Read at every call, so a process (or a test) that sets the variable sees its products."""
