@@ -43,9 +43,9 @@ def staging_smoke_asset(
         from dagster_project.core import data_quality
         from dagster_project.core.smoke import run_smoke
 
-        # The data_quality gate after this step imports Great Expectations (~3.5 s of CPU):
-        # done now, beside a smoke suite that mostly waits (same process under `deploy`).
-        data_quality.preload()
+        # The data_quality gate's process imports Great Expectations (~3.5 s of CPU) now,
+        # beside a smoke suite that mostly waits; the gate finds it by run id.
+        data_quality.start_validator(context.run_id)
         own_staging(context, spec, artifact.sha256)
         started = time.monotonic()
         local = platform.for_product(spec.product)

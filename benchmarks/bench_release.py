@@ -27,6 +27,7 @@ first's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -103,7 +104,8 @@ def run_release(tree: Path, env: dict[str, str], version: str, watch: float) -> 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, _platform_rss(env["RELEASE_HOME"], {proc.pid}))
+            with contextlib.suppress(psutil.Error, KeyError):  # a process ended meanwhile
+                peak = max(peak, _platform_rss(env["RELEASE_HOME"], {proc.pid}))
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -200,6 +200,9 @@ def deploy(
     except guardrail.ApprovalRefused as exc:
         return DeployOutcome(EXIT_REFUSED, spec.product, version, str(exc))
 
+    # A first progress line at once: the platform, Dagster's instance and the reconciler
+    # take a few seconds before the run starts.
+    echo(f"{spec.product} {version}: inputs valid; starting the platform")
     # Heavy imports (dagster, the platform) only once the inputs are known to be good.
     from dagster_project.core import registry
     from dagster_project.core.platform.local import LocalPlatform

@@ -226,3 +226,50 @@ def test_unreachable_database_is_an_error_not_a_pass(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(database.ENV_URL, "postgresql://postgres@127.0.0.1:9/postgres")
     with pytest.raises(database.DatabaseUnavailable, match=r"127\.0\.0\.1:9"):
         data_quality.validate_tables("staging", SUITE)
+
+
+# -- the gate's own process ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_gate_in_its_own_process_gives_the_in_process_verdicts(
+    product_db: str, tmp_path: Path
+) -> None:
+    """The validator the staging stage starts ahead (by run id) answers like validate_tables
+    would in-process, is used once, and exits."""
+    data_quality.start_validator("run-a")
+    started = data_quality._validators["run-a"].proc
+    report = data_quality.validate_in_child("run-a", product_db, SUITE)
+    assert report.success, report.reasons
+    assert report.rows == {"items": 5, "jobs": 3, "job_results": 2, "dead_letter": 1}
+    assert "run-a" not in data_quality._validators
+    assert started.poll() == 0  # it answered and exited
+    # A failing table is named the same way through the child.
+    _execute(product_db, "DELETE FROM dead_letter")
+    failed = data_quality.validate_in_child("run-b", product_db, SUITE)  # none started: new
+    assert not failed.success
+    assert "table dead_letter has 0 rows; the suite needs at least 1" in failed.reasons
+
+
+@pytest.mark.slow
+def test_the_gate_process_raises_its_errors_here(
+    product_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    suite_path = tmp_path / "suite.json"
+    suite_path.write_text(
+        '{"name": "s", "version": 1, "tables": {"items": {"expectations": '
+        '[{"type": "expect_prices_to_be_cheap", "kwargs": {}}]}}}'
+    )
+    with pytest.raises(data_quality.DataQualityError, match=r"tables\.items\.expectations\.0"):
+        data_quality.validate_in_child("run-c", product_db, suite_path)
+    monkeypatch.setenv(database.ENV_URL, "postgresql://postgres@127.0.0.1:9/postgres")
+    with pytest.raises(database.DatabaseUnavailable, match=r"127\.0\.0\.1:9"):
+        data_quality.validate_in_child("run-d", "staging", SUITE)
+
+
+@pytest.mark.slow
+def test_a_validator_never_asked_exits_when_its_parent_goes() -> None:
+    validator = data_quality.Validator()
+    assert validator.proc.stdin is not None
+    validator.proc.stdin.close()  # what the parent's death does to the pipe
+    assert validator.proc.wait(timeout=60) == 0

@@ -629,6 +629,7 @@ def evaluate_gates(
     return result, result.output_for_node(stages["build"].node_def.name)
 
 
+@pytest.mark.slow  # the edge_vcl gate runs varnishd -C where Varnish is installed
 def test_the_gate_reader_sees_every_gate_passed_on_this_artifact(
     location: dg.Definitions,
     stages: dict[str, dg.AssetsDefinition],
@@ -766,6 +767,7 @@ def test_canary_with_the_token_refuses_gates_never_evaluated(
     assert calls == []
 
 
+@pytest.mark.slow  # the edge_vcl gate runs varnishd -C where Varnish is installed
 def test_canary_with_the_token_refuses_a_failed_gate(
     location: dg.Definitions,
     stages: dict[str, dg.AssetsDefinition],
@@ -784,6 +786,7 @@ def test_canary_with_the_token_refuses_a_failed_gate(
     assert calls == []
 
 
+@pytest.mark.slow  # the edge_vcl gate runs varnishd -C where Varnish is installed
 def test_canary_with_the_token_refuses_gates_passed_on_another_build(
     location: dg.Definitions,
     stages: dict[str, dg.AssetsDefinition],
@@ -819,6 +822,7 @@ def test_canary_refuses_with_the_real_platform_resource_without_reaching_postgre
     assert data.error.cls_name == "GateNotPassed", error_chain(data)
 
 
+@pytest.mark.slow  # the edge_vcl gate runs varnishd -C where Varnish is installed
 def test_canary_with_the_token_and_every_gate_passed_is_not_refused(
     location: dg.Definitions,
     stages: dict[str, dg.AssetsDefinition],
@@ -887,6 +891,7 @@ def test_promotion_refuses_gates_never_evaluated_first(
     no_production_change(calls)
 
 
+@pytest.mark.slow  # the edge_vcl gate runs varnishd -C where Varnish is installed
 def test_promotion_with_every_gate_passed_refuses_without_the_token(
     location: dg.Definitions,
     stages: dict[str, dg.AssetsDefinition],

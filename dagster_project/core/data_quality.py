@@ -11,9 +11,11 @@ contract (`data_quality.suite`); its `tables` are the tables the gate reads:
 GE expectation can be used. Every table also gets `expect_table_row_count_to_be_between
 (min_value=min_rows)` first: an empty table is a failure, never a vacuous pass.
 
-Great Expectations takes ~3.5 s to import (~10 s without cached bytecode), so it is imported
-only inside `validate_tables`, or ahead of it by `preload` in a background thread while the
-staging smoke (which mostly waits on timers) runs; loading and checking the suite file
+Great Expectations takes ~3.5 s to import (~10 s without cached bytecode) and ~190 MB of
+memory, so it is imported only inside `validate_tables`, and the gate runs it in a child
+process (`Validator`): started when the staging stage starts, it imports GE beside the smoke
+(which mostly waits on timers), validates once asked, answers in JSON and exits, so GE never
+stays in the release's process through the canary. Loading and checking the suite file
 (`load_suite`) does not need it.
 """
 
@@ -23,11 +25,14 @@ import contextlib
 import json
 import logging
 import os
+import select
+import subprocess
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,24 +171,109 @@ def _quiet_great_expectations() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-_preloading: threading.Thread | None = None
-_preload_lock = threading.Lock()
+# --- the gate's own process -----------------------------------------------------------------
+
+VALIDATOR_ANSWER_SECONDS = 300.0  # a validation that takes longer is an error (blocks)
+VALIDATOR_IDLE_SECONDS = 900.0  # a validator never asked exits on its own (its stage failed)
+_SERVE = "from dagster_project.core.data_quality import serve; raise SystemExit(serve())"
 
 
-def preload() -> None:
-    """Start importing Great Expectations in a daemon thread (once per process), so the gate
-    finds it imported. Only the import: the gate itself still reads the tables when it runs."""
-    global _preloading
-    with _preload_lock:
-        if _preloading is None:
-            _preloading = threading.Thread(target=_import_ge, name="preload-gx", daemon=True)
-            _preloading.start()
+class Validator:
+    """A child process that imports Great Expectations at once, then validates one suite when
+    asked (`validate`) and exits. It also exits when its parent closes the pipe (the parent
+    died) or after VALIDATOR_IDLE_SECONDS unasked."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # GE's warnings; every error is in the JSON answer
+            text=True,
+            env={**os.environ, "GX_ANALYTICS_ENABLED": "False"},
+        )
+
+    def validate(self, db: str, suite_path: Path | str) -> DataQualityReport:
+        """The report of `validate_tables(db, suite_path)`, run in the child; its
+        DataQualityError / DatabaseUnavailable raised here as they would be in-process."""
+        request = json.dumps({"db": db, "suite": str(suite_path)}) + "\n"
+        try:
+            out, _ = self.proc.communicate(request, timeout=VALIDATOR_ANSWER_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise DataQualityError(
+                f"the data-quality validator gave no answer within {VALIDATOR_ANSWER_SECONDS:.0f}s"
+            ) from None
+        except OSError as exc:  # it died before reading the request
+            self.close()
+            raise DataQualityError(f"the data-quality validator is gone: {exc}") from None
+        lines = [line for line in (out or "").splitlines() if line.startswith("{")]
+        if not lines:
+            raise DataQualityError(
+                f"the data-quality validator exited with code {self.proc.returncode} "
+                "without an answer"
+            )
+        answer = json.loads(lines[-1])
+        if "report" in answer:
+            return DataQualityReport(**answer["report"])
+        error = (
+            database.DatabaseUnavailable
+            if answer.get("error") == "DatabaseUnavailable"
+            else DataQualityError
+        )
+        raise error(str(answer.get("message", "the validator failed")))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.communicate(timeout=5)
 
 
-def _import_ge() -> None:
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+_validators: dict[str, Validator] = {}
+_validators_lock = threading.Lock()
+
+
+def start_validator(key: str) -> None:
+    """Start the validator for `key` (a run id) now, so it is ready when the gate asks."""
+    with _validators_lock:
+        if key not in _validators:
+            _validators[key] = Validator()
+
+
+def validate_in_child(key: str, db: str, suite_path: Path | str) -> DataQualityReport:
+    """Validate with the validator started for `key`, or a new one (a gate run in another
+    process than its stage, or on its own, pays the import here)."""
+    with _validators_lock:
+        validator = _validators.pop(key, None)
+    if validator is None or validator.proc.poll() is not None:
+        validator = Validator()
+    try:
+        return validator.validate(db, suite_path)
+    finally:
+        validator.close()
+
+
+def serve() -> int:
+    """The validator's side (`Validator`): import GE, wait for one request, answer, exit."""
     with contextlib.suppress(Exception), _quiet_great_expectations():
         import great_expectations  # noqa: F401
+    ready, _, _ = select.select([sys.stdin], [], [], VALIDATOR_IDLE_SECONDS)
+    line = sys.stdin.readline() if ready else ""
+    if not line:  # idle too long, or the parent is gone
+        return 0
+    try:
+        request = json.loads(line)
+        report = validate_tables(request["db"], request["suite"])
+        answer: dict[str, Any] = {"report": asdict(report)}
+    except database.DatabaseUnavailable as exc:
+        answer = {"error": "DatabaseUnavailable", "message": str(exc)}
+    except DataQualityError as exc:
+        answer = {"error": "DataQualityError", "message": str(exc)}
+    except Exception as exc:  # fail closed: the gate blocks, naming what went wrong
+        answer = {"error": "DataQualityError", "message": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(answer, default=str), flush=True)
+    return 0
 
 
 def validate_tables(db: str, suite_path: Path | str) -> DataQualityReport:
@@ -199,8 +289,6 @@ def validate_tables(db: str, suite_path: Path | str) -> DataQualityReport:
 
     # No usage statistics: this machine has no internet, and a gate must not phone home.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    if _preloading is not None:  # one quiet context at a time (they set process-wide state)
-        _preloading.join()
     with _quiet_great_expectations():
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
