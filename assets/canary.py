@@ -186,6 +186,7 @@ def canary_asset(
             artifact=fetched,
             metrics=metrics.source(local.api_urls(ENV), platform=local, env=ENV),
             bake_scale=bake_scale(),
+            scale_deadline=False,  # the scale shortens waiting, never the evidence
             baseline=facts.live is not None,
             on_event=lambda event: context.log.info(f"canary: {describe_event(event)}"),
             step_guard=lambda since: step_problems(spec, local, since),

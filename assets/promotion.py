@@ -244,6 +244,7 @@ def promotion_asset(
             env=ENV,
             metrics=metrics.source(local.api_urls(ENV), platform=local, env=ENV),
             bake_scale=bake_scale(),
+            scale_deadline=False,  # the scale shortens waiting, never the evidence
             baseline=False,
             single_step_seconds=spec.production.watch_seconds,
             on_event=lambda event: context.log.info(f"watch: {describe_event(event)}"),

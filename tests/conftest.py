@@ -10,7 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster  # noqa: F401  (see below)
 import pytest
+
+# Dagster is imported here, before any test's guard (`_pure`): its import runs `file -b` on the
+# interpreter (its vendored croniter asks platform.architecture()), which no test asked for.
 
 # The production guardrail token is published to operators in the architecture note; the
 # tests present it the way CI would, through the environment.
@@ -76,6 +80,7 @@ def guardrail_token(monkeypatch: pytest.MonkeyPatch) -> str:
 # The longest files first, so two workers finish together (pytest-xdist `--dist loadfile`).
 _LONGEST_FIRST = (
     "test_production_faults.py",
+    "test_production_races.py",
     "test_release_e2e.py",
     "test_real_edge_e2e.py",
     "test_automations.py",

@@ -8,7 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dagster_project.core.canary.analysis import StepAction, config_for_step, step_decision
+from dagster_project.core.canary.analysis import (
+    StepAction,
+    config_for_step,
+    step_decision,
+    step_timing,
+)
 from dagster_project.core.canary.judge import (
     METRICS,
     METRICS_SOURCE,
@@ -383,3 +388,22 @@ def test_missing_worker_metrics_are_never_a_pass(full_config: JudgeConfig) -> No
 def test_unavailable_metrics_list_the_worker_metrics_too() -> None:
     rows = {m.metric for m in metrics_unavailable(["boom"], 3).metrics}
     assert set(METRICS) | set(WORKER_METRICS) | {METRICS_SOURCE} == rows
+
+
+@pytest.mark.parametrize(
+    ("bake", "extension", "scale", "scale_deadline", "expected"),
+    [
+        (8, 30, 1.0, True, (8, 30)),  # the spec's own
+        (8, 30, 1.0, False, (8, 30)),
+        (8, 30, 0.5, True, (4, 15)),  # run_canary's tests: the whole step scaled
+        (8, 30, 0.5, False, (4, 34)),  # RELEASE_BAKE_SCALE: the deadline stays 38 s
+        (20, 30, 0.25, False, (5, 45)),
+    ],
+)
+def test_step_timing_scales_the_bake_and_keeps_the_deadline_when_asked(
+    bake: float, extension: float, scale: float, scale_deadline: bool, expected: tuple
+) -> None:
+    got = step_timing(bake, extension, scale, scale_deadline=scale_deadline)
+    assert got == pytest.approx(expected)
+    if not scale_deadline:
+        assert sum(got) == pytest.approx(bake + extension)  # a short sample loses no time

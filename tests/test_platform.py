@@ -251,11 +251,12 @@ def test_killed_edge_comes_back_on_the_same_url_and_serves(deployed: LocalPlatfo
     assert response.headers["x-release"] == "1.1.0"
     again = deployed.state.processes("production", role="edge")[0]
     assert again.pid and again.pid != edge.pid
+    # It answers before supervisord counts it RUNNING (startsecs): an outage until then.
+    _wait_running_state(deployed, "production", "edge")
     outages = deployed.outages("production", since)
     assert any(o.startswith("edge of production") and "(re)started" in o for o in outages), outages
     assert deployed.outages("production", time.time()) == []
     assert deployed.outages("staging", since) == []
-    _wait_running_state(deployed, "production", "edge")
     info = deployed.status()["production"]
     assert info["healthy"] is True, info["problems"]
     assert info["edge"]["pid"] == again.pid and info["edge"]["state"] == "RUNNING"

@@ -73,6 +73,18 @@ def step_decision(
     return StepAction.FAIL  # inconclusive at the deadline: never a pass
 
 
+def step_timing(
+    bake_seconds: float, extension_seconds: float, scale: float, *, scale_deadline: bool = True
+) -> tuple[float, float]:
+    """(bake, extension) of a step under a bake scale (pure). `scale_deadline=False` scales
+    the bake only: the extension gets back what the bake lost, so the deadline (bake +
+    extension) stays the spec's, and a short sample still has the spec's time to grow."""
+    bake = bake_seconds * scale
+    if scale_deadline:
+        return bake, extension_seconds * scale
+    return bake, extension_seconds + bake_seconds - bake
+
+
 def config_for_step(config: JudgeConfig, step: int, steps: int) -> JudgeConfig:
     """Early steps stop only on strong evidence; the last step, which decides promotion, also
     extends on suspicion, and until an error-rate increase beyond the allowance is ruled out
@@ -196,13 +208,16 @@ def run_canary(
     baseline: bool = True,
     step_guard: StepGuard | None = None,
     single_step_seconds: float | None = None,
+    scale_deadline: bool = True,
 ) -> CanaryReport:
     """Run the spec's canary steps against `env`; roll back on any fail. See the module doc.
 
     `bake_scale` multiplies bake times and the extension deadline (tests use < 1) without
-    touching the spec. `metrics` defaults to scraping the API processes of `env`; `load`
-    defaults to a generator at the spec's rate through the edge (`load_enabled=False` sends
-    none, e.g. to show that no traffic is never a pass). `step_guard(step_started_epoch)`
+    touching the spec; with `scale_deadline=False` (RELEASE_BAKE_SCALE) only the bake: a step
+    whose sample is still short extends to the spec's own deadline (bake + extension).
+    `metrics` defaults to scraping the API processes of `env`; `load` defaults to a generator
+    at the spec's rate through the edge (`load_enabled=False` sends none, e.g. to show that
+    no traffic is never a pass). `step_guard(step_started_epoch)`
     is asked at every look; any problem it names (the edge or a track down during the step,
     ownership lost) fails the step at once: such a step cannot pass, whatever the metrics say.
     """
@@ -221,7 +236,6 @@ def run_canary(
     report = CanaryReport(product=spec.product, env=env, version=version)
     ledger = VerdictLedger()
     max_errors = spec.canary.max_consecutive_metric_errors
-    extension_s = spec.canary.max_step_extension_seconds * bake_scale
 
     tracks = TRACKS if baseline else ("canary",)
     steps = [_Step(s.weight, s.bake_seconds) for s in spec.canary.steps]
@@ -248,7 +262,12 @@ def run_canary(
             return report
         looker = _Looker(source, start_snapshots, max_errors, tracks)
         for index, step in enumerate(steps, start=1):
-            bake_s = step.bake_seconds * bake_scale
+            bake_s, step_extension_s = step_timing(
+                step.bake_seconds,
+                spec.canary.max_step_extension_seconds,
+                bake_scale,
+                scale_deadline=scale_deadline,
+            )
             step_config = config_for_step(config, index, len(steps))
             step_report = StepReport(index, step.weight, bake_s, time.monotonic() - start)
             report.steps.append(step_report)
@@ -278,7 +297,7 @@ def run_canary(
                     continue
                 step_report.judgement = judgement
                 previous = action
-                action = step_decision(judgement.verdict, elapsed, bake_s, extension_s)
+                action = step_decision(judgement.verdict, elapsed, bake_s, step_extension_s)
                 if action == StepAction.PASS and step_guard is not None:
                     # The look's window ends now: an outage during it still fails the step.
                     outage = step_guard(step_started_epoch)
@@ -293,7 +312,7 @@ def run_canary(
                             "step": index,
                             "weight": step.weight,
                             "reasons": judgement.reasons,
-                            "deadline_seconds": bake_s + extension_s,
+                            "deadline_seconds": bake_s + step_extension_s,
                         }
                     )
             step_report.ended_at = time.monotonic() - start
@@ -352,18 +371,30 @@ class _Step:
     bake_seconds: float
 
 
+# Before any traffic shifts, a metrics source may not have seen a track that just started (a
+# Prometheus discovers the new target, then scrapes it, about 2 s on an idle host, more on a
+# loaded one): the starting point is retried this long, besides the spec's error limit.
+START_GRACE_SECONDS = 10.0
+
+
 def _first_snapshots(
-    source: MetricsSource, max_errors: int, interval_s: float, tracks: tuple[str, ...]
+    source: MetricsSource,
+    max_errors: int,
+    interval_s: float,
+    tracks: tuple[str, ...],
+    grace_s: float = START_GRACE_SECONDS,
 ) -> dict[str, TrackSnapshot] | list[str]:
-    """The starting point of every window, or the consecutive errors that prevented it."""
+    """The starting point of every window, or the consecutive errors that prevented it (at
+    least `max_errors`, and for at least `grace_s`)."""
     problems: list[str] = []
-    while len(problems) < max_errors:
+    until = time.monotonic() + grace_s
+    while len(problems) < max_errors or time.monotonic() < until:
         taken = _snapshots(source, tracks)
         if not isinstance(taken, str):
             return taken
         problems.append(taken)
         time.sleep(interval_s)
-    return problems
+    return problems[-max_errors:] if max_errors > 0 else problems
 
 
 def _snapshots(source: MetricsSource, tracks: tuple[str, ...]) -> dict[str, TrackSnapshot] | str:
