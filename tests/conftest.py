@@ -30,9 +30,6 @@ def release_home() -> Iterator[Path]:
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
     if os.environ.get("RELEASE_DATABASE_URL"):
         os.environ["RELEASE_DB_PREFIX"] = f"t{os.getpid()}_"
-    # Half the spec's bake and watch times (the README's RELEASE_BAKE_SCALE): a canary step
-    # still extends until its sample is big enough, so every gate judges as much evidence.
-    os.environ.setdefault("RELEASE_BAKE_SCALE", "0.5")
     # Resolve the code location once, up front: Dagster's definitions load context keeps a weak
     # reference to the instance that was current when it is first built, and a test's
     # short-lived instance would leave later tests with a dead one.

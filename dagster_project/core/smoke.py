@@ -350,15 +350,18 @@ def run_smoke(
     ) as client:
         run = _Run(spec, platform, env, expected_version, client, report, purge, job_slack_seconds)
         _smoke_section(run)
-        # The edge cache and the workers mostly wait (Age and TTL timers, retry backoffs) and
-        # touch nothing the other checks: they run at once. The guardrails run alone, after
-        # them: the rate limit's burst goes through the data handlers (a release's own errors
-        # are selected by call count, and a retry must meet them as it would alone), and the
-        # breaker drill fails every database call of the API.
-        branches = [
-            *([_edge_cache_section] if include_edge_cache else []),
-            *([_worker_section] if include_worker else []),
-        ]
+        # The worker's retry timing (each gap within backoff_tolerance_ms) is judged on jobs
+        # that run alone first. Then the edge cache and the worker drills, which mostly wait
+        # (Age and TTL timers, idempotency watch, restart) and touch nothing the other checks,
+        # run at once. The guardrails run alone, last: the rate limit's burst goes through
+        # the data handlers (a release's own errors are selected by call count, and a retry
+        # must meet them as it would alone), and the breaker drill fails every database call.
+        jobs = _worker_jobs(run) if include_worker else None
+        branches: list[Callable[[_Run], None]] = []
+        if include_edge_cache:
+            branches.append(_edge_cache_section)
+        if jobs is not None:
+            branches.append(lambda own: _worker_drills(own, jobs))
         _concurrently(run, branches)
         if include_guardrails:
             _rate_limit_checks(run)
@@ -1094,9 +1097,10 @@ class _Job:
     enqueue_error: str | None = None
 
 
-def _worker_section(run: _Run) -> None:
+def _worker_jobs(run: _Run) -> _Job:
     """The contract's `ok` probe on the first (highest-priority) queue, a `poison` probe on
-    every queue."""
+    every queue, the `retry` probe: done, dead-lettered, retried, and every gap between their
+    attempts within the queue's backoff. Returns the `ok` job (the drills enqueue it again)."""
     queues = run.spec.queues.ordered
     normal = _Job(f"{NORMAL_JOB_PREFIX}{run.run_id}", queues[0], poison=False)
     poison = [
@@ -1143,6 +1147,13 @@ def _worker_section(run: _Run) -> None:
         f"backoff between attempts of the retry job ({queues[0].name} queue)",
         lambda: _check_backoff(run, retry, fails + 1),
     )
+    return normal
+
+
+def _worker_drills(run: _Run, normal: _Job) -> None:
+    """Idempotency (the `ok` job's key enqueued again), a SIGKILL of the worker during a job,
+    and priority under a flood of the last queue."""
+    queues = run.spec.queues.ordered
     run.record(
         "worker_dlq",
         "re-enqueue of a done key is not processed twice",
