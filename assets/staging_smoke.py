@@ -43,9 +43,6 @@ def staging_smoke_asset(
         from dagster_project.core import data_quality
         from dagster_project.core.smoke import run_smoke
 
-        # The data_quality gate's process imports Great Expectations (~3.5 s of CPU) now,
-        # beside a smoke suite that mostly waits; the gate finds it by run id.
-        data_quality.start_validator(context.run_id)
         own_staging(context, spec, artifact.sha256)
         started = time.monotonic()
         local = platform.for_product(spec.product)
@@ -53,6 +50,10 @@ def staging_smoke_asset(
         local.deploy(ENV, "stable", registry.fetch(artifact.sha256))
         context.log.info(f"deployed {artifact.version} to {ENV}; running the smoke suite")
         smoke = run_smoke(spec, local, ENV, artifact.version)
+        # The data_quality gate's process starts importing Great Expectations (~3.5 s of CPU)
+        # now, while this step's output is stored; the gate finds it by run id. Not earlier:
+        # on a busy host the import took the CPU from the smoke's worker retry-timing rows.
+        data_quality.start_validator(context.run_id)
         value = StagingSmokeReport(
             version=artifact.version,
             artifact_sha256=artifact.sha256,
