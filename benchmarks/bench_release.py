@@ -1,7 +1,7 @@
 """A complete release's overhead, per stage and per gate, its peak memory, and how fast the
 commands start: the current tree and a baseline commit, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_release.py [--baseline REV] [--no-baseline]
+    GUARDRAIL_TOKEN=... .venv/bin/python benchmarks/bench_release.py [--baseline REV] [--no-baseline]
 
 For each variant, in a fresh state directory on the embedded defaults: a first release of
 4pnihc40q-yj (no baseline: one 100% step), a second one (full 5 -> 25 -> 50 canary), then
@@ -45,7 +45,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = "4pnihc40q-yj"
 DEFAULT_BASELINE = "777706e"  # the landed pipeline before issue 16
-TOKEN = os.environ.get("GUARDRAIL_TOKEN") or "tpt-rifvn-of1ce"  # published to operators
+TOKEN = os.environ.get("GUARDRAIL_TOKEN", "")  # the deploys need it; never written down here
 STEP_LINE = re.compile(r"\[\s*[\d.]+s\] ▶ (\S+)")
 BAKE_LINE = re.compile(r"canary: step (\d+) \(\d+%\) started, baking (\d+)s")
 EXTENDED_LINE = re.compile(r"canary: step (\d+) \(\d+%\) extended")
@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare")
     parser.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     args = parser.parse_args()
+    if not TOKEN:
+        raise SystemExit("set GUARDRAIL_TOKEN (the production guardrail token) to run releases")
     sys.path.insert(0, str(ROOT))
     from dagster_project.core.spec import load_spec
 
