@@ -1,7 +1,8 @@
 """A complete release's overhead, per stage and per gate, its peak memory, and how fast the
 commands start: the current tree and a baseline commit, side by side in one run.
 
-    GUARDRAIL_TOKEN=... .venv/bin/python benchmarks/bench_release.py [--baseline REV] [--no-baseline]
+    GUARDRAIL_TOKEN=... .venv/bin/python benchmarks/bench_release.py [--baseline REV]
+        [--no-baseline]
 
 For each variant, in a fresh state directory on the embedded defaults: a first release of
 4pnihc40q-yj (no baseline: one 100% step), a second one (full 5 -> 25 -> 50 canary), then
