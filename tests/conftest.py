@@ -40,6 +40,20 @@ def release_home() -> Iterator[Path]:
     _teardown(home)
 
 
+@pytest.fixture(autouse=True)
+def _no_open_dagster_instance_left() -> Iterator[None]:
+    """Fail the test that leaves a Dagster instance entered. Entering one sets the current
+    definitions-state storage (a context variable); a context never exited (a schedule context
+    built without `with`, say) leaves it pointing at a deleted folder, and a later test in the
+    same worker fails loading definitions, far from the cause."""
+    from dagster._core.storage.defs_state.base import DefsStateStorage
+
+    before = DefsStateStorage.get()
+    yield
+    if DefsStateStorage.get() is not before:
+        pytest.fail("the test left a Dagster instance entered: use its context with `with`")
+
+
 def _teardown(home: Path) -> None:
     # No supervisor folder: no platform process was ever started (and stopping one would start
     # the embedded Postgres just to find that out).

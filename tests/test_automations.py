@@ -119,14 +119,22 @@ def scratch() -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-def _train_context(
-    instance: dg.DagsterInstance, platform: PlatformResource
-) -> dg.ScheduleEvaluationContext:
-    return dg.build_schedule_context(
+def _tick(
+    schedule: dg.ScheduleDefinition,
+    instance: dg.DagsterInstance,
+    platform: PlatformResource | None = None,
+) -> Any:
+    """Evaluate `schedule` once inside an entered context. The context opens its own copy of the
+    instance, and Dagster keeps the open instance's state storage in a context variable: left
+    unclosed, that variable outlives `scratch`'s temporary folder and a later
+    `Definitions.get_repository_def()` in the same worker fails opening a deleted runs.db."""
+    resources = {} if platform is None else {"platform": platform, "approval": ApprovalResource()}
+    with dg.build_schedule_context(
         instance=instance,
-        resources={"platform": platform, "approval": ApprovalResource()},
+        resources=resources,
         scheduled_execution_time=datetime(2026, 1, 2, 2, 0, tzinfo=UTC),
-    )
+    ) as context:
+        return schedule(context) if platform is not None else schedule.evaluate_tick(context)
 
 
 @pytest.mark.parametrize("token", [None, "tpt-wrong-token"])
@@ -144,7 +152,7 @@ def test_nightly_train_skips_without_the_right_token_before_any_work(
         raise AssertionError("the train looked at releases without the token")
 
     monkeypatch.setattr(dg.DagsterInstance, "get_dynamic_partitions", no_work)
-    result = _schedule("nightly_release_train")(_train_context(instance, UntouchablePlatform()))
+    result = _tick(_schedule("nightly_release_train"), instance, UntouchablePlatform())
     assert isinstance(result, dg.SkipReason)
     message = result.skip_message or ""
     assert "GUARDRAIL_TOKEN" in message
@@ -161,13 +169,13 @@ def test_nightly_train_releases_the_newest_release_not_in_production(
     train = _schedule("nightly_release_train")
     assert train.job_name == release_job_name(PRODUCT)
 
-    nothing = train(_train_context(instance, UntouchablePlatform()))
+    nothing = _tick(train, instance, UntouchablePlatform())
     assert isinstance(nothing, dg.SkipReason)
     assert "no release registered" in (nothing.skip_message or "")
 
     for version in ("1.0.0", "1.1.0"):
         register_release(instance, PRODUCT, version)
-    request = train(_train_context(instance, FakePlatform(live="1.0.0")))
+    request = _tick(train, instance, FakePlatform(live="1.0.0"))
     assert isinstance(request, dg.RunRequest)
     assert request.partition_key == "1.1.0"
     assert request.run_key == "train-1.1.0-20260102"
@@ -179,7 +187,7 @@ def test_nightly_train_releases_the_newest_release_not_in_production(
     assert job.tags[PRODUCT_TAG] == PRODUCT
     assert dg.validate_run_config(job, request.run_config)
 
-    live = train(_train_context(instance, FakePlatform(live="1.1.0")))
+    live = _tick(train, instance, FakePlatform(live="1.1.0"))
     assert isinstance(live, dg.SkipReason)
     assert "already in production" in (live.skip_message or "")
 
@@ -199,7 +207,7 @@ def test_verification_schedule_requests_a_valid_run_of_its_job(
 ) -> None:
     schedule, job = _verification()
     assert schedule.cron_schedule == "0 * * * *"
-    data = schedule.evaluate_tick(dg.build_schedule_context(instance=scratch))
+    data = _tick(schedule, scratch)
     (request,) = data.run_requests or []
     assert dg.validate_run_config(job, request.run_config)
     assert job.tags[PRODUCT_TAG] == PRODUCT
