@@ -21,8 +21,10 @@ from dagster_project.core.smoke import (
     backoff_delays,
     check_body,
     effective_ttl,
+    expiry_endpoint,
     job_deadline_seconds,
     post_deploy_smoke,
+    purged_keys,
     run_smoke,
 )
 from dagster_project.core.spec import ProductSpec, load_spec
@@ -61,6 +63,43 @@ def test_job_deadline_follows_the_spec_backoff_policy(spec: ProductSpec) -> None
     assert job_deadline_seconds(high, slack=2.0) == pytest.approx(2.35)
     capped = high.model_copy(update={"max_attempts": 8, "backoff_max_ms": 300})
     assert backoff_delays(capped)[-1] == pytest.approx(0.3)  # never above backoff_max_ms
+
+
+def _with_keys(spec: ProductSpec, keys: dict[str, tuple[str, ...]]) -> ProductSpec:
+    endpoints = tuple(
+        e.model_copy(update={"surrogate_keys": keys.get(e.path, e.surrogate_keys)})
+        for e in spec.endpoints
+    )
+    return spec.model_copy(update={"endpoints": endpoints})
+
+
+@pytest.mark.parametrize(
+    ("keys", "ttls", "purge", "expected"),
+    [
+        # The sample: the cache checks purge `items` and `static`; /v1/summary is untouched.
+        ({}, {}, True, ("/v1/summary", True)),
+        # No purges in this run: the first endpoint of the shortest class, at once.
+        ({}, {}, False, ("/v1/items", True)),
+        # Every short endpoint shares a purged key: it waits until the purges are done.
+        ({"/v1/summary": ("items",)}, {}, True, ("/v1/items", False)),
+        # No class short enough to wait out: no expiry check.
+        ({}, {"dynamic": 30}, True, None),
+    ],
+)
+def test_the_expiry_check_runs_beside_the_others_only_on_an_object_no_purge_touches(
+    spec: ProductSpec,
+    keys: dict[str, tuple[str, ...]],
+    ttls: dict[str, int],
+    purge: bool,
+    expected: tuple[str, bool] | None,
+) -> None:
+    variant = _with_keys(spec, keys).model_copy(
+        update={"ttl_classes": {**spec.ttl_classes, **ttls}}
+    )
+    assert purged_keys(spec) == {"items", "static"}
+    plan = expiry_endpoint(variant, purged_keys(variant) if purge else frozenset())
+    got = (plan.endpoint.path, plan.early) if plan else None
+    assert got == expected
 
 
 def _contract(spec: ProductSpec, path: str) -> Any:

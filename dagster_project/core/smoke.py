@@ -19,7 +19,8 @@ worker probes and where their results land).
   response: the row names the endpoint and the rule); for one endpoint of each TTL class, MISS
   then HIT with `0 < Age <= TTL`, a request with `Authorization` is never a HIT, purge by
   surrogate key and by URL each force a MISS, and a purge without the purge key is refused
-  (403); an object of a short class (TTL <= 10 s) is a MISS again after the class's TTL.
+  (403); an object of a short class (TTL <= 10 s) is a MISS again after the class's TTL (an
+  object the purges cannot touch, so the check waits beside the others, when there is one).
 - `worker_dlq`: the contract's `ok` probe job is done after one attempt with one row in the
   results table, a `poison` job in every queue lands in the dead-letter table after exactly the
   queue's `max_attempts`, and enqueueing a known key again does not process it twice. From the
@@ -351,18 +352,27 @@ def run_smoke(
         run = _Run(spec, platform, env, expected_version, client, report, purge, job_slack_seconds)
         _smoke_section(run)
         # The worker's retry timing (each gap within backoff_tolerance_ms) is judged on jobs
-        # that run alone first. Then the edge cache and the worker drills, which mostly wait
-        # (Age and TTL timers, idempotency watch, restart) and touch nothing the other checks,
-        # run at once. The guardrails run alone, last: the rate limit's burst goes through
-        # the data handlers (a release's own errors are selected by call count, and a retry
-        # must meet them as it would alone), and the breaker drill fails every database call.
-        jobs = _worker_jobs(run) if include_worker else None
-        branches: list[Callable[[_Run], None]] = []
-        if include_edge_cache:
-            branches.append(_edge_cache_section)
-        if jobs is not None:
-            branches.append(lambda own: _worker_drills(own, jobs))
-        _concurrently(run, branches)
+        # that run first, beside nothing but the TTL-expiry check (three requests and a
+        # sleep; it starts here when no purge of the cache checks can remove its object, see
+        # `expiry_endpoint`, else it runs after them). Then the edge cache and the worker
+        # drills, which mostly wait (Age timers, idempotency watch, restart) and touch nothing
+        # the other checks do, run at once. The guardrails run alone, last, once the expiry
+        # check is done: the rate limit's burst goes through the data handlers (a release's
+        # own errors are selected by call count, and a retry must meet them as it would
+        # alone), and the breaker drill fails every database call.
+        expiry = expiry_endpoint(spec, purged_keys(spec) if purge else frozenset())
+        early = include_edge_cache and expiry is not None and expiry.early
+
+        def jobs_edge_and_drills(own: _Run) -> None:
+            jobs = _worker_jobs(own) if include_worker else None
+            branches: list[Callable[[_Run], None]] = []
+            if include_edge_cache:
+                branches.append(lambda part: _edge_cache_section(part, expiry_last=not early))
+            if jobs is not None:
+                branches.append(lambda part: _worker_drills(part, jobs))
+            _concurrently(own, branches)
+
+        _concurrently(run, [jobs_edge_and_drills, *([_expiry_check] if early else [])])
         if include_guardrails:
             _rate_limit_checks(run)
             _breaker_drill(run)
@@ -773,9 +783,10 @@ def _breaker_checks(
 # --- edge cache -------------------------------------------------------------------------------
 
 
-def _edge_cache_section(run: _Run) -> None:
+def _edge_cache_section(run: _Run, *, expiry_last: bool = True) -> None:
     """The policy of every endpoint answering 200; the cache behaviour for one endpoint of
-    each of the spec's TTL classes (the first the edge may cache: its contract expects 200)."""
+    each of the spec's TTL classes (the first the edge may cache: its contract expects 200);
+    the TTL expiry last unless it runs beside the section (`expiry_last=False`)."""
     contracts = run.spec.contract.endpoints
     for endpoint in run.spec.endpoints:
         if contracts[endpoint.path].status == 200:
@@ -787,20 +798,53 @@ def _edge_cache_section(run: _Run) -> None:
     # One branch per TTL class, at once: each waits past Age 1 on its own entry, and their
     # purges are of their own URL and surrogate key.
     _concurrently(run, [_class_cache_checks(ttl_class) for ttl_class in run.spec.ttl_classes])
-    _expiry_check(run)  # last: the purges above may remove objects of the same surrogate keys
+    if expiry_last:
+        _expiry_check(run)  # after the purges above: they may remove the object under test
+
+
+def cache_probe_endpoint(spec: ProductSpec, ttl_class: str) -> Endpoint | None:
+    """The endpoint whose cache behaviour stands for `ttl_class`: its first answering 200."""
+    contracts = spec.contract.endpoints
+    return next(
+        (e for e in spec.endpoints if e.ttl_class == ttl_class and contracts[e.path].status == 200),
+        None,
+    )
+
+
+def purged_keys(spec: ProductSpec) -> frozenset[str]:
+    """The surrogate keys the cache checks purge (each probe endpoint's first)."""
+    probes = (cache_probe_endpoint(spec, ttl_class) for ttl_class in spec.ttl_classes)
+    return frozenset(e.surrogate_keys[0] for e in probes if e is not None and e.surrogate_keys)
+
+
+@dataclass(frozen=True)
+class ExpiryPlan:
+    endpoint: Endpoint
+    early: bool  # no purge of the cache checks can remove it: it may run beside them
+
+
+def expiry_endpoint(spec: ProductSpec, purged: frozenset[str]) -> ExpiryPlan | None:
+    """The object the TTL-expiry check waits on: an endpoint answering 200 of the shortest TTL
+    class (at most MAX_EXPIRY_WAIT_SECONDS), preferring one none of whose surrogate keys is
+    in `purged`, since a purge would pass for an expiry. None: no class short enough."""
+    contracts = spec.contract.endpoints
+    candidates = [
+        e
+        for e in spec.endpoints
+        if contracts[e.path].status == 200
+        and spec.ttl_classes[e.ttl_class] <= MAX_EXPIRY_WAIT_SECONDS
+    ]
+    if not candidates:
+        return None
+    shortest = min(spec.ttl_classes[e.ttl_class] for e in candidates)
+    candidates = [e for e in candidates if spec.ttl_classes[e.ttl_class] == shortest]
+    untouched = [e for e in candidates if not purged.intersection(e.surrogate_keys)]
+    return ExpiryPlan(untouched[0], True) if untouched else ExpiryPlan(candidates[0], False)
 
 
 def _class_cache_checks(ttl_class: str) -> Callable[[_Run], None]:
     def checks(run: _Run) -> None:
-        contracts = run.spec.contract.endpoints
-        endpoint = next(
-            (
-                e
-                for e in run.spec.endpoints
-                if e.ttl_class == ttl_class and contracts[e.path].status == 200
-            ),
-            None,
-        )
+        endpoint = cache_probe_endpoint(run.spec, ttl_class)
         if endpoint is None:
             run.record(
                 "edge_cache",
@@ -836,18 +880,12 @@ def _check_policy(run: _Run, endpoint: Endpoint) -> str:
 
 
 def _expiry_check(run: _Run) -> None:
-    """One object of the shortest TTL class (if at most MAX_EXPIRY_WAIT_SECONDS): stored, a
-    HIT at once, a MISS again once the class's TTL is over."""
-    contracts = run.spec.contract.endpoints
-    candidates = [
-        e
-        for e in run.spec.endpoints
-        if contracts[e.path].status == 200
-        and run.spec.ttl_classes[e.ttl_class] <= MAX_EXPIRY_WAIT_SECONDS
-    ]
-    if not candidates:
+    """One object of the shortest TTL class (`expiry_endpoint`): stored, a HIT at once, a MISS
+    again once the class's TTL is over."""
+    plan = expiry_endpoint(run.spec, purged_keys(run.spec) if run.purge else frozenset())
+    if plan is None:
         return
-    endpoint = min(candidates, key=lambda e: run.spec.ttl_classes[e.ttl_class])
+    endpoint = plan.endpoint
     ttl = run.spec.ttl_classes[endpoint.ttl_class]
     path = run.tagged(endpoint.path, "expiry")
 
