@@ -18,7 +18,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.canary import bake_scale, describe_event, metric_rows, step_problems
+from assets.canary import describe_event, metric_rows, step_problems
 from assets.common import (
     GATE_COLUMNS,
     StageRefused,
@@ -236,17 +236,17 @@ def promotion_asset(
         from dagster_project.core.reconcile import return_to_stable
         from dagster_project.core.smoke import post_deploy_smoke
 
-        watch_seconds = spec.production.watch_seconds * bake_scale()
-        context.log.info(f"watch: {artifact.version} at 100% for {watch_seconds:.0f}s")
+        # Never scaled (RELEASE_BAKE_SCALE is for the canary's bakes): the watch is the only
+        # window at 100%, and a shorter one judges p99 on too few requests.
+        watch_seconds = spec.production.watch_seconds
+        context.log.info(f"watch: {artifact.version} at 100% for {watch_seconds}s")
         result = run_canary(
             local,
             spec,
             env=ENV,
             metrics=metrics.source(local.api_urls(ENV), platform=local, env=ENV),
-            bake_scale=bake_scale(),
-            scale_deadline=False,  # the scale shortens waiting, never the evidence
             baseline=False,
-            single_step_seconds=spec.production.watch_seconds,
+            single_step_seconds=watch_seconds,
             on_event=lambda event: context.log.info(f"watch: {describe_event(event)}"),
             step_guard=lambda since: step_problems(spec, local, since),
         )

@@ -28,6 +28,9 @@ def release_home() -> Iterator[Path]:
     home = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     os.environ["RELEASE_HOME"] = str(home)
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    # Half the canary steps' bakes (never the sample a step needs, nor the promotion's watch):
+    # at 25% or 50% a step has its sample within about 3 s, so the bake is the rest of its wait.
+    os.environ.setdefault("RELEASE_BAKE_SCALE", "0.5")
     if os.environ.get("RELEASE_DATABASE_URL"):
         os.environ["RELEASE_DB_PREFIX"] = f"t{os.getpid()}_"
     # Resolve the code location once, up front: Dagster's definitions load context keeps a weak

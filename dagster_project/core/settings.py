@@ -56,9 +56,9 @@ BAKE_SCALE_ENV = "RELEASE_BAKE_SCALE"
 
 
 def bake_scale() -> float:
-    """`RELEASE_BAKE_SCALE` (default 1): a factor on the canary's bake times and the
-    promotion's watch, for tests and demos, without editing the spec. Never on the evidence a
-    step needs: a step whose sample is short still extends until it is big enough. Raises
+    """`RELEASE_BAKE_SCALE` (default 1): a factor on the canary steps' bake times, for tests
+    and demos, without editing the spec. Never on the evidence: a step whose sample is short
+    still extends until it is big enough, and the promotion's watch keeps its length. Raises
     ValueError naming the variable when it is not a number in (0, 1]."""
     raw = os.environ.get(BAKE_SCALE_ENV, "").strip()
     if not raw:
