@@ -291,8 +291,12 @@ def test_healthy_release_passes_all_sections(
     spec: ProductSpec, platform: Any, deploy: Callable[..., str]
 ) -> None:
     version = deploy("1.0.0-smoke")
-    report = run_smoke(spec, platform, "staging", version)
+    timing_judged: list[bool] = []  # the caller's cue to start CPU work (the DQ validator)
+    report = run_smoke(
+        spec, platform, "staging", version, after_retry_timing=lambda: timing_judged.append(True)
+    )
     assert report.passed(), report.summary()
+    assert timing_judged == [True]
     guardrail_rows = [r for r in report.section_rows("smoke") if r.name.startswith("guardrails:")]
     smoke_rows = [r for r in report.section_rows("smoke") if r not in guardrail_rows]
     # /healthz, /readyz and every smoke endpoint of the spec

@@ -13,8 +13,9 @@ GE expectation can be used. Every table also gets `expect_table_row_count_to_be_
 
 Great Expectations takes ~3.5 s to import (~10 s without cached bytecode) and ~190 MB of
 memory, so it is imported only inside `validate_tables`, and the gate runs it in a child
-process (`Validator`): started as the staging smoke ends (by run id), it imports GE while the
-stage's output is stored, validates once asked, answers in JSON and exits, so GE never stays
+process (`Validator`): started (niced, by run id) once the staging smoke's worker retry-timing
+rows are judged, it imports GE while the rest of the smoke waits, validates once asked,
+answers in JSON and exits, so GE never stays
 in the release's process through the canary. Loading and checking the suite file
 (`load_suite`) does not need it.
 """

@@ -308,8 +308,12 @@ def run_smoke(
     purge: bool = True,
     job_slack_seconds: float = JOB_DEADLINE_SLACK_SECONDS,
     include_guardrails: bool = True,
+    after_retry_timing: Callable[[], None] | None = None,
 ) -> SmokeReport:
     """Run the smoke suite through `env`'s edge against the release `expected_version`.
+
+    `after_retry_timing` is called once the worker's retry-timing rows are judged: from then
+    on the suite only waits or measures with wide bounds, so the caller may start CPU work.
 
     `purge=False` leaves the purge checks out of the edge_cache section (the MISS/HIT/TTL and
     restricted-purge checks still run). `include_guardrails` adds the guardrail rows to the
@@ -365,6 +369,8 @@ def run_smoke(
 
         def jobs_edge_and_drills(own: _Run) -> None:
             jobs = _worker_jobs(own) if include_worker else None
+            if after_retry_timing is not None:
+                after_retry_timing()
             branches: list[Callable[[_Run], None]] = []
             if include_edge_cache:
                 branches.append(lambda part: _edge_cache_section(part, expiry_last=not early))
