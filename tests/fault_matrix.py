@@ -61,12 +61,14 @@ def cli(entry: str, *args: str, timeout: float = 120) -> subprocess.CompletedPro
 def start_deploy(version: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
     code = "from dagster_project.cli import deploy_main; raise SystemExit(deploy_main())"
     with open(log, "wb") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-c", code, PRODUCT, "--release", version, *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "GUARDRAIL_TOKEN": GUARDRAIL_TOKEN},
         )
+    proc.log_path = log  # type: ignore[attr-defined]  (wait_for quotes it when the deploy ends)
+    return proc
 
 
 def production_weights(local: object) -> dict[str, int]:
@@ -80,7 +82,9 @@ def wait_for(what: str, condition, timeout: float = 180.0, proc=None) -> None:
         if condition():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the deploy exited ({proc.returncode}) before {what}")
+            log = getattr(proc, "log_path", None)
+            tail = Path(log).read_text(errors="replace")[-3000:] if log else "(no log)"
+            raise AssertionError(f"the deploy exited ({proc.returncode}) before {what}:\n{tail}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
