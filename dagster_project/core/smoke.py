@@ -364,8 +364,9 @@ def run_smoke(
         # check is done: the rate limit's burst goes through the data handlers (a release's
         # own errors are selected by call count, and a retry must meet them as it would
         # alone), and the breaker drill fails every database call.
-        expiry = expiry_endpoint(spec, purged_keys(spec) if purge else frozenset())
-        early = include_edge_cache and expiry is not None and expiry.early
+        plan = expiry_endpoint(spec, purged_keys(spec) if purge else frozenset())
+        expiry = plan.endpoint if plan is not None else None
+        early = include_edge_cache and plan is not None and plan.early
 
         def jobs_edge_and_drills(own: _Run) -> None:
             jobs = _worker_jobs(own) if include_worker else None
@@ -373,12 +374,14 @@ def run_smoke(
                 after_retry_timing()
             branches: list[Callable[[_Run], None]] = []
             if include_edge_cache:
-                branches.append(lambda part: _edge_cache_section(part, expiry_last=not early))
+                last = None if early else expiry
+                branches.append(lambda part: _edge_cache_section(part, expiry_last=last))
             if jobs is not None:
                 branches.append(lambda part: _worker_drills(part, jobs))
             _concurrently(own, branches)
 
-        _concurrently(run, [jobs_edge_and_drills, *([_expiry_check] if early else [])])
+        beside = [lambda own: _expiry_check(own, expiry)] if early and expiry else []
+        _concurrently(run, [jobs_edge_and_drills, *beside])
         if include_guardrails:
             _rate_limit_checks(run)
             _breaker_drill(run)
@@ -789,10 +792,10 @@ def _breaker_checks(
 # --- edge cache -------------------------------------------------------------------------------
 
 
-def _edge_cache_section(run: _Run, *, expiry_last: bool = True) -> None:
+def _edge_cache_section(run: _Run, *, expiry_last: Endpoint | None) -> None:
     """The policy of every endpoint answering 200; the cache behaviour for one endpoint of
     each of the spec's TTL classes (the first the edge may cache: its contract expects 200);
-    the TTL expiry last unless it runs beside the section (`expiry_last=False`)."""
+    then the TTL expiry of `expiry_last`, if given (else it runs beside the section or not)."""
     contracts = run.spec.contract.endpoints
     for endpoint in run.spec.endpoints:
         if contracts[endpoint.path].status == 200:
@@ -804,8 +807,8 @@ def _edge_cache_section(run: _Run, *, expiry_last: bool = True) -> None:
     # One branch per TTL class, at once: each waits past Age 1 on its own entry, and their
     # purges are of their own URL and surrogate key.
     _concurrently(run, [_class_cache_checks(ttl_class) for ttl_class in run.spec.ttl_classes])
-    if expiry_last:
-        _expiry_check(run)  # after the purges above: they may remove the object under test
+    if expiry_last is not None:
+        _expiry_check(run, expiry_last)  # after the purges above: they may remove its object
 
 
 def cache_probe_endpoint(spec: ProductSpec, ttl_class: str) -> Endpoint | None:
@@ -885,13 +888,9 @@ def _check_policy(run: _Run, endpoint: Endpoint) -> str:
     return f"Cache-Control {cache_control!r} within {rules or 'the always-on rules'}"
 
 
-def _expiry_check(run: _Run) -> None:
+def _expiry_check(run: _Run, endpoint: Endpoint) -> None:
     """One object of the shortest TTL class (`expiry_endpoint`): stored, a HIT at once, a MISS
     again once the class's TTL is over."""
-    plan = expiry_endpoint(run.spec, purged_keys(run.spec) if run.purge else frozenset())
-    if plan is None:
-        return
-    endpoint = plan.endpoint
     ttl = run.spec.ttl_classes[endpoint.ttl_class]
     path = run.tagged(endpoint.path, "expiry")
 
