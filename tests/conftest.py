@@ -11,10 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster  # noqa: F401  (see below)
+import matplotlib.font_manager  # noqa: F401  (see below)
 import pytest
 
 # Dagster is imported here, before any test's guard (`_pure`): its import runs `file -b` on the
 # interpreter (its vendored croniter asks platform.architecture()), which no test asked for.
+# So is matplotlib's font manager: on a machine without its font cache (a fresh clone's first
+# run), its first import runs `fc-list` and writes the cache, and the canary snapshot tests
+# are otherwise pure.
 
 # The production guardrail token is published to operators in the architecture note; the
 # tests present it the way CI would, through the environment.
