@@ -174,6 +174,9 @@ def canary_asset(
         if not decision.proceed:
             return _ended(artifact, facts, decision, approver, drift=drift, migrations=gate)
 
+        from dagster_project.core.canary.snapshots import preload
+
+        preload()  # the charts' imports load while the canary starts and bakes
         fetched = registry.fetch(artifact.sha256)
         ownership.set_phase(spec.product, ENV, context.run.run_id, "canary")
         progress["deployed"] = True  # from here on production may carry the canary's traffic

@@ -11,6 +11,7 @@ import pytest
 from dagster_project.core.canary.analysis import (
     StepAction,
     config_for_step,
+    next_look_in,
     step_decision,
     step_timing,
 )
@@ -407,3 +408,19 @@ def test_step_timing_scales_the_bake_and_keeps_the_deadline_when_asked(
     assert got == pytest.approx(expected)
     if not scale_deadline:
         assert sum(got) == pytest.approx(bake + extension)  # a short sample loses no time
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "bake", "interval", "expected"),
+    [
+        (0.0, 6.0, 1.0, 1.0),  # baking: the usual interval
+        (5.6, 6.0, 1.0, 0.4),  # the bake ends sooner: look when it does
+        (6.0, 6.0, 1.0, 1.0),  # bake over (extending): the usual interval
+        (7.3, 6.0, 1.0, 1.0),
+        (0.0, 0.5, 1.0, 0.5),  # a bake shorter than one interval
+    ],
+)
+def test_next_look_is_taken_when_the_bake_ends(
+    elapsed: float, bake: float, interval: float, expected: float
+) -> None:
+    assert next_look_in(elapsed, bake, interval) == pytest.approx(expected)

@@ -85,6 +85,14 @@ def step_timing(
     return bake, extension_seconds + bake_seconds - bake
 
 
+def next_look_in(elapsed_s: float, bake_s: float, interval_s: float) -> float:
+    """Seconds until the next look at a step (pure): every `interval_s`, except that the look
+    ending the bake is taken when the bake ends, not up to an interval later (a step that has
+    its sample passes on time)."""
+    remaining = bake_s - elapsed_s
+    return min(interval_s, remaining) if remaining > 0 else interval_s
+
+
 def config_for_step(config: JudgeConfig, step: int, steps: int) -> JudgeConfig:
     """Early steps stop only on strong evidence; the last step, which decides promotion, also
     extends on suspicion, and until an error-rate increase beyond the allowance is ruled out
@@ -285,7 +293,7 @@ def run_canary(
             action = StepAction.CONTINUE
             outage: list[str] = []
             while action in (StepAction.CONTINUE, StepAction.EXTEND):
-                time.sleep(sample_interval_s)
+                time.sleep(next_look_in(time.monotonic() - step_started, bake_s, sample_interval_s))
                 outage = step_guard(step_started_epoch) if step_guard is not None else []
                 if outage:
                     action = StepAction.FAIL

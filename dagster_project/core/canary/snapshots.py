@@ -9,6 +9,7 @@ SHA-256 for the gate's metadata and the audit sign-off.
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,21 @@ if TYPE_CHECKING:
 
 COLORS = {"stable": "#1f77b4", "canary": "#d62728"}
 LABELS = {"stable": "baseline (stable)", "canary": "canary"}
+
+
+def preload() -> threading.Thread:
+    """Import the charting library in a background thread (about 1 s of imports) while the
+    canary waits on processes and bake timers, so the charts at its end cost only drawing."""
+
+    def load() -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: files only
+        import matplotlib.pyplot
+
+    thread = threading.Thread(target=load, name="preload-charts", daemon=True)
+    thread.start()
+    return thread
 
 
 def render_snapshots(report: CanaryReport, directory: str | Path) -> list[dict[str, str]]:
