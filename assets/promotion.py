@@ -189,6 +189,9 @@ def promotion_asset(
         )
         if decision.refused:
             refuse(decision)
+        # Decided: a run that dies from here on has its switch finished by the reconciler (the
+        # platform may already have stopped the old stable, which carries no traffic now).
+        ownership.set_phase(spec.product, ENV, context.run.run_id, "switching")
         local.promote(ENV)
         for item in changed:
             for key in item.surrogate_keys:

@@ -11,7 +11,7 @@ import pytest
 
 from dagster_project.core import database, ownership
 from dagster_project.core.ownership import OwnerFacts, ProductionOwned, judge_owner
-from dagster_project.core.reconcile import production_decision
+from dagster_project.core.reconcile import finishes_promotion, production_decision
 
 STALE = 30.0
 
@@ -37,28 +37,56 @@ def test_owner_liveness_table(facts: OwnerFacts, alive: bool, why: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("phase", "owner", "previous", "stable", "outcome"),
+    ("phase", "owner", "previous", "stable", "canary", "outcome", "finish"),
     [
-        ("canary", "new", "old", "old", "aborted"),  # died during the canary: stable untouched
-        ("parked", "new", "old", "old", "aborted"),  # died with its canary parked
-        ("promoting", "new", "old", "new", "promoted"),  # died after the promotion switched
-        ("promoting", "new", "old", "old", "aborted"),  # died in the watch, before the switch
-        ("canary", "new", None, None, "aborted"),  # first release died before promotion
-        ("promoting", "new", None, "new", "promoted"),  # first release died after promotion
-        ("preparing", "new", "old", "old", None),  # drift checks, migrations: nothing moved
-        ("promoting", "same", "same", "same", None),  # already live: nothing changed hands
-        ("rollback", "target", "live", "target", "rolled_back"),  # rollback died after promote
-        ("rollback", "target", "live", "live", "aborted"),  # rollback died mid-shift
-        ("staging", "new", None, None, None),
+        # died during the canary: stable untouched
+        ("canary", "new", "old", "old", "new", "aborted", False),
+        ("parked", "new", "old", "old", "new", "aborted", False),  # died with its canary parked
+        # died after the promotion switched
+        ("promoting", "new", "old", "new", None, "promoted", False),
+        # died in the watch, before the switch: the old stable, kept at 0%, takes it back
+        ("promoting", "new", "old", "old", "new", "aborted", False),
+        # died switching: the reconciler finishes the promotion, whether the old stable still
+        # runs at 0% or was already stopped, or the fresh stable already serves
+        ("switching", "new", "old", "old", "new", "promoted", True),
+        ("switching", "new", "old", None, "new", "promoted", True),
+        ("switching", "new", None, None, "new", "promoted", True),  # a first release
+        ("switching", "new", "old", "new", "new", "promoted", False),
+        ("switching", "new", "old", "new", None, "promoted", False),
+        # switching but its canary is gone: nothing of it to promote, back to stable
+        ("switching", "new", "old", "old", None, "aborted", False),
+        ("switching", "new", "old", "old", "other", "aborted", False),
+        ("canary", "new", None, None, "new", "aborted", False),  # first release, before promotion
+        ("promoting", "new", None, "new", None, "promoted", False),  # first, after promotion
+        # drift checks, migrations: nothing moved
+        ("preparing", "new", "old", "old", None, None, False),
+        # already live: nothing changed hands
+        ("promoting", "same", "same", "same", None, None, False),
+        ("switching", "same", "same", "same", None, None, False),
+        # rollback died after promote
+        ("rollback", "target", "live", "target", None, "rolled_back", False),
+        ("rollback", "target", "live", "live", "target", "aborted", False),  # died mid-shift
+        ("staging", "new", None, None, None, None, False),
     ],
 )
 def test_what_a_dead_owner_did(
-    phase: str, owner: str, previous: str | None, stable: str | None, outcome: str | None
+    phase: str,
+    owner: str,
+    previous: str | None,
+    stable: str | None,
+    canary: str | None,
+    outcome: str | None,
+    finish: bool,
 ) -> None:
     decided = production_decision(
-        phase=phase, owner_artifact=owner, owner_previous=previous, stable_artifact=stable
+        phase=phase,
+        owner_artifact=owner,
+        owner_previous=previous,
+        stable_artifact=stable,
+        canary_artifact=canary,
     )
     assert decided == outcome
+    assert finishes_promotion(decided, owner, stable) is finish
 
 
 def _acquire(run_id: str, *, wait: float = 0.0, in_progress: bool | None = None, **kw: object):

@@ -218,6 +218,117 @@ def test_promote_makes_the_canary_stable_and_starts_a_clean_cache(
 
 
 @pytest.mark.slow
+def test_promote_that_cannot_start_the_fresh_stable_restarts_the_old_one(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    """The canary at 100% and the old stable at 0% (as after the promotion's watch), and the
+    fresh stable fails to start after the idle old stable was stopped: the old one is started
+    again (at 0%) before the error is raised, so a rollback still has it."""
+    deployed.deploy("production", "canary", artifacts["1.0.0"])
+    deployed.set_weights("production", {"stable": 0, "canary": 100})
+    old = {p.pid for p in deployed.state.processes("production", track="stable")}
+    canary = deployed.state.processes("production", track="canary", role="api")[0]
+    module = Path(str(canary.deploy_dir)) / "service" / "api.py"
+    deployed.ready_deadline_seconds = 8.0
+    try:
+        with _moved_away(module), pytest.raises((PlatformError, ProcessStartError)):
+            deployed.promote("production")
+    finally:
+        deployed.ready_deadline_seconds = 30.0
+    assert old and not any(_running(pid) for pid in old)  # it was stopped, then started again
+    assert deployed.current("production") == {
+        "stable": {"version": "1.1.0", "artifact_sha": artifacts["1.1.0"].sha256},
+        "canary": {"version": "1.0.0", "artifact_sha": artifacts["1.0.0"].sha256},
+    }
+    assert deployed.state.environment("production").weights == {"stable": 0, "canary": 100}
+    deployed.rollback("production")
+    response = _get(f"{deployed.edge_url('production')}/v1/summary", params={"n": "restarted"})
+    assert response.status_code == 200 and response.headers["x-release"] == "1.1.0"
+    assert deployed.status()["production"]["healthy"]
+
+
+@pytest.mark.slow
+def test_promote_after_a_watch_stops_the_idle_stable_first_and_serves_throughout(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    """The canary at 100% and the old stable at 0%: the old stable is stopped before the fresh
+    one starts, so production never runs three releases at once, and every request meanwhile
+    is answered. (The canary is 1.1.0 again, so later tests find 1.1.0 stable.)"""
+    edge = deployed.edge_url("production")
+    old = {p.pid for p in deployed.state.processes("production", track="stable")}
+    deployed.deploy("production", "canary", artifacts["1.1.0"])
+    canary = {p.pid for p in deployed.state.processes("production", track="canary")}
+    deployed.set_weights("production", {"stable": 0, "canary": 100})
+    with _Watcher(edge) as seen:
+        result = deployed.promote("production")
+    assert result["version"] == "1.1.0"
+    assert deployed.current("production") == {
+        "stable": {"version": "1.1.0", "artifact_sha": artifacts["1.1.0"].sha256}
+    }
+    assert old and canary and not any(_running(pid) for pid in old | canary)
+    # Two releases at most (the canary and the fresh stable, an api and a worker each).
+    assert 0 < seen.most_processes <= 4, seen.most_processes
+    assert seen.answers and set(seen.answers) == {(200, "1.1.0")}, seen.answers
+
+
+class _Watcher:
+    """While entered: production's service processes counted, and the edge asked, every 50 ms."""
+
+    def __init__(self, edge: str) -> None:
+        self.edge = edge
+        self.most_processes = 0
+        self.answers: Counter[tuple[int, str]] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            n = 0
+            while not self._stop.is_set():
+                self.most_processes = max(self.most_processes, len(_production_services()))
+                n += 1
+                try:
+                    response = client.get(f"{self.edge}/v1/summary", params={"w": n})
+                    self.answers[(response.status_code, response.headers.get("x-release", ""))] += 1
+                except httpx.HTTPError as exc:
+                    self.answers[(0, type(exc).__name__)] += 1
+                time.sleep(0.05)
+
+
+def _production_services() -> list[int]:
+    """Pids of this session's API and worker processes of production (fault drills off)."""
+    deployments = str(release_home() / "deployments")
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if not proc.cwd().startswith(deployments):
+                continue
+            if proc.environ().get("SERVICE_FAULT_INJECTION") == "0":
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def _moved_away(path: Path) -> Iterator[None]:
+    aside = path.with_suffix(".aside")
+    path.rename(aside)
+    try:
+        yield
+    finally:
+        aside.rename(path)
+
+
+@pytest.mark.slow
 def test_routes_reload_from_state_without_a_push(deployed: LocalPlatform) -> None:
     # A change written only to platform state reaches the edge by its periodic reload.
     generation = deployed.state.bump_generation("staging")

@@ -99,19 +99,29 @@ def test_sigkill_of_a_platform_process_during_a_step(
     assert platform.edge_url("production") == edge_url  # type: ignore[attr-defined]
 
 
-def test_sigkill_during_promotion(platform: object, release_home: Path) -> None:
+@pytest.mark.parametrize(
+    ("phase", "after"),
+    [
+        ("promoting", 1.0),  # in the watch: the new version at 100%, the old one at 0%
+        # deciding done, the switch under way: the old stable is being stopped or is gone
+        # while the fresh stable starts; the reconciler finishes the promotion
+        ("switching", 0.0),
+    ],
+)
+def test_sigkill_during_promotion(
+    platform: object, release_home: Path, phase: str, after: float
+) -> None:
     version = _next_version()
     log = release_home / f"deploy-{version}.log"
     proc = start_deploy(version, log=log)
     wait_for(
-        "promotion to start",
+        f"promotion to reach {phase}",
         lambda: (
-            (owner := ownership.current(PRODUCT, "production")) is not None
-            and owner.phase == "promoting"
+            (owner := ownership.current(PRODUCT, "production")) is not None and owner.phase == phase
         ),
         proc=proc,
     )
-    time.sleep(1.0)  # in the middle of it: the watch has moved traffic
+    time.sleep(after)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     served = production_is_whole(platform, release_home)
@@ -119,3 +129,5 @@ def test_sigkill_during_promotion(platform: object, release_home: Path) -> None:
     assert len(recorded) == 1, recorded
     # Either the switch had happened (promoted) or production went back (aborted).
     assert (recorded[0].outcome == "promoted") == (served == version)
+    if phase == "switching":  # decided: never undone
+        assert served == version and recorded[0].outcome == "promoted", recorded

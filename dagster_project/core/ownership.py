@@ -42,7 +42,7 @@ class Owner:
     release: str
     artifact_sha256: str
     previous_artifact_sha256: str | None
-    phase: str  # canary | parked | promoting | rollback | staging
+    phase: str  # staging | canary | parked | promoting | switching | rollback
     host: str
     pid: int
     pid_started: float

@@ -6,10 +6,11 @@ that touches an environment. For each environment of a product it reads the owne
 heartbeat stale, or its Dagster run no longer in progress) is taken over:
 
 - production: if its release already serves as stable (the run died after the promotion
-  switched traffic) the change is recorded as `promoted`; otherwise traffic goes back to
-  100% of the last ready stable, the canary is stopped, and the change is recorded as
-  `aborted` — with the same change id the run itself would have used, so each production
-  change is recorded exactly once;
+  switched traffic) the change is recorded as `promoted`; if it died switching (its watch
+  passed, the promotion decided) the reconciler finishes the switch, also `promoted`;
+  otherwise traffic goes back to 100% of the last ready stable, the canary is stopped, and
+  the change is recorded as `aborted` — with the same change id the run itself would have
+  used, so each production change is recorded exactly once;
 - staging: the ownership is simply released (staging carries no user traffic);
 - processes that no serving track owns (left `starting` or `retiring` by a killed operation)
   are reaped;
@@ -85,17 +86,35 @@ class Reconciliation:
 
 
 def production_decision(
-    *, phase: str, owner_artifact: str, owner_previous: str | None, stable_artifact: str | None
+    *,
+    phase: str,
+    owner_artifact: str,
+    owner_previous: str | None,
+    stable_artifact: str | None,
+    canary_artifact: str | None = None,
 ) -> str | None:
     """What a dead production owner's change was (pure), or None when traffic never moved:
     - still preparing (drift checks, migrations) or nothing changing hands (already live): None;
     - its artifact serves as stable now: `promoted` (`rolled_back` for a rollback);
+    - it died switching (its watch had passed, the promotion was decided) with its canary at
+      100%: `promoted`, the switch finished by the reconciler (`finishes_promotion`);
     - otherwise its canary carried traffic and is stopped: `aborted`."""
     if phase in ("preparing", "staging") or owner_previous == owner_artifact:
         return None
     if stable_artifact is not None and stable_artifact == owner_artifact:
         return "rolled_back" if phase == "rollback" else "promoted"
+    if phase == "switching" and canary_artifact == owner_artifact:
+        return "promoted"
     return "aborted"
+
+
+def finishes_promotion(
+    outcome: str | None, owner_artifact: str, stable_artifact: str | None
+) -> bool:
+    """The reconciler promotes the dead owner's canary itself (pure): its change is a
+    promotion that had not yet made its artifact stable. (The old stable may already be
+    stopped then, so returning to it is not an option.)"""
+    return outcome == "promoted" and stable_artifact != owner_artifact
 
 
 def return_to_stable(platform: object, env: str = "production") -> bool:
@@ -155,18 +174,23 @@ def take_over(
         if still is None or still.run_id != owner.run_id or _beat_since(owner, still, why):
             return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False)
         local = platform or _platform(spec.product)
-        stable = (local.current("production").get("stable") or {}).get("artifact_sha")  # type: ignore[attr-defined]
+        tracks = local.current("production")  # type: ignore[attr-defined]
+        stable = (tracks.get("stable") or {}).get("artifact_sha")
         outcome = (
             production_decision(
                 phase=owner.phase,
                 owner_artifact=owner.artifact_sha256,
                 owner_previous=owner.previous_artifact_sha256,
                 stable_artifact=stable,
+                canary_artifact=(tracks.get("canary") or {}).get("artifact_sha"),
             )
             if owner.env == "production"
             else None
         )
-        if owner.env == "production" and outcome is not None:
+        if owner.env == "production" and finishes_promotion(outcome, owner.artifact_sha256, stable):
+            # The canary keeps 100% until its fresh stable is ready (`LocalPlatform.promote`).
+            local.promote("production")  # type: ignore[attr-defined]
+        elif owner.env == "production" and outcome is not None:
             # Traffic first: back to the last ready stable (the platform waits for its
             # readiness and keeps the last ready routing if it cannot get it), canary stopped.
             local.rollback("production")  # type: ignore[attr-defined]
@@ -185,9 +209,11 @@ def take_over(
                     reason=f"reconciled: the owning run {owner.run_id} was dead ({why}) "
                     f"during {owner.phase}; "
                     + (
-                        "its release already served as stable"
-                        if outcome != "aborted"
-                        else "traffic returned to the last ready stable"
+                        "traffic returned to the last ready stable"
+                        if outcome == "aborted"
+                        else "its promotion was decided; the reconciler finished the switch"
+                        if finishes_promotion(outcome, owner.artifact_sha256, stable)
+                        else "its release already served as stable"
                     ),
                     slo_verdict="not judged (run died)",
                     reconciled=True,

@@ -579,7 +579,13 @@ class LocalPlatform:
     def promote(self, env: str) -> dict[str, Any]:
         """The canary's release becomes stable at 100%; the old stable and the canary
         processes are retired. Stable processes are started fresh from the canary's artifact
-        so their metrics carry track="stable"; traffic moves only once they are ready."""
+        so their metrics carry track="stable"; traffic moves only once they are ready.
+
+        An old stable that carries no traffic (the canary at 100%, as after the promotion's
+        watch) is stopped first, so env never runs three releases at once and a second
+        release needs no more memory than a first. Should the fresh stable then fail to
+        start, the old one is started again before the error is raised: a caller's rollback
+        still has it."""
         check_env(env)
         self._require_up(env)
         with self.state.lock():
@@ -587,20 +593,26 @@ class LocalPlatform:
             if not canary_api:
                 raise PlatformError(f"promote {env}: no canary release is serving to promote")
             source = canary_api[0]
-            assert source.deploy_dir and source.version and source.artifact_sha
             retired_version = self.current(env).get("stable", {}).get("version")
-            started = self._start_release(
-                env,
-                "stable",
-                Path(source.deploy_dir),
-                version=source.version,
-                artifact_sha=source.artifact_sha,
-            )
+            idle = self._idle_stable(env)
+            stopped: list[int] = []
+            if idle:
+                self.ensure_ready(env, "canary")  # all of production while stable restarts
+                self.state.mark_retiring([p.id for p in idle])
+                self.state.bump_generation(env)
+                stopped = self._stop_status(env, "retiring")
+                self._push_routes(env)
+            try:
+                started = self._start_stable_of(env, source)
+            except BaseException:
+                if idle:
+                    self._restart_stable(env, idle)
+                raise
             self.state.switch_serving(env, "stable", [p.id for p in started])
             self.state.mark_retiring([p.id for p in self.state.processes(env, track="canary")])
             generation = self.state.set_weights(env, {"stable": 100, "canary": 0})
             self._push_routes(env)
-            stopped = self._stop_status(env, "retiring")
+            stopped += self._stop_status(env, "retiring")
         return {
             "env": env,
             "version": source.version,
@@ -610,6 +622,34 @@ class LocalPlatform:
             "weights": {"stable": 100, "canary": 0},
             "generation": generation,
         }
+
+    def _idle_stable(self, env: str) -> list[ProcessRecord]:
+        """The serving stable processes of env when the canary carries all its traffic."""
+        record = self.state.environment(env)
+        if record is None or record.weights.get("stable", 0) or record.weights.get("canary") != 100:
+            return []
+        return self.state.processes(env, track="stable", status="serving")
+
+    def _restart_stable(self, env: str, retired: list[ProcessRecord]) -> None:
+        """Start the release of `retired` (an old stable stopped by `promote`) on stable again,
+        at 0%: the promotion failed and production must keep a version to return to."""
+        api = next((p for p in retired if p.role == "api"), None)
+        if api is None:
+            return
+        try:
+            again = self._start_stable_of(env, api)
+            self.state.switch_serving(env, "stable", [p.id for p in again])
+            self._push_routes(env)
+        except Exception as exc:  # the promotion's own error is the one to raise
+            logger.error("restarting %s's stable %s failed: %s", env, api.version, exc)
+
+    def _start_stable_of(self, env: str, api: ProcessRecord) -> list[ProcessRecord]:
+        """A fresh api + worker on env's stable track, of the release `api` runs."""
+        if not (api.deploy_dir and api.version and api.artifact_sha):
+            raise PlatformError(f"{api.label}: its record names no deployment to start again")
+        return self._start_release(
+            env, "stable", Path(api.deploy_dir), version=api.version, artifact_sha=api.artifact_sha
+        )
 
     def _stop_status(self, env: str, status: str) -> list[int]:
         doomed = self.state.processes(env, status=status)
