@@ -15,7 +15,9 @@ For each variant, in a fresh state directory on the embedded defaults: a first r
   waits inside it.
 - peak RSS: sampled every 0.2 s, the deploy process with its children plus every process of
   the platform (supervisord and what it runs, the embedded Postgres: every process whose
-  command line names the state directory), summed.
+  command line names the state directory), summed; at the peak, split by group (the deploy
+  process and its children, the APIs and workers, Postgres, the rest of the platform) with
+  the step that was running.
 - `deploy`'s first progress line: seconds from the start of the process to its first line.
 
 The baseline runs from a `git worktree` of REV with this tree's .venv (same packages, so
@@ -61,6 +63,8 @@ class Release:
     exit_code: int
     lines: list[tuple[float, str]]
     peak_rss_mb: float
+    peak_rss_groups: dict[str, float] = field(default_factory=dict)  # MB by group at the peak
+    peak_rss_at: float = 0.0  # seconds into the release
     stages: dict[str, float] = field(default_factory=dict)  # overhead per step key
     waits: float = 0.0
 
@@ -72,20 +76,41 @@ class Variant:
     status_seconds: list[float] = field(default_factory=list)
 
 
-def _platform_rss(home: str, roots: set[int]) -> float:
-    """RSS (MB) of the processes under `roots` and of every process naming `home`."""
+RSS_GROUPS = ("deploy", "api+worker", "postgres", "platform")
+
+
+def _platform_rss(home: str, roots: set[int]) -> dict[str, float]:
+    """RSS (MB) of the processes under `roots` and of every process naming `home`, by group:
+    the deploy process and its children, the services (APIs and workers), the embedded
+    Postgres, and the rest of the platform (supervisord, the edges, Prometheus)."""
     procs = {}
     for proc in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"]):
         procs[proc.info["pid"]] = proc.info
-    chosen = set(roots)
-    chosen |= {pid for pid, info in procs.items() if home in " ".join(info["cmdline"] or [])}
-    changed = True
-    while changed:  # descendants of anything chosen
-        grown = {pid for pid, info in procs.items() if info["ppid"] in chosen} - chosen
-        changed = bool(grown)
-        chosen |= grown
-    total = sum(procs[pid]["memory_info"].rss for pid in chosen if procs[pid].get("memory_info"))
-    return total / 2**20
+
+    def with_descendants(chosen: set[int]) -> set[int]:
+        while grown := {p for p, info in procs.items() if info["ppid"] in chosen} - chosen:
+            chosen |= grown
+        return chosen
+
+    deploy = with_descendants(set(roots))
+    named = {pid for pid, info in procs.items() if home in " ".join(info["cmdline"] or [])}
+    by_group = dict.fromkeys(RSS_GROUPS, 0.0)
+    for pid in with_descendants(deploy | named):
+        info = procs[pid]
+        if not info.get("memory_info"):
+            continue
+        command = " ".join(info["cmdline"] or [])
+        group = (
+            "deploy"
+            if pid in deploy
+            else "api+worker"
+            if "uvicorn" in command or "worker.py" in command
+            else "postgres"
+            if "postgres" in command
+            else "platform"
+        )
+        by_group[group] += info["memory_info"].rss / 2**20
+    return by_group
 
 
 def run_release(tree: Path, env: dict[str, str], version: str, watch: float) -> Release:
@@ -99,14 +124,17 @@ def run_release(tree: Path, env: dict[str, str], version: str, watch: float) -> 
         stderr=subprocess.STDOUT,
         text=True,
     )
-    peak = 0.0
+    peak: dict[str, float] = {}
+    peak_at = 0.0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_at
         while not done.is_set():
             with contextlib.suppress(psutil.Error, KeyError):  # a process ended meanwhile
-                peak = max(peak, _platform_rss(env["RELEASE_HOME"], {proc.pid}))
+                now = _platform_rss(env["RELEASE_HOME"], {proc.pid})
+                if sum(now.values()) > sum(peak.values()):
+                    peak, peak_at = now, time.perf_counter() - started
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -119,7 +147,16 @@ def run_release(tree: Path, env: dict[str, str], version: str, watch: float) -> 
     wall = time.perf_counter() - started
     done.set()
     sampler.join()
-    release = Release(version, wall, lines[0][0] if lines else wall, code, lines, peak)
+    release = Release(
+        version,
+        wall,
+        lines[0][0] if lines else wall,
+        code,
+        lines,
+        sum(peak.values()),
+        peak_rss_groups=peak,
+        peak_rss_at=peak_at,
+    )
     _split(release, watch)
     return release
 
@@ -205,6 +242,13 @@ _DOWN = (
 )
 
 
+def _step_at(release: Release, at: float) -> str:
+    """The step whose ▶ line came last before `at` seconds into the release."""
+    marks = [m.group(1) for t, line in release.lines if t <= at and (m := STEP_LINE.search(line))]
+    key = marks[-1] if marks else "(start)"
+    return key if len(key) <= 15 else "…" + key[-14:]  # the gate's name is at the end
+
+
 def report(variants: list[Variant]) -> None:
     names = [v.name for v in variants]
     width = 16
@@ -225,6 +269,12 @@ def report(variants: list[Variant]) -> None:
         )
         row("  first progress line s", [f"{r.first_line:.2f}" if r else "-" for r in releases])
         row("  peak RSS MB", [f"{r.peak_rss_mb:.0f}" if r else "-" for r in releases])
+        for group in RSS_GROUPS:
+            row(
+                f"    at the peak: {group}",
+                [f"{r.peak_rss_groups.get(group, 0):.0f}" if r else "-" for r in releases],
+            )
+        row("    at the peak: during", [_step_at(r, r.peak_rss_at) if r else "-" for r in releases])
         keys: list[str] = []
         for r in releases:
             for key in r.stages if r else []:
