@@ -81,13 +81,14 @@ def promotion_asset(
         facts = replace(facts, live=live_track(local.current(ENV)))
         # Re-entrant for the run whose canary is parked; any other release waits or is refused.
         own_production(context, spec, artifact.sha256, facts.live, "promoting")
-        progress = {"watched": False}  # set once traffic moved to the new version
+        # "watched": traffic moved to the new version; "switching": the platform's switch began
+        progress = {"watched": False, "switching": False}
         try:
             report = _promote(context, artifact, canary, facts, local, metrics, approver, progress)
         except BaseException as exc:
             try:
-                _settle_after_error(context, artifact, canary, facts, local, exc, progress)
-                release_environment(context, spec, ENV)
+                if _settle_after_error(context, artifact, canary, facts, local, exc, progress):
+                    release_environment(context, spec, ENV)
             except Exception as cleanup:  # Postgres gone: the ownership stays for the reconciler
                 context.log.error(
                     f"settling production after the promotion's error failed "
@@ -191,7 +192,12 @@ def promotion_asset(
             refuse(decision)
         # Decided: a run that dies from here on has its switch finished by the reconciler (the
         # platform may already have stopped the old stable, which carries no traffic now).
-        ownership.set_phase(spec.product, ENV, context.run.run_id, "switching")
+        if not ownership.set_phase(spec.product, ENV, context.run.run_id, "switching"):
+            raise StageRefused(
+                description=f"production of {spec.product} is no longer owned by this run: "
+                "another release or the reconciler took it over; nothing was switched"
+            )
+        progress["switching"] = True
         local.promote(ENV)
         for item in changed:
             for key in item.surrogate_keys:
@@ -307,13 +313,17 @@ def promotion_asset(
         local: Any,
         exc: BaseException,
         progress: dict[str, bool],
-    ) -> None:
+    ) -> bool:
         """Whatever failed, production ends on one ready version with its change recorded
         (`decisions.settle_after_error`): promoted if the switch happened, else back to stable
-        and the canary's abort (or the watch's rollback) recorded."""
+        and the canary's abort (or the watch's rollback) recorded. False: the switch was left
+        half done on the new version's canary, and the ownership must stay for the reconciler
+        to finish it."""
         from dagster_project.core.reconcile import return_to_stable
 
-        stable_now = live_track(local.current(ENV))
+        current = local.current(ENV)
+        stable_now = live_track(current)
+        canary_now = live_track(current, "canary")
         settlement = decisions.settle_after_error(
             # A refusal inside the stage: before the watch nothing moved; after it, production
             # is another run's (lost ownership) and must not be touched by this one.
@@ -322,10 +332,18 @@ def promotion_asset(
             stable_before=facts.live.artifact_sha256 if facts.live else None,
             stable_now=stable_now.artifact_sha256 if stable_now else None,
             traffic_moved=progress["watched"] or canary.passed,
+            switching=progress["switching"],
+            canary_now=canary_now.artifact_sha256 if canary_now else None,
         )
         reason = f"promotion failed: {type(exc).__name__}: {str(exc)[:300]}"
         if settlement == "nothing":
-            return  # refused before touching anything
+            return True  # refused before touching anything
+        if settlement == "leave_to_reconciler":
+            context.log.error(
+                f"{reason}; production stays on {artifact.version} at 100% (no stable could be "
+                "started): the reconciler finishes the promotion (`release status` runs it)"
+            )
+            return False
         if settlement == "record_promoted":
             _record(
                 context,
@@ -340,10 +358,10 @@ def promotion_asset(
                     snapshots=canary.snapshots,
                 ),
             )
-            return
+            return True
         return_to_stable(local, ENV)
         if settlement == "rollback_only":
-            return
+            return True
         if progress["watched"]:  # the new version had taken 100% before the error
             _record_watch_rollback(context, artifact, facts, reason)
         else:  # its parked canary had carried traffic
@@ -356,6 +374,7 @@ def promotion_asset(
                     reason=reason, slo_verdict=canary.verdict, snapshots=canary.snapshots
                 ),
             )
+        return True
 
     def _record(
         context: dg.AssetExecutionContext,

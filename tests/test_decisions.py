@@ -338,32 +338,49 @@ def test_gate_refusal_lists_only_the_checks_that_did_not_pass() -> None:
     assert [g.check for g in decision.not_passed] == ["p/build:artifact_integrity"]
 
 
-# (case, refused, stable before, stable now, traffic moved, settlement)
+# (case, refused, stable before, stable now, traffic moved, switching, canary now, settlement);
+# switching: the promotion was decided and the platform's switch had begun
+OTHER = "c" * 64
+BACK, LEAVE, RECORD, ONLY = (
+    "rollback_and_record",
+    "leave_to_reconciler",
+    "record_promoted",
+    "rollback_only",
+)
+# fmt: off
 SETTLEMENT_CASES = [
-    ("refused before touching anything", True, OLD, OLD, False, "nothing"),
-    ("refused after the watch: production is another run's", True, OLD, OLD, True, "nothing"),
-    ("the switch happened: record the promotion", False, OLD, NEW, True, "record_promoted"),
-    ("first release switched", False, None, NEW, True, "record_promoted"),
-    ("traffic moved, no switch: back and record", False, OLD, OLD, True, "rollback_and_record"),
-    (
-        "nothing carried traffic: only stop the canary track",
-        False,
-        OLD,
-        OLD,
-        False,
-        "rollback_only",
-    ),
-    ("already live before: no new promotion", False, NEW, NEW, True, "rollback_and_record"),
+    ("refused before touching anything",     True,  OLD,  OLD,  False, False, None,  "nothing"),
+    ("refused after the watch: not ours",    True,  OLD,  OLD,  True,  False, NEW,   "nothing"),
+    ("the switch happened: record it",       False, OLD,  NEW,  True,  True,  None,  RECORD),
+    ("first release switched",               False, None, NEW,  True,  True,  None,  RECORD),
+    ("traffic moved, no switch",             False, OLD,  OLD,  True,  False, NEW,   BACK),
+    ("no traffic: stop the canary only",     False, OLD,  OLD,  False, False, None,  ONLY),
+    ("already live before: not promoted",    False, NEW,  NEW,  True,  False, None,  BACK),
+    # an error while switching: stay on the canary only when no stable could be kept
+    ("old stable stopped, none restarted",   False, OLD,  None, True,  True,  NEW,   LEAVE),
+    ("first release's switch failed",        False, None, None, True,  True,  NEW,   LEAVE),
+    ("old stable restarted: back to it",     False, OLD,  OLD,  True,  True,  NEW,   BACK),
+    ("no stable, no canary of it",           False, OLD,  None, True,  True,  None,  BACK),
+    ("no stable, another release's canary",  False, OLD,  None, True,  True,  OTHER, BACK),
+    ("that state before the switch: undone", False, OLD,  None, True,  False, NEW,   BACK),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
-    ("case", "refused", "before", "now", "moved", "settlement"),
+    ("case", "refused", "before", "now", "moved", "switching", "canary", "settlement"),
     SETTLEMENT_CASES,
     ids=[c[0] for c in SETTLEMENT_CASES],
 )
 def test_settlement_after_an_error(
-    case: str, refused: bool, before: str | None, now: str | None, moved: bool, settlement: str
+    case: str,
+    refused: bool,
+    before: str | None,
+    now: str | None,
+    moved: bool,
+    switching: bool,
+    canary: str | None,
+    settlement: str,
 ) -> None:
     got = settle_after_error(
         refused=refused,
@@ -371,6 +388,8 @@ def test_settlement_after_an_error(
         stable_before=before,
         stable_now=now,
         traffic_moved=moved,
+        switching=switching,
+        canary_now=canary,
     )
     assert got == settlement
 

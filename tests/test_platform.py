@@ -228,13 +228,8 @@ def test_promote_that_cannot_start_the_fresh_stable_restarts_the_old_one(
     deployed.set_weights("production", {"stable": 0, "canary": 100})
     old = {p.pid for p in deployed.state.processes("production", track="stable")}
     canary = deployed.state.processes("production", track="canary", role="api")[0]
-    module = Path(str(canary.deploy_dir)) / "service" / "api.py"
-    deployed.ready_deadline_seconds = 8.0
-    try:
-        with _moved_away(module), pytest.raises((PlatformError, ProcessStartError)):
-            deployed.promote("production")
-    finally:
-        deployed.ready_deadline_seconds = 30.0
+    with _moved_away(_api_module(canary)), pytest.raises((PlatformError, ProcessStartError)):
+        deployed.promote("production")
     assert old and not any(_running(pid) for pid in old)  # it was stopped, then started again
     assert deployed.current("production") == {
         "stable": {"version": "1.1.0", "artifact_sha": artifacts["1.1.0"].sha256},
@@ -248,12 +243,60 @@ def test_promote_that_cannot_start_the_fresh_stable_restarts_the_old_one(
 
 
 @pytest.mark.slow
+def test_a_switch_that_can_start_no_stable_keeps_the_canary_for_the_reconciler_to_finish(
+    deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
+) -> None:
+    """Neither the fresh stable nor the stopped old one can start: the canary keeps all of
+    production (going back would stop the only version it has). A run that died switching is
+    then finished by the reconciler: the canary's release promoted, the change recorded."""
+    from dagster_project.core import changes, ownership, reconcile
+
+    deployed.deploy("production", "canary", artifacts["1.0.0"])
+    deployed.set_weights("production", {"stable": 0, "canary": 100})
+    canary = deployed.state.processes("production", track="canary", role="api")[0]
+    stable = deployed.state.processes("production", track="stable", role="api")[0]
+    with (
+        _moved_away(_api_module(canary)),
+        _moved_away(_api_module(stable)),
+        pytest.raises((PlatformError, ProcessStartError)),
+    ):
+        deployed.promote("production")
+    one_oh = {"version": "1.0.0", "artifact_sha": artifacts["1.0.0"].sha256}
+    assert deployed.current("production") == {"canary": one_oh}
+    response = _get(f"{deployed.edge_url('production')}/v1/summary", params={"n": "kept"})
+    assert response.status_code == 200 and response.headers["x-release"] == "1.0.0"
+
+    owner = ownership.acquire(
+        PRODUCT,
+        "production",
+        run_id="test-platform-switching",
+        release="1.0.0",
+        artifact_sha256=artifacts["1.0.0"].sha256,
+        previous_artifact_sha256=artifacts["1.1.0"].sha256,
+        phase="switching",
+        wait_seconds=0,
+        stale_after_seconds=30,
+        run_in_progress=lambda run_id: None,
+        take_over=lambda owner, why: None,
+    )
+    taken = reconcile.take_over(load_spec(PRODUCT), owner, "its run died", platform=deployed)
+    assert (taken.outcome, taken.problem) == ("promoted", None), taken
+    assert deployed.current("production") == {"stable": one_oh}
+    recorded = changes.for_release(PRODUCT, "1.0.0")
+    assert [c.outcome for c in recorded] == ["promoted"], recorded
+    assert "finished the switch" in (recorded[0].details.reason or "")
+    assert ownership.current(PRODUCT, "production") is None
+    response = _get(f"{deployed.edge_url('production')}/v1/summary", params={"n": "finished"})
+    assert response.headers["x-release"] == "1.0.0" and response.headers["x-track"] == "stable"
+
+
+@pytest.mark.slow
 def test_promote_after_a_watch_stops_the_idle_stable_first_and_serves_throughout(
     deployed: LocalPlatform, artifacts: dict[str, registry.Artifact]
 ) -> None:
     """The canary at 100% and the old stable at 0%: the old stable is stopped before the fresh
     one starts, so production never runs three releases at once, and every request meanwhile
-    is answered. (The canary is 1.1.0 again, so later tests find 1.1.0 stable.)"""
+    is answered by the new release. (Later tests find 1.1.0 stable.)"""
     edge = deployed.edge_url("production")
     old = {p.pid for p in deployed.state.processes("production", track="stable")}
     deployed.deploy("production", "canary", artifacts["1.1.0"])
@@ -316,6 +359,11 @@ def _production_services() -> list[int]:
         except psutil.Error:
             continue
     return found
+
+
+def _api_module(api: Any) -> Path:
+    """The API module of the deployment a process record runs (moved away, it cannot start)."""
+    return Path(str(api.deploy_dir)) / "service" / "api.py"
 
 
 @contextlib.contextmanager

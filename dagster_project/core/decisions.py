@@ -212,7 +212,9 @@ def decide_promotion(
     )
 
 
-ErrorSettlement = Literal["record_promoted", "rollback_and_record", "rollback_only", "nothing"]
+ErrorSettlement = Literal[
+    "record_promoted", "rollback_and_record", "rollback_only", "leave_to_reconciler", "nothing"
+]
 
 
 def settle_after_error(
@@ -222,14 +224,21 @@ def settle_after_error(
     stable_before: str | None,
     stable_now: str | None,
     traffic_moved: bool,
+    switching: bool = False,
+    canary_now: str | None = None,
 ) -> ErrorSettlement:
     """What a stage that failed with an error owes production (pure): the one rule for
     canary and promotion. `traffic_moved`: the release's version carried production traffic
-    (a canary step, or the watch at 100%) before the error.
+    (a canary step, or the watch at 100%) before the error; `switching`: the promotion was
+    decided and the platform's switch had begun (it stops an idle old stable first).
 
     - refused before touching anything: nothing;
     - the switch to the new version happened (it serves as stable, and did not before): the
       promotion is recorded;
+    - the switch began and no stable serves (the old one stopped and could not be started
+      again), the new version's canary at 100%: production stays on it, and the ownership
+      with the reconciler, which finishes the promotion (going back would stop the only
+      version production has);
     - otherwise production goes back to the previous stable and, if the new version carried
       traffic, the change is recorded; if it never did, rolling back the canary track (if one
       was started) is all."""
@@ -237,4 +246,6 @@ def settle_after_error(
         return "nothing"
     if stable_now == artifact_sha256 and stable_before != artifact_sha256:
         return "record_promoted"
+    if switching and stable_now is None and canary_now == artifact_sha256:
+        return "leave_to_reconciler"
     return "rollback_and_record" if traffic_moved else "rollback_only"

@@ -56,6 +56,7 @@ class TakeOver:
     outcome: str | None  # the production change recorded, None for staging
     change_id: str | None
     audited: bool
+    problem: str | None = None  # why it could not be settled (the ownership stays)
 
 
 @dataclass
@@ -72,7 +73,9 @@ class Reconciliation:
         out = [
             f"{t.env}: owner {t.owner_release} (run {t.owner_run_id[:8]}) was dead ({t.why}); "
             + (
-                f"recorded as {t.outcome} ({'audited' if t.audited else 'audit pending'})"
+                f"not settled, kept for the next reconcile: {t.problem}"
+                if t.problem
+                else f"recorded as {t.outcome} ({'audited' if t.audited else 'audit pending'})"
                 if t.outcome
                 else "released"
             )
@@ -147,7 +150,10 @@ def reconcile(
         )
         if verdict.alive:
             continue
-        result.take_overs.append(take_over(spec, owner, verdict.reason, platform=platform))
+        taken = take_over(spec, owner, verdict.reason, platform=platform)
+        result.take_overs.append(taken)
+        if taken.problem:
+            result.problems.append(f"{env}: {taken.problem}")
         result.owners[env] = ownership.current(product, env)
     local = platform or _platform(product)
     for env in ENVIRONMENTS:
@@ -187,14 +193,22 @@ def take_over(
             if owner.env == "production"
             else None
         )
-        if owner.env == "production" and finishes_promotion(outcome, owner.artifact_sha256, stable):
-            # The canary keeps 100% until its fresh stable is ready (`LocalPlatform.promote`).
-            local.promote("production")  # type: ignore[attr-defined]
-        elif owner.env == "production" and outcome is not None:
+        finishing = owner.env == "production" and finishes_promotion(
+            outcome, owner.artifact_sha256, stable
+        )
+        problem = _finish_promotion(local) if finishing else None
+        if problem is not None and stable is None:
+            # Nothing to go back to: the canary keeps production; the next reconcile retries.
+            logger.error("%s owner %s: %s", owner.env, owner.label, problem)
+            return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False, problem)
+        if problem is not None:
+            outcome = "aborted"  # the old stable is back (LocalPlatform.promote restarts it)
+        finished = finishing and problem is None
+        if owner.env == "production" and outcome is not None and not finished:
             # Traffic first: back to the last ready stable (the platform waits for its
             # readiness and keeps the last ready routing if it cannot get it), canary stopped.
             local.rollback("production")  # type: ignore[attr-defined]
-        elif owner.env == "production":
+        elif owner.env == "production" and not finished:
             return_to_stable(local)
         change = None
         if outcome is not None:
@@ -209,10 +223,12 @@ def take_over(
                     reason=f"reconciled: the owning run {owner.run_id} was dead ({why}) "
                     f"during {owner.phase}; "
                     + (
-                        "traffic returned to the last ready stable"
+                        f"traffic returned to the last ready stable ({problem})"
+                        if problem
+                        else "traffic returned to the last ready stable"
                         if outcome == "aborted"
                         else "its promotion was decided; the reconciler finished the switch"
-                        if finishes_promotion(outcome, owner.artifact_sha256, stable)
+                        if finished
                         else "its release already served as stable"
                     ),
                     slo_verdict="not judged (run died)",
@@ -230,6 +246,19 @@ def take_over(
         return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False)
     audited = change.change_id in audit_pending(spec, only=[change])
     return TakeOver(owner.env, owner.release, owner.run_id, why, outcome, change.change_id, audited)
+
+
+def _finish_promotion(local: object) -> str | None:
+    """Promote a dead owner's canary, what its killed run left half-started reaped first (so
+    production never runs three releases). None when done; else what went wrong."""
+    try:
+        reap = getattr(local, "reap_orphans", None)
+        if reap is not None:
+            reap("production")
+        local.promote("production")  # type: ignore[attr-defined]
+    except Exception as exc:
+        return f"finishing the promotion failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _beat_since(judged: Owner, now: Owner, why: str) -> bool:

@@ -595,14 +595,17 @@ class LocalPlatform:
             source = canary_api[0]
             retired_version = self.current(env).get("stable", {}).get("version")
             idle = self._idle_stable(env)
-            stopped: list[int] = []
             if idle:
                 self.ensure_ready(env, "canary")  # all of production while stable restarts
-                self.state.mark_retiring([p.id for p in idle])
-                self.state.bump_generation(env)
-                stopped = self._stop_status(env, "retiring")
-                self._push_routes(env)
+            stopped: list[int] = []
             try:
+                if idle:
+                    self.state.mark_retiring([p.id for p in idle])
+                    self.state.bump_generation(env)
+                    stopped = self._stop_status(env, "retiring")
+                    # It carried no traffic: an edge that missed this push reloads its routes.
+                    with contextlib.suppress(PlatformError):
+                        self._push_routes(env)
                 started = self._start_stable_of(env, source)
             except BaseException:
                 if idle:
@@ -637,6 +640,8 @@ class LocalPlatform:
         if api is None:
             return
         try:
+            if self.state.processes(env, track="stable", status="serving"):
+                return  # it was never stopped (the error came before)
             again = self._start_stable_of(env, api)
             self.state.switch_serving(env, "stable", [p.id for p in again])
             self._push_routes(env)
