@@ -147,6 +147,46 @@ def test_a_dead_owner_is_handed_to_the_reconciler() -> None:
 
 
 @pytest.mark.slow
+def test_a_dead_owner_the_reconciler_cannot_settle_is_waited_for_then_refused() -> None:
+    """The reconciler keeps a dead owner it could not settle (a promotion it could not finish
+    yet): acquiring waits within its bound and is refused, naming the owner, instead of
+    handing it over again and again."""
+    ownership.acquire(
+        "own-test",
+        "production",
+        run_id="run-unsettled",
+        release="0.8",
+        artifact_sha256="c" * 64,
+        previous_artifact_sha256=None,
+        phase="switching",
+        wait_seconds=0,
+        stale_after_seconds=STALE,
+        run_in_progress=lambda run: None,
+        take_over=lambda owner, why: None,
+    )
+    attempts: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(ProductionOwned) as refused:
+        ownership.acquire(
+            "own-test",
+            "production",
+            run_id="run-g",
+            release="1.0.0",
+            artifact_sha256="a" * 64,
+            previous_artifact_sha256=None,
+            phase="canary",
+            wait_seconds=2.0,
+            stale_after_seconds=STALE,
+            run_in_progress=lambda run: False,  # its Dagster run ended: dead
+            take_over=lambda owner, why: attempts.append(owner.run_id),  # never settles
+        )
+    assert 2.0 <= time.monotonic() - started < 10
+    assert "release 0.8" in str(refused.value)
+    assert attempts and set(attempts) == {"run-unsettled"} and len(attempts) <= 5, attempts
+    assert ownership.release("own-test", "production", "run-unsettled") is True
+
+
+@pytest.mark.slow
 def test_a_finished_run_no_longer_owns() -> None:
     _acquire("run-d")
     owner, taken = _acquire("run-e", in_progress=False)

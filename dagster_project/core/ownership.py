@@ -197,8 +197,9 @@ def acquire(
 ) -> Owner:
     """Own `env` for `run_id` (re-entrant), waiting up to `wait_seconds` for a live owner.
 
-    A dead owner is handed to `take_over(owner, why)` (the reconciler), which must put the
-    environment in order and release it; then acquiring is tried again.
+    A dead owner is handed to `take_over(owner, why)` (the reconciler), which puts the
+    environment in order and releases it; then acquiring is tried again. One it could not
+    settle (it keeps the ownership to retry) is waited for like a live owner.
     """
     ensure_schema()
     deadline = time.monotonic() + wait_seconds
@@ -220,7 +221,10 @@ def acquire(
         )
         if not verdict.alive:
             take_over(holder, verdict.reason)
-            continue
+            still = current(product, env)
+            if still is None or still.run_id != holder.run_id:
+                continue
+            # Kept: the reconciler could not settle it yet (it says why); wait as for a live one.
         if time.monotonic() >= deadline:
             raise ProductionOwned(
                 f"{env} of {product} is owned by {holder.label} since "
