@@ -17,7 +17,9 @@ For each variant, in a fresh state directory on the embedded defaults: a first r
   the platform (supervisord and what it runs, the embedded Postgres: every process whose
   command line names the state directory), summed; at the peak, split by group (the deploy
   process and its children, the APIs and workers, Postgres, the rest of the platform) with
-  the step that was running.
+  the step that was running. Summed RSS counts a shared page once per process that maps it
+  (Postgres's shared buffers in every backend that touched them): the peak of the summed PSS
+  (proportional set size) is printed too.
 - `deploy`'s first progress line: seconds from the start of the process to its first line.
 
 The baseline runs from a `git worktree` of REV with this tree's .venv (same packages, so
@@ -65,6 +67,8 @@ class Release:
     peak_rss_mb: float
     peak_rss_groups: dict[str, float] = field(default_factory=dict)  # MB by group at the peak
     peak_rss_at: float = 0.0  # seconds into the release
+    peak_pss_mb: float = 0.0  # shared pages counted once (PSS summed)
+    peak_pss_at: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # overhead per step key
     waits: float = 0.0
 
@@ -82,7 +86,8 @@ RSS_GROUPS = ("deploy", "api+worker", "postgres", "platform")
 def _platform_rss(home: str, roots: set[int]) -> dict[str, float]:
     """RSS (MB) of the processes under `roots` and of every process naming `home`, by group:
     the deploy process and its children, the services (APIs and workers), the embedded
-    Postgres, and the rest of the platform (supervisord, the edges, Prometheus)."""
+    Postgres, and the rest of the platform (supervisord, the edges, Prometheus); and their
+    PSS summed ("pss")."""
     procs = {}
     for proc in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"]):
         procs[proc.info["pid"]] = proc.info
@@ -94,7 +99,7 @@ def _platform_rss(home: str, roots: set[int]) -> dict[str, float]:
 
     deploy = with_descendants(set(roots))
     named = {pid for pid, info in procs.items() if home in " ".join(info["cmdline"] or [])}
-    by_group = dict.fromkeys(RSS_GROUPS, 0.0)
+    by_group = dict.fromkeys((*RSS_GROUPS, "pss"), 0.0)
     for pid in with_descendants(deploy | named):
         info = procs[pid]
         if not info.get("memory_info"):
@@ -110,6 +115,10 @@ def _platform_rss(home: str, roots: set[int]) -> dict[str, float]:
             else "platform"
         )
         by_group[group] += info["memory_info"].rss / 2**20
+        # Proportional: a page shared by n processes counts 1/n in each (Postgres's shared
+        # buffers are in the RSS of every backend that touched them).
+        with contextlib.suppress(psutil.Error):
+            by_group["pss"] += psutil.Process(pid).memory_full_info().pss / 2**20
     return by_group
 
 
@@ -125,14 +134,17 @@ def run_release(tree: Path, env: dict[str, str], version: str, watch: float) -> 
         text=True,
     )
     peak: dict[str, float] = {}
-    peak_at = 0.0
+    peak_at = peak_pss = peak_pss_at = 0.0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak, peak_at
+        nonlocal peak, peak_at, peak_pss, peak_pss_at
         while not done.is_set():
             with contextlib.suppress(psutil.Error, KeyError):  # a process ended meanwhile
                 now = _platform_rss(env["RELEASE_HOME"], {proc.pid})
+                pss = now.pop("pss")
+                if pss > peak_pss:
+                    peak_pss, peak_pss_at = pss, time.perf_counter() - started
                 if sum(now.values()) > sum(peak.values()):
                     peak, peak_at = now, time.perf_counter() - started
             done.wait(0.2)
@@ -156,6 +168,8 @@ def run_release(tree: Path, env: dict[str, str], version: str, watch: float) -> 
         sum(peak.values()),
         peak_rss_groups=peak,
         peak_rss_at=peak_at,
+        peak_pss_mb=peak_pss,
+        peak_pss_at=peak_pss_at,
     )
     _split(release, watch)
     return release
@@ -275,6 +289,8 @@ def report(variants: list[Variant]) -> None:
                 [f"{r.peak_rss_groups.get(group, 0):.0f}" if r else "-" for r in releases],
             )
         row("    at the peak: during", [_step_at(r, r.peak_rss_at) if r else "-" for r in releases])
+        row("  peak PSS MB", [f"{r.peak_pss_mb:.0f}" if r else "-" for r in releases])
+        row("    at the peak: during", [_step_at(r, r.peak_pss_at) if r else "-" for r in releases])
         keys: list[str] = []
         for r in releases:
             for key in r.stages if r else []:
