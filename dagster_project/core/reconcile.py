@@ -197,8 +197,9 @@ def take_over(
             outcome, owner.artifact_sha256, stable
         )
         problem = _finish_promotion(local) if finishing else None
-        if problem is not None and stable is None:
-            # Nothing to go back to: the canary keeps production; the next reconcile retries.
+        if problem is not None and not local.current("production").get("stable"):  # type: ignore[attr-defined]
+            # Nothing to go back to (no stable before, or the old one could not be started
+            # again): the canary keeps production; the next reconcile retries.
             logger.error("%s owner %s: %s", owner.env, owner.label, problem)
             return TakeOver(owner.env, owner.release, owner.run_id, why, None, None, False, problem)
         if problem is not None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import random
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,11 +30,75 @@ class ProcessStartError(RuntimeError):
     and the log file to read."""
 
 
+# Listening ports are taken below the kernel's ephemeral range (where every outgoing
+# connection and every bind to port 0 gets its port) and reserved for a while in one file per
+# machine: between the moment a port is chosen and the moment its process binds it (a second
+# or more), nothing else of ours is given it, and no client socket lands on it. (bind(0) then
+# close, the old way, once handed a new edge's port to another test worker's API.)
+PORT_RESERVATIONS = Path(tempfile.gettempdir()) / "release-pipeline-ports.json"
+PORT_RESERVE_SECONDS = 600.0
+PORT_RANGE_SIZE = 10_000
+
+
 def free_port() -> int:
-    """A port that was free a moment ago (bind port 0 on loopback, then release it)."""
+    """A port that is free now, chosen below the ephemeral range and reserved for
+    PORT_RESERVE_SECONDS so that no other caller on this machine is handed it meanwhile."""
+    low, high = _listening_range()
+    with _reservations() as reserved:
+        now = time.time()
+        for _ in range(500):
+            port = random.randint(low, high)
+            if reserved.get(str(port), 0.0) <= now and _bindable(port):
+                reserved[str(port)] = now + PORT_RESERVE_SECONDS
+                return port
+    raise OSError(f"no free port in {low}-{high} on 127.0.0.1 after 500 tries")
+
+
+def _listening_range() -> tuple[int, int]:
+    """Ports below net.ipv4.ip_local_port_range (32768-60999 unless changed)."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = ephemeral_low - 1
+    return max(1024, high - PORT_RANGE_SIZE), high
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _reservations() -> Iterator[dict[str, float]]:
+    """The machine's port reservations (port -> until), read and written under a lock;
+    without a writable file, an empty map (the range alone still keeps clients off)."""
+    try:
+        handle = open(PORT_RESERVATIONS, "a+")  # noqa: SIM115 (held for the lock's span)
+    except OSError:
+        yield {}
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        try:
+            loaded = json.loads(handle.read() or "{}")
+        except ValueError:
+            loaded = {}
+        now = time.time()
+        reserved = {
+            str(k): float(v)
+            for k, v in (loaded.items() if isinstance(loaded, dict) else [])
+            if isinstance(v, int | float) and v > now
+        }
+        yield reserved
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(reserved))
 
 
 def is_alive(pid: int | None, create_time: float | None) -> bool:
