@@ -582,10 +582,9 @@ class LocalPlatform:
         so their metrics carry track="stable"; traffic moves only once they are ready.
 
         An old stable that carries no traffic (the canary at 100%, as after the promotion's
-        watch) is stopped first, so env never runs three releases at once and a second
-        release needs no more memory than a first. Should the fresh stable then fail to
-        start, the old one is started again before the error is raised: a caller's rollback
-        still has it."""
+        watch) is stopped first, so env never runs three releases at once (a promotion's
+        memory is a first release's). Should the fresh stable then fail to start, the old one
+        is started again before the error is raised: a caller's rollback still has it."""
         check_env(env)
         self._require_up(env)
         with self.state.lock():
