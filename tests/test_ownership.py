@@ -89,12 +89,23 @@ def test_what_a_dead_owner_did(
     assert finishes_promotion(decided, owner, stable) is finish
 
 
-def _acquire(run_id: str, *, wait: float = 0.0, in_progress: bool | None = None, **kw: object):
-    taken: list[tuple[str, str]] = []
+def _acquire(
+    run_id: str,
+    *,
+    wait: float = 0.0,
+    in_progress: bool | None = None,
+    settles: bool = True,
+    taken: list[tuple[str, str]] | None = None,
+    **kw: object,
+):
+    """Acquire production of "own-test"; a dead owner is handed to a stand-in reconciler that
+    records it in `taken` and releases it (keeps it when not `settles`)."""
+    taken = [] if taken is None else taken
 
     def take_over(owner: ownership.Owner, why: str) -> None:
         taken.append((owner.run_id, why))
-        ownership.release(owner.product, owner.env, owner.run_id)
+        if settles:
+            ownership.release(owner.product, owner.env, owner.run_id)
 
     owner = ownership.acquire(
         "own-test",
@@ -151,38 +162,15 @@ def test_a_dead_owner_the_reconciler_cannot_settle_is_waited_for_then_refused() 
     """The reconciler keeps a dead owner it could not settle (a promotion it could not finish
     yet): acquiring waits within its bound and is refused, naming the owner, instead of
     handing it over again and again."""
-    ownership.acquire(
-        "own-test",
-        "production",
-        run_id="run-unsettled",
-        release="0.8",
-        artifact_sha256="c" * 64,
-        previous_artifact_sha256=None,
-        phase="switching",
-        wait_seconds=0,
-        stale_after_seconds=STALE,
-        run_in_progress=lambda run: None,
-        take_over=lambda owner, why: None,
-    )
-    attempts: list[str] = []
+    _acquire("run-unsettled", release="0.8")
+    taken: list[tuple[str, str]] = []
     started = time.monotonic()
     with pytest.raises(ProductionOwned) as refused:
-        ownership.acquire(
-            "own-test",
-            "production",
-            run_id="run-g",
-            release="1.0.0",
-            artifact_sha256="a" * 64,
-            previous_artifact_sha256=None,
-            phase="canary",
-            wait_seconds=2.0,
-            stale_after_seconds=STALE,
-            run_in_progress=lambda run: False,  # its Dagster run ended: dead
-            take_over=lambda owner, why: attempts.append(owner.run_id),  # never settles
-        )
+        # its Dagster run ended: dead; the reconciler keeps it
+        _acquire("run-g", wait=2.0, in_progress=False, settles=False, taken=taken)
     assert 2.0 <= time.monotonic() - started < 10
     assert "release 0.8" in str(refused.value)
-    assert attempts and set(attempts) == {"run-unsettled"} and len(attempts) <= 5, attempts
+    assert taken and {run for run, _ in taken} == {"run-unsettled"} and len(taken) <= 5, taken
     assert ownership.release("own-test", "production", "run-unsettled") is True
 
 
