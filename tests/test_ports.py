@@ -22,7 +22,9 @@ def reservations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_ports_are_below_the_ephemeral_range_distinct_and_reserved(reservations: Path) -> None:
-    low, high = processes._listening_range()
+    span = processes._listening_range()
+    assert span is not None
+    low, high = span
     ports = [processes.free_port() for _ in range(40)]
     assert len(set(ports)) == len(ports)
     assert all(low <= port <= high for port in ports)
@@ -35,7 +37,7 @@ def test_ports_are_below_the_ephemeral_range_distinct_and_reserved(reservations:
 @pytest.fixture
 def three_ports(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """A range of three ports, the first two bound by this test."""
-    low, _ = processes._listening_range()
+    low, _ = processes._listening_range() or (20000, 0)
     held = []
     for port in range(low, low + 200):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -65,3 +67,12 @@ def test_a_bound_or_reserved_port_is_never_handed_out(
         processes.free_port()  # the third is now reserved
     reservations.write_text(json.dumps({str(three_ports[2]): 0.0}))  # its reservation expired
     assert processes.free_port() == three_ports[2]
+
+
+def test_with_no_room_below_the_ephemeral_range_the_kernel_picks(
+    reservations: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processes, "_listening_range", lambda: None)
+    ports = {processes.free_port() for _ in range(10)}
+    assert len(ports) == 10 and all(port >= 1024 for port in ports)
+    assert set(json.loads(reservations.read_text())) == {str(p) for p in ports}

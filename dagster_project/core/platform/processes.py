@@ -43,25 +43,33 @@ PORT_RANGE_SIZE = 10_000
 def free_port() -> int:
     """A port that is free now, chosen below the ephemeral range and reserved for
     PORT_RESERVE_SECONDS so that no other caller on this machine is handed it meanwhile."""
-    low, high = _listening_range()
+    span = _listening_range()
     with _reservations() as reserved:
         now = time.time()
         for _ in range(500):
-            port = random.randint(low, high)
+            port = random.randint(*span) if span else _kernel_port()
             if reserved.get(str(port), 0.0) <= now and _bindable(port):
                 reserved[str(port)] = now + PORT_RESERVE_SECONDS
                 return port
-    raise OSError(f"no free port in {low}-{high} on 127.0.0.1 after 500 tries")
+    raise OSError(f"no free port in {span or 'the ephemeral range'} on 127.0.0.1 after 500 tries")
 
 
-def _listening_range() -> tuple[int, int]:
-    """Ports below net.ipv4.ip_local_port_range (32768-60999 unless changed)."""
+def _listening_range() -> tuple[int, int] | None:
+    """Ports below net.ipv4.ip_local_port_range (32768-60999 unless changed); None when the
+    ephemeral range starts too low to leave room below it (then the kernel picks)."""
     try:
         ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768
-    high = ephemeral_low - 1
-    return max(1024, high - PORT_RANGE_SIZE), high
+    low, high = max(1024, ephemeral_low - 1 - PORT_RANGE_SIZE), ephemeral_low - 1
+    return (low, high) if high - low >= 1000 else None
+
+
+def _kernel_port() -> int:
+    """A port the kernel picks (bind port 0, then release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _bindable(port: int) -> bool:
