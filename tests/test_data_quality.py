@@ -299,13 +299,16 @@ def test_an_expectation_that_needs_the_deferred_modules_gives_the_in_process_ver
     """The validator defers altair and scipy.stats (`_DeferredImports`); the KL-divergence
     expectation calls scipy.stats.entropy, so it loads them when it runs, with the verdicts
     the same as in this process (where they are imported normally)."""
-    for threshold, passes in ((0.1, True), (0.01, False)):
-        suite = _kl_suite(tmp_path, threshold)
-        here = data_quality.validate_tables(product_db, suite)
-        child = data_quality.validate_in_child(f"run-kl-{threshold}", product_db, suite)
-        assert (here.success, child.success) == (passes, passes), (here.reasons, child.reasons)
-        assert child.reasons == here.reasons
-        assert [r.get("error") for r in child.results] == [None, None]
+    assert data_quality.validate_tables(product_db, _kl_suite(tmp_path, 0.1)).success
+    # One child (each pays the GE import): failing on the computed divergence shows that
+    # scipy.stats ran there; its reasons, with the observed value, match this process's.
+    suite = _kl_suite(tmp_path, 0.01)
+    here = data_quality.validate_tables(product_db, suite)
+    child = data_quality.validate_in_child("run-kl", product_db, suite)
+    assert (here.success, child.success) == (False, False), (here.reasons, child.reasons)
+    assert child.reasons == here.reasons
+    assert child.results == here.results
+    assert [r.get("error") for r in child.results] == [None, None]
 
 
 @pytest.mark.slow
