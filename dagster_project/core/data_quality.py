@@ -280,14 +280,19 @@ class _DeferredImports(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _import_great_expectations() -> None:
+    """The validator's import of GE, with `_DeferredImports` installed first. Only in the
+    validator's own process: nothing else is imported lazily."""
+    sys.meta_path.insert(0, _DeferredImports())
+    with contextlib.suppress(Exception), _quiet_great_expectations():
+        import great_expectations  # noqa: F401
+
+
 def serve() -> int:
     """The validator's side (`Validator`): import GE, wait for one request, answer, exit."""
     with contextlib.suppress(OSError):
         os.nice(VALIDATOR_NICE)
-    # Only here, in the validator's own process: nothing else is imported lazily.
-    sys.meta_path.insert(0, _DeferredImports())
-    with contextlib.suppress(Exception), _quiet_great_expectations():
-        import great_expectations  # noqa: F401
+    _import_great_expectations()
     ready, _, _ = select.select([sys.stdin], [], [], VALIDATOR_IDLE_SECONDS)
     line = sys.stdin.readline() if ready else ""
     if not line:  # idle too long, or the parent is gone
