@@ -1,6 +1,7 @@
 """Gate on staging, before anything is deployed there: the VCL generated from the product
 spec compiles (`varnishd -C`), for both environments and every routing shape (no release, one
-track, stable and canary split). A VCL that does not compile never ships; the failure names
+track, stable and canary split). A text this varnishd compiled before is not compiled again
+(RELEASE_HOME/cache/vcl). A VCL that does not compile never ships; the failure names
 the line. Without varnishd installed the gate fails if an environment runs Varnish (naming
 the Debian package) and is not applicable otherwise."""
 
@@ -26,10 +27,20 @@ def edge_vcl_check(
     )
     def edge_vcl(build: ArtifactRecord) -> dg.AssetCheckResult:
         from dagster_project.core.platform import edges, varnish
+        from dagster_project.core.settings import release_home
 
         on_varnish = [env for env in ENVIRONMENTS if edges.edge_kind(spec, env) == "varnish"]
-        result = varnish.vcl_gate(spec, on_varnish)
-        columns = ["vcl", "compiles", "line", "source_line", "message", "seconds", "lines"]
+        result = varnish.vcl_gate(spec, on_varnish, cache_dir=release_home() / "cache" / "vcl")
+        columns = [
+            "vcl",
+            "compiles",
+            "cached",
+            "line",
+            "source_line",
+            "message",
+            "seconds",
+            "lines",
+        ]
         return dg.AssetCheckResult(
             passed=result.passed,
             description=f"{build.version}: {result.description}",

@@ -117,6 +117,33 @@ def test_the_edge_vcl_gate_compiles_every_routing_shape_and_names_what_fails() -
     assert "endpoints[" in failed.description and "surrogate_keys" in failed.description
 
 
+def test_the_gate_compiles_a_text_once_per_compiler_and_every_failure_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(PRODUCT)
+    cache = tmp_path / "vcl"
+    first = varnish.vcl_gate(spec, ["production"], cache_dir=cache)
+    again = varnish.vcl_gate(spec, ["production"], cache_dir=cache)
+    assert (first.passed, again.passed) == (True, True)
+    assert [row["cached"] for row in first.compiled] == [False] * 4
+    assert [row["cached"] for row in again.compiled] == [True] * 4
+    assert len(list(cache.glob("*.ok"))) == 4
+    # Another varnishd or C compiler: compiled again.
+    monkeypatch.setattr(varnish, "_compiler_identity", lambda: "varnishd=/upgraded:1:1")
+    upgraded = varnish.vcl_gate(spec, ["production"], cache_dir=cache)
+    assert upgraded.passed and not any(row["cached"] for row in upgraded.compiled)
+    monkeypatch.undo()
+    # A text that does not compile is never remembered: each gate names its line again.
+    vcl = varnish.render_vcl(spec, ENV, varnish.representative_routes()[-1], "k" * 43)
+    broken = vcl.replace("hash_data(req.url);", "hash_data(req.url)", 1)
+    for _ in range(2):
+        result = varnish.compile_vcl_once(broken, cache)
+        assert (result.ok, result.cached) == (False, False)
+        assert result.line is not None and f"line {result.line}" in result.describe()
+    assert varnish.compile_vcl_once(vcl, cache).ok
+    assert varnish.compile_vcl_once(vcl, cache).cached
+
+
 def test_the_edge_is_varnish_and_status_shows_it(platform: LocalPlatform) -> None:
     status = platform.status()[ENV]
     assert status["healthy"], status["problems"]

@@ -7,7 +7,8 @@
   the cache, as in production.
 - Bounds: loopback URLs only; at most `max_seconds` and `max_requests`; at most `concurrency`
   requests in flight (a request that cannot start because all are busy is counted as
-  `skipped`, never queued without limit).
+  `skipped`, never queued without limit). Requests run on one asyncio loop in the
+  generator's thread (aiohttp).
 - Jobs: with a `JobTarget`, a share of the requests (the spec's `canary.job_share`) are
   `POST`s enqueueing the contract's `ok` probe job (keys `canary-load-<run>-<n>`, queues in
   turn), so the canary's workers take their weight's share of production jobs.
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 import secrets
@@ -23,12 +25,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 if TYPE_CHECKING:
     from dagster_project.core.spec import ProductSpec
@@ -209,65 +210,70 @@ class LoadGenerator:
     # -- the loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        asyncio.run(self._paced())
+        self._stopped_at = time.monotonic()
+
+    async def _paced(self) -> None:
+        # One event loop with aiohttp, not a thread per request with httpx: the generator runs
+        # inside the deploy process, beside Dagster's step, and at load_rps the threads' client
+        # cost about three times the CPU per request.
         interval = 1.0 / self.rps
-        in_flight = threading.BoundedSemaphore(self.concurrency)
-        limits = httpx.Limits(
-            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-        )
         deadline = self._started_at + self.max_seconds
-        with (
-            httpx.Client(timeout=self.timeout_s, limits=limits) as client,
-            ThreadPoolExecutor(self.concurrency, thread_name_prefix="canary-load") as pool,
-        ):
+        in_flight: set[asyncio.Task[None]] = set()
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        ) as session:
             next_at = time.monotonic()
             while not self._stop.is_set() and self._sent + self._skipped < self.max_requests:
                 now = time.monotonic()
                 if now >= deadline:
                     break
                 if now < next_at:
-                    self._stop.wait(next_at - now)
+                    # Short sleeps, so a stop is seen within 50 ms.
+                    await asyncio.sleep(min(next_at - now, 0.05))
                     continue
                 next_at += interval
                 if next_at < now - 1.0:
                     next_at = now  # fell behind by more than a second: do not burst to catch up
-                if not in_flight.acquire(blocking=False):
+                if len(in_flight) >= self.concurrency:
                     self._skipped += 1
                     continue
                 self._sent += 1
+                job = None
                 if self.jobs is not None and self._random.random() < self.jobs.share:
-                    body = self.jobs.body(self.run_token, self._sent)
-                    pool.submit(self._send, client, self.jobs.path, in_flight, body)
-                    continue
-                path = self._next_path(self._sent)
-                pool.submit(self._send, client, path, in_flight)
-        self._stopped_at = time.monotonic()
+                    path, job = self.jobs.path, self.jobs.body(self.run_token, self._sent)
+                else:
+                    path = self._next_path(self._sent)
+                task = asyncio.create_task(self._send(session, path, job))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if in_flight:  # let the requests under way finish (each bounded by timeout_s)
+                await asyncio.wait(in_flight)
 
     def _next_path(self, n: int) -> str:
         target = self._random.choices(self.targets, weights=[t.weight for t in self.targets])[0]
         return f"{target.path}?lg={n}" if target.unique_query else target.path
 
-    def _send(
-        self,
-        client: httpx.Client,
-        path: str,
-        in_flight: threading.BoundedSemaphore,
-        job: dict[str, Any] | None = None,
+    async def _send(
+        self, session: aiohttp.ClientSession, path: str, job: dict[str, Any] | None = None
     ) -> None:
         began = time.monotonic()
         try:
-            if job is None:
-                response = client.get(self.base_url + path)
-            else:
-                response = client.post(self.base_url + path, json=job)
-            record = RequestRecord(
-                t=began - self._started_at,
-                path=path.split("?")[0],
-                status=response.status_code,
-                latency_ms=(time.monotonic() - began) * 1000,
-                track=response.headers.get("x-track"),
-                cache=response.headers.get("x-cache"),
-            )
-        except httpx.HTTPError as exc:
+            method = "GET" if job is None else "POST"
+            async with session.request(method, self.base_url + path, json=job) as response:
+                await response.read()
+                record = RequestRecord(
+                    t=began - self._started_at,
+                    path=path.split("?")[0],
+                    status=response.status,
+                    latency_ms=(time.monotonic() - began) * 1000,
+                    track=response.headers.get("x-track"),
+                    cache=response.headers.get("x-cache"),
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
             record = RequestRecord(
                 t=began - self._started_at,
                 path=path.split("?")[0],
@@ -277,8 +283,6 @@ class LoadGenerator:
                 cache=None,
                 error=f"{type(exc).__name__}: {exc}",
             )
-        finally:
-            in_flight.release()
         with self._lock:
             self._records.append(record)
 
