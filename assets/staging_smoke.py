@@ -49,15 +49,16 @@ def staging_smoke_asset(
         local.up()
         local.deploy(ENV, "stable", registry.fetch(artifact.sha256))
         context.log.info(f"deployed {artifact.version} to {ENV}; running the smoke suite")
-        # The data_quality gate's process (niced) imports Great Expectations, ~3.5 s of CPU,
-        # while the rest of the smoke mostly waits; the gate finds it by run id. Not before
-        # the worker's retry-timing rows: on a busy host the import took their CPU.
+        # Without the platform's validator (data_quality.serve_platform), the data_quality
+        # gate's process (niced) imports Great Expectations, ~3.5 s of CPU, while the rest of
+        # the smoke mostly waits; the gate finds it by run id. Not before the worker's
+        # retry-timing rows: on a busy host the import took their CPU.
         smoke = run_smoke(
             spec,
             local,
             ENV,
             artifact.version,
-            after_retry_timing=lambda: data_quality.start_validator(context.run_id),
+            after_retry_timing=lambda: data_quality.start_validator(context.run_id, spec.product),
         )
         value = StagingSmokeReport(
             version=artifact.version,

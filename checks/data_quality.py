@@ -23,10 +23,13 @@ def data_quality_check(
         from dagster_project.core.database import environment_database
 
         suite = spec.suite_path
-        # In its own process (started by the staging stage of this run when it ran in this
-        # process): Great Expectations never stays in the run's memory.
+        # In another process (the platform's validator, or one started by the staging stage
+        # of this run): Great Expectations never stays in the run's memory.
         report = validate_in_child(
-            context.run.run_id, environment_database(spec.product, "staging"), suite
+            context.run.run_id,
+            environment_database(spec.product, "staging"),
+            suite,
+            product=spec.product,
         )
         failed = [r for r in report.results if not r["success"]]
         return dg.AssetCheckResult(

@@ -20,7 +20,7 @@ import psutil
 
 from conftest import GUARDRAIL_TOKEN, PRODUCT
 from dagster_project import deploy as deploy_cli
-from dagster_project.core import audit, changes, ownership
+from dagster_project.core import audit, changes, httpclient, ownership
 
 RECOVERY_SECONDS = 30
 
@@ -106,7 +106,7 @@ def served_versions(local: object, n: int = 200) -> tuple[dict[str, int], int]:
     """(versions answering, count of 200s) for n requests through the production edge."""
     versions: dict[str, int] = {}
     ok = 0
-    with httpx.Client(timeout=5, trust_env=False) as client:
+    with httpclient.client(timeout=5, trust_env=False) as client:
         for i in range(n):
             try:
                 response = client.get(f"{local.edge_url('production')}/v1/items?probe={i}")  # type: ignore[attr-defined]

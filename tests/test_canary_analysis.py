@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from dagster_project.core import registry
+from dagster_project.core import httpclient, registry
 from dagster_project.core.canary.analysis import CanaryReport, run_canary
 from dagster_project.core.canary.judge import METRICS, METRICS_SOURCE, WORKER_METRICS, Verdict
 from dagster_project.core.canary.load import LoadGenerator, LoadRefused, Target
@@ -71,7 +70,7 @@ def assert_production_on(platform: LocalPlatform, version: str) -> None:
     assert "canary" not in status["tracks"]
     edge = platform.edge_url(ENV)
     seen: Counter[tuple[str | None, str | None]] = Counter()
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
+    with httpclient.client(timeout=5.0, trust_env=False) as client:
         for n in range(60):
             response = client.get(f"{edge}/v1/items?check={time.monotonic_ns()}-{n}")
             assert response.status_code == 200

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
+import stat
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -327,3 +331,77 @@ def test_the_validator_imports_great_expectations_without_the_deferred_modules()
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout[-2000:]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], seconds: float = 90.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"the platform validator exited ({proc.returncode})"
+        assert time.monotonic() < deadline, f"no socket at {path} within {seconds:.0f}s"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_the_platform_validator_imports_once_answers_each_in_a_child_and_falls_back(
+    product_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve_platform` (what LocalPlatform.up runs under supervisord) gives the in-process
+    verdicts, errors and reasons; no per-run child is started while it listens. Once it is
+    gone (its socket left behind), a gate validates in a child of its own."""
+    product = f"dq-{secrets.token_hex(2)}"  # its own socket: nothing else uses this one
+    socket_path = data_quality.platform_socket(product)
+    server = subprocess.Popen(data_quality.platform_argv(product))
+    try:
+        _wait_for(socket_path, server)
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+
+        def no_child(*args: object, **kwargs: object) -> None:
+            raise AssertionError("a per-run validator was started while the platform's listens")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(data_quality, "Validator", no_child)
+            data_quality.start_validator("run-p", product)  # the platform's serves: none
+            report = data_quality.validate_in_child("run-p", product_db, SUITE, product=product)
+            assert (
+                report.success
+                and report.rows == data_quality.validate_tables(product_db, SUITE).rows
+            )
+            _execute(product_db, "DELETE FROM dead_letter")
+            failed = data_quality.validate_in_child("run-q", product_db, SUITE, product=product)
+            assert not failed.success
+            assert "table dead_letter has 0 rows; the suite needs at least 1" in failed.reasons
+            bad_suite = tmp_path / "suite.json"
+            bad_suite.write_text(
+                '{"name": "s", "version": 1, "tables": {"items": {"expectations": '
+                '[{"type": "expect_prices_to_be_cheap", "kwargs": {}}]}}}'
+            )
+            with pytest.raises(data_quality.DataQualityError, match=r"tables\.items\.expect"):
+                data_quality.validate_in_child("run-r", product_db, bad_suite, product=product)
+        # Each validation ran in a forked child: the server itself is still the one started.
+        assert server.poll() is None
+        server.kill()
+        server.wait(timeout=10)
+        assert socket_path.exists()  # killed: it could not remove its socket
+        fallback = data_quality.validate_in_child("run-s", product_db, SUITE, product=product)
+        assert fallback.reasons == failed.reasons
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=10)
+        socket_path.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_a_stopped_platform_validator_removes_its_socket() -> None:
+    product = f"dq-{secrets.token_hex(2)}"
+    socket_path = data_quality.platform_socket(product)
+    server = subprocess.Popen(data_quality.platform_argv(product))
+    try:
+        _wait_for(socket_path, server)
+        server.send_signal(signal.SIGTERM)  # what supervisord sends
+        assert server.wait(timeout=10) == 0
+        assert not socket_path.exists()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        socket_path.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import hishel
 import httpx
 import pytest
 
-from dagster_project.core import registry
+from dagster_project.core import httpclient, registry
 from dagster_project.core.migrations.history import apply_pending
 from dagster_project.core.platform import LocalPlatform
 from dagster_project.core.platform.edge import (
@@ -55,12 +55,12 @@ def canary_artifact(platform: LocalPlatform) -> registry.Artifact:
 
 
 def _get(url: str, **kwargs: Any) -> httpx.Response:
-    return httpx.get(url, timeout=5.0, trust_env=False, **kwargs)
+    return httpclient.get(url, timeout=5.0, trust_env=False, **kwargs)
 
 
 def _purge(edge: str, payload: dict[str, str], key: str | None) -> httpx.Response:
     headers = {"X-Purge-Key": key} if key is not None else {}
-    return httpx.post(
+    return httpclient.post(
         f"{edge}/_edge/purge", json=payload, headers=headers, timeout=5.0, trust_env=False
     )
 
@@ -144,7 +144,7 @@ def test_many_unique_urls_are_cached_and_purged_through_the_edge(
     its own entry, found again by key, purged by URL and by surrogate key."""
     edge = platform.edge_url("staging")
     urls = [f"{edge}/v1/items?bulk={n}" for n in range(300)]
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
+    with httpclient.client(timeout=5.0, trust_env=False) as client:
 
         def cache_entries() -> int:
             return int(client.get(f"{edge}/_edge/health").json()["cache_entries"])
@@ -176,7 +176,7 @@ def test_purge_and_route_updates_are_refused_without_the_key(platform: LocalPlat
         refused = _purge(edge, {"surrogate_key": "items"}, key)
         assert refused.status_code == 403
         assert "X-Purge-Key" in refused.json()["error"]
-    routes = httpx.post(
+    routes = httpclient.post(
         f"{edge}/_edge/routes", json={"generation": 10**9, "weights": {}, "upstreams": {}},
         timeout=5.0, trust_env=False,
     )  # fmt: skip
@@ -232,7 +232,7 @@ def test_weights_pushed_to_the_edge_split_traffic(
     try:
         platform.set_weights("production", {"stable": 50, "canary": 50})
         edge = platform.edge_url("production")
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
+        with httpclient.client(timeout=5.0, trust_env=False) as client:
             served = Counter(
                 client.get(f"{edge}/healthz", params={"n": i}).headers["x-track"]
                 for i in range(300)

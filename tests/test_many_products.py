@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from conftest import GUARDRAIL_TOKEN, PRODUCT
-from dagster_project.core import database
+from dagster_project.core import database, httpclient
 from dagster_project.core.settings import product_dir
 
 pytestmark = pytest.mark.slow
@@ -136,7 +135,7 @@ def _served(product: str, path: str, n: int = 20) -> dict[str, int]:
 
     edge = LocalPlatform(product).edge_url("production")
     counts: dict[str, int] = {}
-    with httpx.Client(timeout=5, trust_env=False) as client:
+    with httpclient.client(timeout=5, trust_env=False) as client:
         for i in range(n):
             response = client.get(f"{edge}{path}?probe={i}")
             key = f"{response.status_code} {response.headers.get('x-release', '?')}"

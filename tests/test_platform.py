@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from dagster_project.core import database, registry
+from dagster_project.core import data_quality, database, httpclient, registry
 from dagster_project.core.migrations.history import apply_pending
 from dagster_project.core.platform import LocalPlatform, PlatformError
 from dagster_project.core.platform.local import materialize
@@ -67,7 +67,7 @@ def deployed(platform: LocalPlatform, artifacts: dict[str, registry.Artifact]) -
 
 
 def _get(url: str, **kwargs: Any) -> httpx.Response:
-    return httpx.get(url, timeout=5.0, trust_env=False, **kwargs)
+    return httpclient.get(url, timeout=5.0, trust_env=False, **kwargs)
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ def test_weighted_split_then_rollback_under_a_second(
     deployed.set_weights("production", {"stable": 90, "canary": 10})
     edge = deployed.edge_url("production")
     served: Counter[str] = Counter()
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
+    with httpclient.client(timeout=5.0, trust_env=False) as client:
         for i in range(1000):
             # A unique query string per request, so every one reaches an origin.
             response = client.get(f"{edge}/v1/items", params={"split": i})
@@ -181,7 +181,7 @@ def test_weighted_split_then_rollback_under_a_second(
     assert sorted(result["stopped_pids"]) == sorted(canary_pids)
     assert canary_pids and not any(_running(pid) for pid in canary_pids)
 
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
+    with httpclient.client(timeout=5.0, trust_env=False) as client:
         tracks = Counter(
             client.get(f"{edge}/v1/items", params={"after": i}).headers["x-track"]
             for i in range(200)
@@ -333,7 +333,7 @@ class _Watcher:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
+        with httpclient.client(timeout=5.0, trust_env=False) as client:
             n = 0
             while not self._stop.is_set():
                 self.most_processes = max(self.most_processes, len(_production_services()))
@@ -505,7 +505,7 @@ def test_rollback_waits_for_a_restarting_stable_then_routes(
     assert result["weights"] == {"stable": 100, "canary": 0} and result["stable_serving"]
     assert _get(f"{stable.url}/readyz").status_code == 200  # same port, ready again
     edge = deployed.edge_url("production")
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
+    with httpclient.client(timeout=5.0, trust_env=False) as client:
         answers = [client.get(f"{edge}/v1/items", params={"rb": i}) for i in range(50)]
     assert {(r.status_code, r.headers["x-track"]) for r in answers} == {(200, "stable")}
 
@@ -698,9 +698,19 @@ def test_down_leaves_no_platform_process(deployed: LocalPlatform) -> None:
     assert {p.role for p in recorded} == {"edge", "api", "worker"}
     supervisord = deployed.supervisor.pid()
     assert supervisord and all(p.pid for p in recorded)
+    # The data-quality validator runs beside them (a program, no recorded process).
+    validator = deployed.supervisor.info(f"{PRODUCT}.validator")
+    assert validator is not None and validator.running and validator.pid
+    socket_path = data_quality.platform_socket(PRODUCT)
+    deadline = time.monotonic() + 60
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert socket_path.exists(), "the platform's validator never listened"
     deployed.down()
     for proc in recorded:
         assert not is_alive(proc.pid, proc.create_time), proc.label
+    assert not is_alive(validator.pid, validator.create_time)
+    assert not socket_path.exists()
     assert not _running(supervisord)
     assert not deployed.supervisor.is_running()
     assert deployed.state.processes() == []
@@ -742,7 +752,8 @@ def test_two_ups_at_once_start_one_supervisord_and_one_edge_per_environment(
     edges = platform.state.processes(role="edge")
     assert sorted(p.env for p in edges) == sorted(ENVS)
     assert all(p.state == "RUNNING" and p.pid for p in edges)
-    assert set(platform.supervisor.all_info()) == {str(p.program) for p in edges}
+    validator = f"{PRODUCT}.validator"  # the data-quality validator, one as well
+    assert set(platform.supervisor.all_info()) == {str(p.program) for p in edges} | {validator}
     assert all(platform.status()[env]["healthy"] for env in ENVS)
     platform.down()
     assert _processes_of(release_home()) == []

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from real_parts import PRODUCT, require_prometheus
 
-from dagster_project.core import registry
+from dagster_project.core import httpclient, registry
 from dagster_project.core.canary.judge import JudgeConfig, Verdict, judge
 from dagster_project.core.canary.metrics import LocalScrapeSource, PrometheusSource
 from dagster_project.core.migrations.history import apply_pending
@@ -67,7 +67,7 @@ def _until(what: str, check: Callable[[], Any], seconds: float = 20.0) -> Any:
 
 
 def _active_targets(platform: LocalPlatform) -> set[str]:
-    body = httpx.get(f"{platform.prometheus_url()}/api/v1/targets", trust_env=False).json()
+    body = httpclient.get(f"{platform.prometheus_url()}/api/v1/targets", trust_env=False).json()
     return {
         t["labels"]["instance"]
         for t in body["data"]["activeTargets"]
@@ -82,7 +82,7 @@ def _instances(platform: LocalPlatform) -> set[str]:
 
 
 def _hit(url: str, n: int) -> None:
-    with httpx.Client(trust_env=False, timeout=10) as client:
+    with httpclient.client(trust_env=False, timeout=10) as client:
         for i in range(n):
             assert client.get(f"{url}/v1/items?n={i}").status_code == 200
 
@@ -165,7 +165,7 @@ def test_a_killed_prometheus_comes_back_on_its_port(platform: LocalPlatform) -> 
                 now
                 and now.running
                 and now.pid != info.pid
-                and httpx.get(f"{url}/-/ready", trust_env=False).status_code == 200
+                and httpclient.get(f"{url}/-/ready", trust_env=False).status_code == 200
             )
         return False
 

@@ -21,7 +21,7 @@ from real_parts import PRODUCT, contract_changed_product, require_prometheus, re
 
 from conftest import GUARDRAIL_TOKEN
 from dagster_project import deploy as deploy_cli
-from dagster_project.core import audit, changes
+from dagster_project.core import audit, changes, httpclient
 from dagster_project.core.platform import LocalPlatform
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def _deploy_cli(version: str, *args: str, products_dir: Path | None = None) -> t
 
 
 def _get(local: LocalPlatform, path: str) -> httpx.Response:
-    return httpx.get(f"{local.edge_url(ENV)}{path}", timeout=5.0, trust_env=False)
+    return httpclient.get(f"{local.edge_url(ENV)}{path}", timeout=5.0, trust_env=False)
 
 
 def _served(local: LocalPlatform, tag: str, n: int = 40) -> dict[str, int]:
@@ -81,7 +81,7 @@ def _served(local: LocalPlatform, tag: str, n: int = 40) -> dict[str, int]:
 
 def _promql_queries(local: LocalPlatform) -> float:
     """How many PromQL instant queries Prometheus has answered (its own /metrics)."""
-    text = httpx.get(f"{local.prometheus_url()}/metrics", trust_env=False).text
+    text = httpclient.get(f"{local.prometheus_url()}/metrics", trust_env=False).text
     pattern = r'prometheus_http_requests_total\{code="200",handler="/api/v1/query"\} (\S+)'
     match = re.search(pattern, text)
     return float(match[1]) if match else 0.0

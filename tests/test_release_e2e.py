@@ -9,12 +9,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import GUARDRAIL_TOKEN, PRODUCT
 from dagster_project import deploy as deploy_cli
-from dagster_project.core import audit, changes, database
+from dagster_project.core import audit, changes, database, httpclient
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +38,7 @@ def _production(local: object) -> dict:
 def _served_versions(local: object, n: int = 60) -> dict[str, int]:
     """What production actually serves, measured through its edge (cache bypassed)."""
     counts: dict[str, int] = {}
-    with httpx.Client(timeout=5) as client:
+    with httpclient.client(timeout=5) as client:
         for i in range(n):
             response = client.get(f"{local.edge_url('production')}/v1/items?probe={i}")  # type: ignore[attr-defined]
             version = response.headers.get("x-release", "?")

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dagster_project.core import database, registry
+from dagster_project.core import database, httpclient, registry
 from dagster_project.core.spec import ProductSpec, load_spec
 
 PRODUCT = "4pnihc40q-yj"
@@ -164,7 +164,7 @@ def start_api(procs: Processes, deployed: Deployed, dsn: str) -> Deployed:
         if proc.poll() is not None:
             pytest.fail(f"api {deployed.version} exited early:\n{procs.log_of(proc)}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if httpclient.get(f"{url}/healthz", timeout=1).status_code == 200:
                 deployed.url = url
                 return deployed
         except httpx.TransportError:
@@ -214,7 +214,7 @@ def sql(query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics as {(name, sorted labels): value}."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
+    text = httpclient.get(f"{url}/metrics", timeout=5).text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -231,7 +231,7 @@ def wait_for_job(url: str, key: str, states: tuple[str, ...] = ("done", "dead"))
     deadline = time.monotonic() + JOB_TIMEOUT_S
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{key}", timeout=5).json()
+        job = httpclient.get(f"{url}/v1/jobs/{key}", timeout=5).json()
         if job.get("status") in states:
             return job
         time.sleep(0.05)
@@ -240,7 +240,7 @@ def wait_for_job(url: str, key: str, states: tuple[str, ...] = ("done", "dead"))
 
 def enqueue(url: str, key: str, priority: str, payload: dict[str, Any]) -> httpx.Response:
     body = {"key": key, "priority": priority, "payload": payload}
-    return httpx.post(f"{url}/v1/jobs", json=body, timeout=5)
+    return httpclient.post(f"{url}/v1/jobs", json=body, timeout=5)
 
 
 # --- probes, data endpoints, headers, metrics -----------------------------------------------
@@ -248,8 +248,8 @@ def enqueue(url: str, key: str, priority: str, payload: dict[str, Any]) -> httpx
 
 @pytest.mark.slow
 def test_probes_answer_when_database_and_schema_are_present(api: Deployed) -> None:
-    health = httpx.get(f"{api.url}/healthz", timeout=5)
-    ready = httpx.get(f"{api.url}/readyz", timeout=5)
+    health = httpclient.get(f"{api.url}/healthz", timeout=5)
+    ready = httpclient.get(f"{api.url}/readyz", timeout=5)
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "version": "1.0.0", "track": "stable"}
     assert ready.status_code == 200, ready.text
@@ -262,8 +262,8 @@ def test_readyz_is_503_without_schema_but_the_process_is_alive(
     deploy_artifact: Callable[..., Deployed], processes: Processes, empty_dsn: str
 ) -> None:
     deployed = start_api(processes, deploy_artifact("1.0.0", {}), empty_dsn)
-    assert httpx.get(f"{deployed.url}/healthz", timeout=5).status_code == 200
-    ready = httpx.get(f"{deployed.url}/readyz", timeout=5)
+    assert httpclient.get(f"{deployed.url}/healthz", timeout=5).status_code == 200
+    ready = httpclient.get(f"{deployed.url}/readyz", timeout=5)
     assert ready.status_code == 503
     reason = ready.json()["reason"]
     assert "missing table(s) items, jobs, job_results, dead_letter" in reason
@@ -276,17 +276,17 @@ def test_readyz_is_503_when_the_database_is_unreachable(
 ) -> None:
     dsn = database.server().dsn("svc_test_does_not_exist")
     deployed = start_api(processes, deploy_artifact("1.0.0", {}), dsn)
-    ready = httpx.get(f"{deployed.url}/readyz", timeout=10)
+    ready = httpclient.get(f"{deployed.url}/readyz", timeout=10)
     assert ready.status_code == 503
     assert "svc_test_does_not_exist" in ready.json()["reason"]
-    assert httpx.get(f"{deployed.url}/v1/items", timeout=10).status_code == 503
+    assert httpclient.get(f"{deployed.url}/v1/items", timeout=10).status_code == 503
 
 
 @pytest.mark.slow
 def test_items_come_from_postgres_with_release_and_cache_headers(api: Deployed) -> None:
     rows = sql("SELECT id, name, price_cents FROM items ORDER BY id")
     assert len(rows) >= 3  # seeded by 0002_seed_items.sql
-    response = httpx.get(f"{api.url}/v1/items", timeout=5)
+    response = httpclient.get(f"{api.url}/v1/items", timeout=5)
     assert response.status_code == 200
     body = response.json()
     assert [(i["id"], i["name"], i["price_cents"]) for i in body["items"]] == rows
@@ -300,16 +300,16 @@ def test_items_come_from_postgres_with_release_and_cache_headers(api: Deployed) 
 @pytest.mark.slow
 def test_single_item_and_its_surrogate_keys(api: Deployed) -> None:
     sql("UPDATE items SET price_cents = 451 WHERE id = 1")
-    one = httpx.get(f"{api.url}/v1/items/1", timeout=5)
+    one = httpclient.get(f"{api.url}/v1/items/1", timeout=5)
     assert one.status_code == 200
     assert one.json()["id"] == 1
     assert one.json()["price_cents"] == 451  # read live from the database
     assert one.headers["Surrogate-Key"] == "items item-1"
     assert one.headers["Cache-Control"] == "public, max-age=5"
-    other = httpx.get(f"{api.url}/v1/items/2", timeout=5)
+    other = httpclient.get(f"{api.url}/v1/items/2", timeout=5)
     assert other.headers["Surrogate-Key"] == "items item-2"
     assert other.headers["Cache-Control"] == "public, max-age=5"
-    missing = httpx.get(f"{api.url}/v1/items/99999", timeout=5)
+    missing = httpclient.get(f"{api.url}/v1/items/99999", timeout=5)
     assert missing.status_code == 404
     assert "99999" in missing.json()["error"]
     assert missing.headers["Cache-Control"] == "no-store"  # errors are never cached
@@ -317,7 +317,7 @@ def test_single_item_and_its_surrogate_keys(api: Deployed) -> None:
 
 @pytest.mark.slow
 def test_summary_counts_match_the_database(api: Deployed) -> None:
-    response = httpx.get(f"{api.url}/v1/summary", timeout=5)
+    response = httpclient.get(f"{api.url}/v1/summary", timeout=5)
     assert response.status_code == 200
     body = response.json()
     (items, results, dead) = sql(
@@ -333,7 +333,7 @@ def test_summary_counts_match_the_database(api: Deployed) -> None:
 
 @pytest.mark.slow
 def test_static_asset_is_served_with_the_long_ttl(api: Deployed) -> None:
-    response = httpx.get(f"{api.url}/static/app.js", timeout=5)
+    response = httpclient.get(f"{api.url}/static/app.js", timeout=5)
     assert response.status_code == 200
     assert "summary" in response.text
     # the spec's cache_policy for the static class asks for `immutable`
@@ -345,7 +345,7 @@ def test_static_asset_is_served_with_the_long_ttl(api: Deployed) -> None:
 @pytest.mark.slow
 def test_non_spec_endpoints_are_not_cacheable(api: Deployed) -> None:
     for path in ("/healthz", "/metrics", "/v1/jobs/nope"):
-        response = httpx.get(f"{api.url}{path}", timeout=5)
+        response = httpclient.get(f"{api.url}{path}", timeout=5)
         assert response.headers["Cache-Control"] == "no-store", path
         assert "Surrogate-Key" not in response.headers, path
         assert response.headers["X-Track"] == "stable", path
@@ -356,10 +356,10 @@ def test_metrics_count_requests_by_route_template_version_and_track(api: Deploye
     before = requests_total(api.url, api, "/v1/items", "200")
     before_item = requests_total(api.url, api, "/v1/items/{item_id:int}", "200")
     for _ in range(3):
-        assert httpx.get(f"{api.url}/v1/items?limit=2&x=1", timeout=5).status_code == 200
+        assert httpclient.get(f"{api.url}/v1/items?limit=2&x=1", timeout=5).status_code == 200
     for item in (1, 2):
-        assert httpx.get(f"{api.url}/v1/items/{item}", timeout=5).status_code == 200
-    httpx.get(f"{api.url}/no/such/page?token=abc", timeout=5)
+        assert httpclient.get(f"{api.url}/v1/items/{item}", timeout=5).status_code == 200
+    httpclient.get(f"{api.url}/no/such/page?token=abc", timeout=5)
 
     samples = scrape(api.url)
     assert requests_total(api.url, api, "/v1/items", "200") == before + 3
@@ -388,16 +388,16 @@ def test_metrics_count_requests_by_route_template_version_and_track(api: Deploye
 @pytest.mark.slow
 def test_error_rate_one_makes_every_data_request_fail(faulty_api: Deployed) -> None:
     for path in ("/v1/items", "/v1/items/1", "/v1/summary"):
-        response = httpx.get(f"{faulty_api.url}{path}", timeout=5)
+        response = httpclient.get(f"{faulty_api.url}{path}", timeout=5)
         assert response.status_code == 500, path
         assert "injected fault" in response.json()["error"]
         assert response.headers["X-Release"] == "1.1.0-bad"
         assert response.headers["X-Track"] == "canary"
         assert response.headers["Cache-Control"] == "no-store"
     # Probes and static assets are not data requests: the process itself is healthy.
-    assert httpx.get(f"{faulty_api.url}/healthz", timeout=5).status_code == 200
-    assert httpx.get(f"{faulty_api.url}/readyz", timeout=5).status_code == 200
-    assert httpx.get(f"{faulty_api.url}/static/app.js", timeout=5).status_code == 200
+    assert httpclient.get(f"{faulty_api.url}/healthz", timeout=5).status_code == 200
+    assert httpclient.get(f"{faulty_api.url}/readyz", timeout=5).status_code == 200
+    assert httpclient.get(f"{faulty_api.url}/static/app.js", timeout=5).status_code == 200
     assert requests_total(faulty_api.url, faulty_api, "/v1/items", "500") == 1
     assert requests_total(faulty_api.url, faulty_api, "/v1/items", "200") == 0
 
@@ -405,7 +405,7 @@ def test_error_rate_one_makes_every_data_request_fail(faulty_api: Deployed) -> N
 @pytest.mark.slow
 def test_extra_latency_and_an_exact_error_fraction(slow_api: Deployed) -> None:
     statuses = []
-    with httpx.Client(base_url=slow_api.url, timeout=5) as client:
+    with httpclient.client(base_url=slow_api.url, timeout=5) as client:
         for _ in range(20):
             started = time.perf_counter()
             response = client.get("/v1/items")
@@ -443,13 +443,13 @@ def test_enqueue_is_idempotent_and_validated(api: Deployed) -> None:
     assert bad_priority.json()["field"] == "priority"
     bad_key = enqueue(api.url, "", "low", {})
     assert bad_key.json()["field"] == "key"
-    bad_payload = httpx.post(
+    bad_payload = httpclient.post(
         f"{api.url}/v1/jobs", json={"key": "k", "priority": "low", "payload": [1]}, timeout=5
     )
     assert bad_payload.json()["field"] == "payload"
-    not_json = httpx.post(f"{api.url}/v1/jobs", content=b"{nope", timeout=5)
+    not_json = httpclient.post(f"{api.url}/v1/jobs", content=b"{nope", timeout=5)
     assert not_json.status_code == 400
-    assert httpx.get(f"{api.url}/v1/jobs/never-enqueued", timeout=5).status_code == 404
+    assert httpclient.get(f"{api.url}/v1/jobs/never-enqueued", timeout=5).status_code == 404
 
 
 @pytest.mark.slow
@@ -466,7 +466,7 @@ def test_a_normal_job_is_processed_exactly_once(
     assert job["result"]["processed_by"] == "worker-f76v7exz5@1.0.0"
     assert sql("SELECT count(*) FROM job_results WHERE job_key = 'sum-1'") == [(1,)]
     assert sql("SELECT count(*) FROM dead_letter WHERE job_key = 'sum-1'") == [(0,)]
-    summary = httpx.get(f"{api.url}/v1/summary", timeout=5).json()
+    summary = httpclient.get(f"{api.url}/v1/summary", timeout=5).json()
     assert summary["job_results"]["count"] == sql("SELECT count(*) FROM job_results")[0][0]
 
     # Graceful stop: SIGTERM ends the loop and the process exits cleanly.

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from conftest import GUARDRAIL_TOKEN
-from dagster_project.core import database, knobs, registry
+from dagster_project.core import database, httpclient, knobs, registry
 from dagster_project.core.settings import product_dir
 from dagster_project.core.spec import ProductSpec, SpecError, load_spec
 
@@ -261,7 +261,7 @@ class Api:
     def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.url, self.proc, self.log = url, proc, log
         # One client: a new one per request costs tens of ms (SSL context), not the API's.
-        self.http = httpx.Client(base_url=url, timeout=10, trust_env=False)
+        self.http = httpclient.client(base_url=url, timeout=10, trust_env=False)
 
     def get(self, path: str, client: str | None = None) -> tuple[httpx.Response, float]:
         headers = {"X-Client-Id": client} if client else {}
@@ -341,12 +341,12 @@ def free_port() -> int:
 
 
 def _burst(api: Api, client: str, n: int) -> list[httpx.Response]:
-    with httpx.Client(base_url=api.url, timeout=10) as http:
+    with httpclient.client(base_url=api.url, timeout=10) as http:
         return [http.get("/v1/items/1", headers={"X-Client-Id": client}) for _ in range(n)]
 
 
 def _fault(api: Api, seconds: float, delay_ms: int) -> httpx.Response:
-    return httpx.post(
+    return httpclient.post(
         f"{api.url}/_faults/database", json={"seconds": seconds, "delay_ms": delay_ms}, timeout=5
     )
 
@@ -380,7 +380,7 @@ def test_the_rate_limit_answers_429_with_retry_after_per_client(
 
 
 def _burst_anonymous(api: Api, n: int) -> list[httpx.Response]:
-    with httpx.Client(base_url=api.url, timeout=10) as http:
+    with httpclient.client(base_url=api.url, timeout=10) as http:
         return [http.get("/v1/summary") for _ in range(n)]
 
 
@@ -406,7 +406,7 @@ def test_database_faults_open_the_breaker_and_it_closes_after_recovery(
             assert "circuit breaker open" in response.json()["error"]
             assert 1 <= int(response.headers["Retry-After"]) <= breaker.open_seconds + 1
             assert response.headers["Cache-Control"] == "no-store"
-        enqueue = httpx.post(
+        enqueue = httpclient.post(
             f"{api.url}/v1/jobs", json={"key": "gr-cb-job", "priority": "high"}, timeout=5
         )
         assert enqueue.status_code == 503 and "circuit breaker" in enqueue.text
@@ -415,7 +415,7 @@ def test_database_faults_open_the_breaker_and_it_closes_after_recovery(
         assert api.get("/readyz")[0].status_code == 503
         assert api.get("/readyz")[0].status_code == 503
     finally:
-        ended = httpx.delete(f"{api.url}/_faults/database", timeout=5)
+        ended = httpclient.delete(f"{api.url}/_faults/database", timeout=5)
     assert ended.status_code == 200 and ended.json()["ended"] is True
     assert api.get("/v1/items/1")[0].status_code == 503  # still open: fails fast
     time.sleep(breaker.open_seconds + 0.1)
@@ -441,7 +441,7 @@ def test_guardrails_off_has_no_rate_limit_and_a_breaker_that_never_opens(
             response, ms = api.get("/v1/items/1")
             assert response.status_code == 503 and ms >= 200  # every call tries the database
     finally:
-        httpx.delete(f"{api.url}/_faults/database", timeout=5)
+        httpclient.delete(f"{api.url}/_faults/database", timeout=5)
     assert api.get("/v1/items/1")[0].status_code == 200
 
 
@@ -453,7 +453,7 @@ def test_the_fault_endpoint_exists_only_when_the_platform_turns_it_on(
     assert _fault(api, 10, 0).status_code == 404
     assert api.get("/v1/items/1")[0].status_code == 200
     faulty = start_api("gr-badfault-1.0.0", {})
-    refused = httpx.post(f"{faulty.url}/_faults/database", json={"seconds": 600}, timeout=5)
+    refused = httpclient.post(f"{faulty.url}/_faults/database", json={"seconds": 600}, timeout=5)
     assert refused.status_code == 422 and refused.json()["field"] == "seconds"
 
 
@@ -499,13 +499,18 @@ def test_the_staging_smoke_verifies_the_guardrails_through_the_edge(
     fast = rows["guardrails: an open breaker fails fast with 503"]
     assert "ms" in fast.detail
     # staging still serves after the drill
-    assert httpx.get(f"{platform.edge_url('staging')}/readyz?after", timeout=5).status_code == 200
+    assert (
+        httpclient.get(f"{platform.edge_url('staging')}/readyz?after", timeout=5).status_code == 200
+    )
 
     broken = _staging_guardrail_rows(spec, platform, "gr-smoke-1.1.0", {"guardrails_off": 1})
     assert not broken["guardrails: a burst over the rate limit answers 429"].passed
     assert "no 429" in broken["guardrails: a burst over the rate limit answers 429"].detail
     assert not broken["guardrails: an open breaker fails fast with 503"].passed
-    assert httpx.get(f"{platform.edge_url('staging')}/readyz?after2", timeout=5).status_code == 200
+    assert (
+        httpclient.get(f"{platform.edge_url('staging')}/readyz?after2", timeout=5).status_code
+        == 200
+    )
 
 
 def test_a_product_without_guardrails_fails_the_smoke(tmp_path: Path) -> None:

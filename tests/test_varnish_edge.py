@@ -21,7 +21,7 @@ import httpx
 import pytest
 from real_parts import PRODUCT, contract_changed_product, require_varnish
 
-from dagster_project.core import registry
+from dagster_project.core import httpclient, registry
 from dagster_project.core.contract import changed_between
 from dagster_project.core.migrations.history import apply_pending
 from dagster_project.core.platform import LocalPlatform, varnish
@@ -61,7 +61,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPlatform
 
 
 def _get(url: str, **kwargs: Any) -> httpx.Response:
-    return httpx.get(url, timeout=5.0, trust_env=False, **kwargs)
+    return httpclient.get(url, timeout=5.0, trust_env=False, **kwargs)
 
 
 def _edge(platform: LocalPlatform) -> str:

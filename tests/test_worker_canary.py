@@ -10,13 +10,12 @@ import os
 import time
 from collections.abc import Iterator
 
-import httpx
 import psycopg2
 import pytest
 
 from conftest import GUARDRAIL_TOKEN, PRODUCT
 from dagster_project import deploy as deploy_cli
-from dagster_project.core import changes, database
+from dagster_project.core import changes, database, httpclient
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +46,7 @@ def _production_rows(sql: str, params: tuple[object, ...] = ()) -> list[tuple[ob
 
 
 def _served_versions(local: object, n: int = 40) -> set[str]:
-    with httpx.Client(timeout=5) as client:
+    with httpclient.client(timeout=5) as client:
         return {
             client.get(f"{local.edge_url('production')}/v1/items?wc={i}").headers["x-release"]  # type: ignore[attr-defined]
             for i in range(n)

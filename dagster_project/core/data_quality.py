@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.engine import make_url
 
 from dagster_project.core import database
+from dagster_project.core.settings import release_home
 
 ROW_COUNT_EXPECTATION = "expect_table_row_count_to_be_between"
 
@@ -221,15 +224,7 @@ class Validator:
                 f"the data-quality validator exited with code {self.proc.returncode} "
                 "without an answer"
             )
-        answer = json.loads(lines[-1])
-        if "report" in answer:
-            return DataQualityReport(**answer["report"])
-        error = (
-            database.DatabaseUnavailable
-            if answer.get("error") == "DatabaseUnavailable"
-            else DataQualityError
-        )
-        raise error(str(answer.get("message", "the validator failed")))
+        return _report_from(json.loads(lines[-1]))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -242,16 +237,30 @@ _validators: dict[str, Validator] = {}
 _validators_lock = threading.Lock()
 
 
-def start_validator(key: str) -> None:
-    """Start the validator for `key` (a run id) now, so it is ready when the gate asks."""
+def start_validator(key: str, product: str | None = None) -> None:
+    """Start the validator for `key` (a run id) now, so it is ready when the gate asks; none
+    when `product`'s platform runs its own (`platform_socket`)."""
+    if product is not None and platform_socket(product).exists():
+        return
     with _validators_lock:
         if key not in _validators:
             _validators[key] = Validator()
 
 
-def validate_in_child(key: str, db: str, suite_path: Path | str) -> DataQualityReport:
-    """Validate with the validator started for `key`, or a new one (a gate run in another
-    process than its stage, or on its own, pays the import here)."""
+def validate_in_child(
+    key: str, db: str, suite_path: Path | str, product: str | None = None
+) -> DataQualityReport:
+    """Validate in another process: `product`'s platform validator when it listens (GE
+    imported once for every release), else the validator started for `key`, else a new one
+    (a gate run in another process than its stage, or on its own, pays the import here)."""
+    if product is not None:
+        answer = _ask_platform_validator(platform_socket(product), db, suite_path)
+        if answer is not None:
+            with _validators_lock:  # one started before the platform's was up: not needed
+                unused = _validators.pop(key, None)
+            if unused is not None:
+                unused.close()
+            return _report_from(answer)
     with _validators_lock:
         validator = _validators.pop(key, None)
     if validator is None or validator.proc.poll() is not None:
@@ -260,6 +269,124 @@ def validate_in_child(key: str, db: str, suite_path: Path | str) -> DataQualityR
         return validator.validate(db, suite_path)
     finally:
         validator.close()
+
+
+def _report_from(answer: dict[str, Any]) -> DataQualityReport:
+    """A validator's JSON answer as the report, or its error raised here."""
+    if "report" in answer:
+        return DataQualityReport(**answer["report"])
+    error = (
+        database.DatabaseUnavailable
+        if answer.get("error") == "DatabaseUnavailable"
+        else DataQualityError
+    )
+    raise error(str(answer.get("message", "the validator failed")))
+
+
+# --- the platform's validator: GE imported once, a forked child per validation --------------
+
+PLATFORM_CONNECT_SECONDS = 2.0
+PLATFORM_REQUEST_SECONDS = 10.0  # a connection that sends no request within this is dropped
+
+
+def platform_socket(product: str) -> Path:
+    """The unix socket of `product`'s platform validator (`serve_platform`)."""
+    return release_home() / "validator" / f"{product}.sock"
+
+
+def platform_argv(product: str) -> list[str]:
+    """The command line supervisord runs for `product`'s platform validator."""
+    code = (
+        "from dagster_project.core.data_quality import serve_platform; "
+        f"raise SystemExit(serve_platform({product!r}))"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _ask_platform_validator(path: Path, db: str, suite_path: Path | str) -> dict[str, Any] | None:
+    """The platform validator's answer; None when none listens at `path` (not started,
+    stopped, restarting), so the caller validates in a child of its own. Once a request is
+    sent, no answer is an error (the gate blocks), never a fallback."""
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(PLATFORM_CONNECT_SECONDS)
+        try:
+            conn.connect(str(path))
+        except OSError:
+            return None
+        conn.settimeout(VALIDATOR_ANSWER_SECONDS)
+        try:
+            conn.sendall((json.dumps({"db": db, "suite": str(suite_path)}) + "\n").encode())
+            conn.shutdown(socket.SHUT_WR)
+            received = b"".join(iter(lambda: conn.recv(65536), b""))
+        except TimeoutError:
+            raise DataQualityError(
+                f"the platform's data-quality validator ({path}) gave no answer within "
+                f"{VALIDATOR_ANSWER_SECONDS:.0f}s"
+            ) from None
+        except OSError as exc:
+            raise DataQualityError(
+                f"the platform's data-quality validator ({path}) failed: {exc}"
+            ) from None
+    finally:
+        conn.close()
+    lines = [
+        line for line in received.decode(errors="replace").splitlines() if line.startswith("{")
+    ]
+    if not lines:
+        raise DataQualityError(
+            f"the platform's data-quality validator ({path}) closed the connection without "
+            "an answer"
+        )
+    return json.loads(lines[-1])
+
+
+def serve_platform(product: str) -> int:
+    """`product`'s platform validator, a supervisord program of `LocalPlatform.up`: imports
+    GE once, then answers each connection on `platform_socket(product)` in a forked child
+    (same answers as `serve`), so no release pays the import and no validation leaves state
+    behind for the next. The socket appears only once GE is imported and it listens."""
+    with contextlib.suppress(OSError):
+        os.nice(VALIDATOR_NICE)
+    _import_great_expectations()
+    path = platform_socket(product)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    listening = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        listening.unlink()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(listening))
+    os.chmod(listening, 0o600)
+    server.listen(16)
+    os.replace(listening, path)
+
+    def stop(*_: object) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()  # supervisord stops this one before it starts another
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished children are reaped by the kernel
+    while True:
+        conn, _ = server.accept()
+        if os.fork() == 0:  # the child: one validation, then exit
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(number, signal.SIG_DFL)
+            server.close()
+            signal.alarm(int(VALIDATOR_ANSWER_SECONDS) + 10)  # never outlives its asker's wait
+            code = 1
+            try:
+                conn.settimeout(PLATFORM_REQUEST_SECONDS)
+                request = conn.makefile("rb").readline().decode()
+                if request:
+                    conn.sendall((json.dumps(_answer(request), default=str) + "\n").encode())
+                code = 0
+            finally:
+                os._exit(code)
+        conn.close()
 
 
 class _DeferredImports(importlib.abc.MetaPathFinder):
@@ -297,18 +424,22 @@ def serve() -> int:
     line = sys.stdin.readline() if ready else ""
     if not line:  # idle too long, or the parent is gone
         return 0
+    print(json.dumps(_answer(line), default=str), flush=True)
+    return 0
+
+
+def _answer(line: str) -> dict[str, Any]:
+    """A validator's answer to one JSON request line: the report, or the error by name."""
     try:
         request = json.loads(line)
         report = validate_tables(request["db"], request["suite"])
-        answer: dict[str, Any] = {"report": asdict(report)}
+        return {"report": asdict(report)}
     except database.DatabaseUnavailable as exc:
-        answer = {"error": "DatabaseUnavailable", "message": str(exc)}
+        return {"error": "DatabaseUnavailable", "message": str(exc)}
     except DataQualityError as exc:
-        answer = {"error": "DataQualityError", "message": str(exc)}
+        return {"error": "DataQualityError", "message": str(exc)}
     except Exception as exc:  # fail closed: the gate blocks, naming what went wrong
-        answer = {"error": "DataQualityError", "message": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(answer, default=str), flush=True)
-    return 0
+        return {"error": "DataQualityError", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def validate_tables(db: str, suite_path: Path | str) -> DataQualityReport:

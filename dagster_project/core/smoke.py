@@ -50,7 +50,7 @@ import httpx
 from psycopg2 import sql
 from pydantic import TypeAdapter, ValidationError
 
-from dagster_project.core import database
+from dagster_project.core import database, httpclient
 from dagster_project.core.contracts import SmokeReport, SmokeRow, SmokeSection
 from dagster_project.core.spec import (
     CachePolicy,
@@ -350,8 +350,8 @@ def run_smoke(
             )
         return report.model_copy(update={"finished_at": _now()})
     report = report.model_copy(update={"edge_url": edge})
-    with httpx.Client(
-        base_url=edge, timeout=REQUEST_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False
+    with httpclient.client(
+        base_url=edge, timeout=REQUEST_TIMEOUT_SECONDS, follow_redirects=False
     ) as client:
         run = _Run(spec, platform, env, expected_version, client, report, purge, job_slack_seconds)
         _smoke_section(run)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from dagster_project.core import httpclient
 from dagster_project.core.canary.judge import SideWindow
 
 REQUESTS_METRIC = "http_requests_total"
@@ -241,7 +242,7 @@ class LocalScrapeSource:
         try:
             for attempt in _retrying(self.attempts):
                 with attempt:
-                    response = httpx.get(url, timeout=self.timeout_s)
+                    response = httpclient.get(url, timeout=self.timeout_s)
                     response.raise_for_status()
                     return response.text
         except httpx.HTTPError as exc:
@@ -443,7 +444,7 @@ class PrometheusSource:
         try:
             for attempt in _retrying(self.attempts):
                 with attempt:
-                    response = httpx.get(url, params={"query": promql}, timeout=self.timeout_s)
+                    response = httpclient.get(url, params={"query": promql}, timeout=self.timeout_s)
                     body = response.json()
                     if body.get("status") != "success":
                         raise MetricsUnavailable(

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from dagster_project.core import database, registry
+from dagster_project.core import database, httpclient, registry
 from dagster_project.core.platform import edges, processes
 from dagster_project.core.platform.errors import PlatformError
 from dagster_project.core.platform.prometheus import PrometheusInstance
@@ -86,6 +86,7 @@ class LocalPlatform:
         if any(edges.metrics_kind(self.spec, env) == "prometheus" for env in ENVIRONMENTS):
             self._ensure_prometheus()
         with self.state.lock():
+            self._ensure_validator()  # under the lock: two ups at once add it once
             # Start both edges before waiting, so their start-ups overlap.
             starting = [edge for env in ENVIRONMENTS if (edge := self._ensure_edge(env))]
             for edge in starting:
@@ -213,6 +214,24 @@ class LocalPlatform:
 
     def _add_edge_program(self, name: str, impl: edges.Edge) -> None:
         self.supervisor.add_program(name, impl.argv(), env=_child_env({}), cwd=PROJECT_ROOT)
+
+    # -- the data-quality validator -----------------------------------------------------
+
+    def _ensure_validator(self) -> None:
+        """The product's data-quality validator (data_quality.serve_platform) running: it
+        imports Great Expectations once, so a release's gate does not. Not waited for: until
+        its socket appears, a gate validates in a child of its own."""
+        # Here, not at the top: the module imports SQLAlchemy, which `release status` skips.
+        from dagster_project.core import data_quality
+
+        name = f"{self.product}.validator"
+        info = self.supervisor.info(name)
+        if info is None:
+            self.supervisor.add_program(
+                name, data_quality.platform_argv(self.product), env=_child_env({}), cwd=PROJECT_ROOT
+            )
+        elif info.state in ("STOPPED", "FATAL", "EXITED"):
+            self.supervisor.start(name)
 
     # -- Prometheus ----------------------------------------------------------------------
 
@@ -744,12 +763,11 @@ class LocalPlatform:
         url = f"{record.edge_url}{path}"
         for attempt in (1, 2):
             try:
-                response = httpx.post(
+                response = httpclient.post(
                     url,
                     json=payload,
                     headers={**(headers or {}), PURGE_KEY_HEADER: record.purge_key},
                     timeout=2.0,
-                    trust_env=False,
                 )
                 break
             except httpx.HTTPError as exc:

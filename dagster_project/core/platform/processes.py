@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from dagster_project.core import httpclient
 from dagster_project.core.settings import release_home
 
 
@@ -178,7 +179,7 @@ def wait_ready(
     the endpoint and the log file."""
     deadline = time.monotonic() + deadline_seconds
     last_problem = "no answer yet"
-    with httpx.Client(timeout=1.0, trust_env=False) as client:
+    with httpclient.client(timeout=1.0) as client:
         while True:
             try:
                 response = client.get(url)
@@ -205,7 +206,7 @@ def wait_ready(
 def probe(url: str, *, timeout: float = 1.0) -> tuple[bool, str]:
     """One GET: (ok, reason) where reason says what went wrong."""
     try:
-        response = httpx.get(url, timeout=timeout, trust_env=False)
+        response = httpclient.get(url, timeout=timeout)
     except httpx.HTTPError as exc:
         return False, f"{url} unreachable ({type(exc).__name__})"
     if response.status_code != 200:
