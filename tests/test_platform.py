@@ -251,7 +251,11 @@ def test_a_switch_that_can_start_no_stable_keeps_the_canary_for_the_reconciler_t
     then finished by the reconciler: the canary's release promoted, the change recorded."""
     from dagster_project.core import changes, ownership, reconcile
 
-    deployed.deploy("production", "canary", artifacts["1.0.0"])
+    # A release of its own: the reconciler records a production change for it, and the
+    # session's history is shared with other files (test_release_e2e.py releases 1.0.0).
+    version = "tp-switch-1.0.0"
+    switched = registry.push(registry.build_artifact(load_spec(PRODUCT), version))
+    deployed.deploy("production", "canary", switched)
     deployed.set_weights("production", {"stable": 0, "canary": 100})
     canary = deployed.state.processes("production", track="canary", role="api")[0]
     stable = deployed.state.processes("production", track="stable", role="api")[0]
@@ -261,17 +265,17 @@ def test_a_switch_that_can_start_no_stable_keeps_the_canary_for_the_reconciler_t
         pytest.raises((PlatformError, ProcessStartError)),
     ):
         deployed.promote("production")
-    one_oh = {"version": "1.0.0", "artifact_sha": artifacts["1.0.0"].sha256}
-    assert deployed.current("production") == {"canary": one_oh}
+    served = {"version": version, "artifact_sha": switched.sha256}
+    assert deployed.current("production") == {"canary": served}
     response = _get(f"{deployed.edge_url('production')}/v1/summary", params={"n": "kept"})
-    assert response.status_code == 200 and response.headers["x-release"] == "1.0.0"
+    assert response.status_code == 200 and response.headers["x-release"] == version
 
     owner = ownership.acquire(
         PRODUCT,
         "production",
         run_id="test-platform-switching",
-        release="1.0.0",
-        artifact_sha256=artifacts["1.0.0"].sha256,
+        release=version,
+        artifact_sha256=switched.sha256,
         previous_artifact_sha256=artifacts["1.1.0"].sha256,
         phase="switching",
         wait_seconds=0,
@@ -281,13 +285,13 @@ def test_a_switch_that_can_start_no_stable_keeps_the_canary_for_the_reconciler_t
     )
     taken = reconcile.take_over(load_spec(PRODUCT), owner, "its run died", platform=deployed)
     assert (taken.outcome, taken.problem) == ("promoted", None), taken
-    assert deployed.current("production") == {"stable": one_oh}
-    recorded = changes.for_release(PRODUCT, "1.0.0")
+    assert deployed.current("production") == {"stable": served}
+    recorded = changes.for_release(PRODUCT, version)
     assert [c.outcome for c in recorded] == ["promoted"], recorded
     assert "finished the switch" in (recorded[0].details.reason or "")
     assert ownership.current(PRODUCT, "production") is None
     response = _get(f"{deployed.edge_url('production')}/v1/summary", params={"n": "finished"})
-    assert response.headers["x-release"] == "1.0.0" and response.headers["x-track"] == "stable"
+    assert response.headers["x-release"] == version and response.headers["x-track"] == "stable"
 
 
 @pytest.mark.slow

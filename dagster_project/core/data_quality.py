@@ -12,13 +12,20 @@ GE expectation can be used. Every table also gets `expect_table_row_count_to_be_
 (min_value=min_rows)` first: an empty table is a failure, never a vacuous pass.
 
 Great Expectations takes ~3.5 s to import (~10 s without cached bytecode) and ~190 MB of
-memory, so it is imported only inside `validate_tables`, and the gate runs it in a child
-process (`Validator`): started (niced, by run id) once the staging smoke's worker retry-timing
-rows are judged, it imports GE while the rest of the smoke waits, validates once asked,
-answers in JSON and exits, so GE never stays
-in the release's process through the canary. The child defers altair and scipy.stats,
-which GE imports for three expectations only (`_DeferredImports`): ~145 MB instead of
-~220 MB. Loading and checking the suite file (`load_suite`) does not need GE.
+memory, so it is imported only inside `validate_tables`, never in the release's process:
+
+- The platform's validator (`serve_platform`), a supervisord program `LocalPlatform.up` adds
+  per product, imports GE once and answers each request on a unix socket in a forked child
+  (`platform_socket`), so a release pays neither the import nor its CPU.
+- Without it (platform not up through `up`, validator stopped or restarting), the gate runs a
+  child process of its own (`Validator`): started (niced, by run id) once the staging smoke's
+  worker retry-timing rows are judged, it imports GE while the rest of the smoke waits,
+  validates once asked, answers in JSON and exits.
+
+Both defer altair and scipy.stats, which GE imports for three expectations only
+(`_DeferredImports`): ~145 MB instead of ~220 MB. A validator that is asked and gives no
+answer is an error (the gate blocks), never a fallback. Loading and checking the suite file
+(`load_suite`) does not need GE.
 """
 
 from __future__ import annotations
