@@ -181,12 +181,12 @@ def serve_edge(kind: str, port: int, stable: int, canary: int) -> None:
 
 def run_load(kind: str, origin: int, requests: int) -> None:
     """Send `requests` at 120 req/s to the origin; print this process's CPU per request."""
+    from dagster_project.core.canary.load import LoadGenerator, Target  # imports not counted
+
     paths = [f"/v1/items?lg={n}" for n in range(requests)]
     base = f"http://127.0.0.1:{origin}"
     started = time.process_time()
     if kind == "aiohttp":
-        from dagster_project.core.canary.load import LoadGenerator, Target
-
         load = LoadGenerator(base, [Target("/v1/items", 1, True)], rps=120, max_requests=requests)
         load.start()
         while load.running:
