@@ -405,3 +405,48 @@ def test_a_stopped_platform_validator_removes_its_socket() -> None:
         if server.poll() is None:
             server.kill()
         socket_path.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_a_validation_killed_midway_blocks_the_gate_naming_the_validator(product_db: str) -> None:
+    """The forked child answering a gate dies mid-validation: the gate gets an error naming the
+    platform's validator (it blocks), never a pass and never a second validation elsewhere."""
+    import threading
+
+    import psutil
+
+    product = f"dq-{secrets.token_hex(2)}"
+    socket_path = data_quality.platform_socket(product)
+    server = subprocess.Popen(data_quality.platform_argv(product))
+    outcome: list[object] = []
+    try:
+        _wait_for(socket_path, server)
+        # The validation's reads wait on this lock, so the child is caught mid-validation.
+        with database.connection(product_db, autocommit=False) as locker, locker.cursor() as cur:
+            cur.execute("LOCK TABLE dead_letter IN ACCESS EXCLUSIVE MODE")
+
+            def gate() -> None:
+                try:
+                    outcome.append(
+                        data_quality.validate_in_child("run-k", product_db, SUITE, product=product)
+                    )
+                except Exception as exc:  # what the gate would raise
+                    outcome.append(exc)
+
+            asking = threading.Thread(target=gate)
+            asking.start()
+            deadline = time.monotonic() + 60
+            while not (children := psutil.Process(server.pid).children()):
+                assert time.monotonic() < deadline, "no validation child was forked"
+                time.sleep(0.05)
+            children[0].kill()
+            asking.join(timeout=60)
+            locker.rollback()
+        assert len(outcome) == 1 and isinstance(outcome[0], data_quality.DataQualityError)
+        assert str(socket_path) in str(outcome[0])
+        assert "without an answer" in str(outcome[0])
+        assert server.poll() is None  # the validator itself serves on
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        socket_path.unlink(missing_ok=True)
