@@ -4,9 +4,10 @@ httpx builds a new TLS context for every `Client` (loading the CA bundle: ~40 ms
 and `httpx.get` / `httpx.post` make a `Client` per call. The canary's metric scrapes, the
 readiness polls and the health probes call that often: about 4 s of CPU per release went to
 contexts that plain-HTTP loopback calls never use. Every client made here shares one context,
-built on first use the way httpx builds its default (certifi's bundle), so an https URL is
-verified exactly as before. Proxies from the environment are ignored (`trust_env=False`):
-every URL the pipeline calls is its own platform's on 127.0.0.1.
+built on first use the way httpx builds its default (certifi's bundle). Proxies and
+SSL_CERT_FILE / SSL_CERT_DIR from the environment are ignored (`trust_env=False`; the metric
+scrapes used to honour them): every URL the pipeline calls is its own platform's on
+127.0.0.1, over plain HTTP.
 
 Plain Python: no dagster import (the core never imports it).
 """
