@@ -171,6 +171,7 @@ def main() -> None:
         help="error rate of the baseline and of a healthy canary",
     )
     parser.add_argument("--alpha-fail", type=float, help="override the judge's default")
+    parser.add_argument("--load-rps", type=float, help="override the spec's canary.load_rps")
     parser.add_argument("--alpha-suspect", type=float, help="override the judge's default")
     args = parser.parse_args()
 
@@ -180,7 +181,14 @@ def main() -> None:
         for k, v in (("alpha_fail", args.alpha_fail), ("alpha_suspect", args.alpha_suspect))
         if v is not None
     }
-    config = JudgeConfig.from_spec(spec, **overrides)
+    if args.load_rps is not None:
+        spec = spec.model_copy(
+            update={"canary": spec.canary.model_copy(update={"load_rps": args.load_rps})}
+        )
+    # The API's gate accuracy: the simulation models requests, not the workers' jobs (their
+    # metrics would stay inconclusive here and block every run; tests/test_worker_canary.py
+    # covers them on the real workers).
+    config = JudgeConfig.from_spec(spec, judge_workers=False, **overrides)
     bounds_s = np.array(service_buckets_ms(spec)) / 1000
     dynamic = sum(e.load_weight for e in spec.endpoints if e.ttl_class == "dynamic")
     origin_rps = spec.canary.load_rps * dynamic / sum(e.load_weight for e in spec.endpoints)
