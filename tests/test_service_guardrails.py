@@ -193,7 +193,7 @@ def _folder(
             None,
             "product.yaml",
             "guardrails.rate_limit.address_requests_per_second",
-            "must exceed canary.load_rps 240",
+            "must exceed canary.load_rps 120",
         ),
         (
             lambda r: r["guardrails"]["circuit_breaker"].update(failure_threshold=0),
