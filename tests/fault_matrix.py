@@ -58,6 +58,18 @@ def cli(entry: str, *args: str, timeout: float = 120) -> subprocess.CompletedPro
     )
 
 
+def start_cli(entry: str, *args: str) -> subprocess.Popen[str]:
+    """`cli`, started: the caller collects it with `communicate`."""
+    code = f"from dagster_project.cli import {entry}; raise SystemExit({entry}())"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GUARDRAIL_TOKEN": GUARDRAIL_TOKEN},
+    )
+
+
 def start_deploy(version: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
     code = "from dagster_project.cli import deploy_main; raise SystemExit(deploy_main())"
     with open(log, "wb") as out:
@@ -138,6 +150,8 @@ def production_is_whole(local: object, release_home: Path) -> str:
     # Reconcile the way an operator's next command does (every CLI command reconciles first).
     status = cli("release_main", "status", PRODUCT, timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
+    # The reconciliation is done: the chain is verified (a CLI start, seconds) beside the checks.
+    verify = start_cli("release_main", "audit", "verify")
     deadline = time.monotonic() + RECOVERY_SECONDS
     while True:
         tracks = local.current("production")  # type: ignore[attr-defined]
@@ -172,8 +186,8 @@ def production_is_whole(local: object, release_home: Path) -> str:
     for change in history:
         assert by_change.count(change.change_id) == 1, change
     assert len(entries) == len(history)
-    verify = cli("release_main", "audit", "verify")
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    out, err = verify.communicate(timeout=120)
+    assert verify.returncode == 0, out + err
     return str(tracks["stable"]["version"])
 
 
