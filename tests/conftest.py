@@ -100,7 +100,7 @@ def guardrail_token(monkeypatch: pytest.MonkeyPatch) -> str:
 # rehearsal's junit XML, 2026-12-03); the rest follow in collection order, all under 25 s.
 _LONGEST_FIRST = (
     "test_production_faults.py",  # 472
-    "test_production_races.py",  # 384
+    "test_production_races.py",  # 384, about 280 since its two-release runs became one
     "test_release_e2e.py",  # 196
     "test_real_edge_e2e.py",  # 161
     "test_worker_canary.py",  # 156
