@@ -95,8 +95,10 @@ def guardrail_token(monkeypatch: pytest.MonkeyPatch) -> str:
     return GUARDRAIL_TOKEN
 
 
-# The longest files first, so the workers finish together (pytest-xdist `--dist loadfile`
-# hands out files in this order as workers free up). Ordered by measured seconds per file (a
+# The longest files first, so the workers finish together: pytest-xdist `--dist loadfile`
+# hands out files in this order as workers free up, given `--no-loadscope-reorder`
+# (pyproject.toml; by default xdist sorts files by their number of tests, which put the
+# seven-test fault matrix, the longest file, last). Ordered by measured seconds per file (a
 # rehearsal's junit XML, 2026-12-03); the rest follow in collection order, all under 25 s.
 _LONGEST_FIRST = (
     "test_production_faults.py",  # 472
