@@ -48,14 +48,14 @@ def version_counter(major: str) -> Callable[[], str]:
 
 
 def cli(entry: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    code = f"from dagster_project.cli import {entry}; raise SystemExit({entry}())"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "GUARDRAIL_TOKEN": GUARDRAIL_TOKEN},
-    )
+    """One of the project's CLI entry points in a child process, run to its end."""
+    with start_cli(entry, *args) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start_cli(entry: str, *args: str) -> subprocess.Popen[str]:

@@ -43,7 +43,8 @@ def platform() -> Iterator[object]:
 def test_releases_at_once_never_overlap(platform: object, release_home: Path) -> None:
     """Three deploys: the second 0.5 s after the first (they race for staging), the third
     12 s after it (it arrives while the first holds production and the second staging), so
-    one run sees both interleavings; each releases in turn or is refused as owned."""
+    one run sees both interleavings; each releases in turn, is refused as owned, or (an
+    older one) is blocked as superseded."""
     versions = [_next_version() for _ in range(3)]
     procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
