@@ -116,6 +116,47 @@ def test_a_shift_within_the_allowance_passes(config: JudgeConfig) -> None:
     assert by_metric(judgement)["latency_shift"].verdict == Verdict.PASS
 
 
+def midpoints(counts: dict[float, int]) -> list[float]:
+    """Latency samples as the metrics source rebuilds them: one per request at its bucket's
+    midpoint (the service's buckets around 3 ms: (1, 2], (2, 3], (3, 5], (5, 7], (7, 10])."""
+    return [ms for ms, n in counts.items() for _ in range(n)]
+
+
+FAST_BASELINE = {1.5: 60, 2.5: 400, 4.0: 40}  # median in (2, 3] ms
+
+
+@pytest.mark.parametrize(
+    ("canary", "floor_ms", "verdict"),
+    [
+        # The CI false block: a healthy canary's median one bucket up, (3, 5] ms, reads x1.6.
+        ({2.5: 50, 4.0: 400, 6.0: 50}, 5.0, Verdict.PASS),
+        ({2.5: 50, 4.0: 400, 6.0: 50}, 0.0, Verdict.FAIL),  # without the floor it blocked
+        # Beyond the floor and the ratio (x3.4, +6 ms): still a regression.
+        ({6.0: 50, 8.5: 400, 12.5: 50}, 5.0, Verdict.FAIL),
+    ],
+)  # fmt: skip
+def test_the_latency_floor_absorbs_one_bucket_at_a_few_ms(
+    config: JudgeConfig, canary: dict[float, int], floor_ms: float, verdict: Verdict
+) -> None:
+    baseline = midpoints(FAST_BASELINE)
+    judged = judge(
+        SideWindow(len(baseline), 0, baseline),
+        SideWindow(sum(canary.values()), 0, midpoints(canary)),
+        replace(config, latency_shift_floor_ms=floor_ms),
+    )
+    assert by_metric(judged)["latency_shift"].verdict == verdict
+
+
+def test_the_latency_floor_changes_nothing_above_25_ms(config: JudgeConfig) -> None:
+    """5 ms is less than 20% of anything above 25 ms: a 1.5x shift at 40 ms still fails."""
+    assert config.latency_shift_floor_ms == 5.0
+    rng = np.random.default_rng(9)
+    base = latencies(rng, 3000)
+    slower = (np.array(latencies(rng, 1000)) * 1.5).tolist()
+    judged = judge(SideWindow(3000, 0, base), SideWindow(1000, 0, slower), config)
+    assert by_metric(judged)["latency_shift"].verdict == Verdict.FAIL
+
+
 def test_p99_above_the_slo_fails_even_when_baseline_is_as_slow(config: JudgeConfig) -> None:
     rng = np.random.default_rng(6)
     slow = latencies(rng, 1000, median_ms=400)  # p99 ~ 1.1 s on both sides

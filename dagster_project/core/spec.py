@@ -121,6 +121,10 @@ class Slos(_Model):
     p99_latency_ms_max: float = Field(gt=0, le=60_000)
     max_error_rate_increase: float = Field(ge=0, le=1)
     max_latency_shift_ratio: float = Field(ge=1, le=100)
+    # The relative allowance is never less than this many ms (API and jobs alike): at a few ms,
+    # one histogram bucket (e.g. 3 -> 5 ms) is wider than 20%, and a busy host's scheduling
+    # noise moved a healthy canary's median across it (core/canary/judge.py).
+    latency_shift_floor_ms: float = Field(default=5.0, ge=0, le=60_000)
     # The workers, judged during the canary like the API (core/canary/judge.py).
     max_job_failure_rate_increase: float = Field(default=0.01, ge=0, le=1)
     max_job_latency_shift_ratio: float = Field(default=1.5, ge=1, le=100)

@@ -6,7 +6,9 @@ Per window it decides four metrics, each `pass | fail | inconclusive`:
   Fisher's exact test to fail), and an observed increase above
   `slos.max_error_rate_increase`.
 - `latency_shift` (relative): Mann-Whitney U of the canary against the baseline *scaled by*
-  `slos.max_latency_shift_ratio` (the effect-size allowance).
+  `slos.max_latency_shift_ratio` (the effect-size allowance), the allowance never less than
+  `slos.latency_shift_floor_ms`: samples are histogram bucket midpoints, and at a few ms one
+  bucket step (2.5 -> 4 ms midpoints) is a x1.6 "shift" that scheduling noise alone produces.
 - `success_rate` (absolute): binomial test, canary errors above `1 - slos.success_rate_min`.
 - `p99_latency` (absolute): binomial test, more than 1% of canary requests slower than
   `slos.p99_latency_ms_max` (p99 <= max  <=>  P(latency > max) <= 1%).
@@ -85,6 +87,7 @@ class JudgeConfig:
     p99_latency_ms_max: float
     min_requests_per_side: int
     min_latency_samples: int
+    latency_shift_floor_ms: float = 0.0
     # The workers (see the module docstring); off only in pure tests of the API metrics.
     judge_workers: bool = False
     max_job_failure_rate_increase: float = 0.01
@@ -103,6 +106,7 @@ class JudgeConfig:
         values: dict[str, Any] = {
             "max_error_rate_increase": spec.slos.max_error_rate_increase,
             "max_latency_shift_ratio": spec.slos.max_latency_shift_ratio,
+            "latency_shift_floor_ms": spec.slos.latency_shift_floor_ms,
             "success_rate_min": spec.slos.success_rate_min,
             "p99_latency_ms_max": spec.slos.p99_latency_ms_max,
             "min_requests_per_side": spec.canary.min_requests_per_side,
@@ -428,8 +432,8 @@ def _latency_shift(
     import numpy as np
     from scipy.stats import mannwhitneyu
 
-    ratio = config.max_latency_shift_ratio
-    threshold = f"<= {ratio:g} x baseline"
+    ratio, floor = config.max_latency_shift_ratio, config.latency_shift_floor_ms
+    threshold = f"<= {ratio:g} x baseline" + (f", at least +{floor:g} ms" if floor else "")
     b, c = _latencies(baseline), _latencies(canary)
     if isinstance(b, str) or isinstance(c, str):
         why = "; ".join(
@@ -445,8 +449,10 @@ def _latency_shift(
         )
     assert median_b is not None and median_c is not None
     # Effect-size allowance: the canary must be stochastically greater than the baseline
-    # *scaled by the allowance*, so a shift within the allowance can never fail.
-    p_value = float(mannwhitneyu(c, b * ratio, alternative="greater").pvalue)
+    # *scaled by the allowance* (and shifted by at least the floor), so a shift within the
+    # allowance can never fail.
+    allowed = np.maximum(b * ratio, b + floor)
+    p_value = float(mannwhitneyu(c, allowed, alternative="greater").pvalue)
     verdict = _grade(p_value, True, config)
     shift = median_c / median_b if median_b > 0 else math.inf
     reason = {

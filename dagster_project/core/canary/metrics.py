@@ -13,7 +13,9 @@ Latency samples are reconstructed from histogram bucket deltas: every request co
 bucket (lo, hi] becomes one sample at the bucket's midpoint (lo + hi) / 2; the first bucket
 uses (0, hi]; the +Inf bucket uses its finite lower bound. The error is at most half a bucket
 width per sample, which the dense buckets of the service keep small; tests of shift (ranks)
-and of "slower than X" (X on a bucket bound) are unaffected beyond that.
+and of "slower than X" (X on a bucket bound) are unaffected beyond that. At a few ms one bucket
+step is wider than the shift allowance, which is why the judge's allowance has an absolute
+floor (`slos.latency_shift_floor_ms`).
 
 Worker metrics ride along in the same snapshot when the source knows each track's worker
 (`worker_urls` / `worker_instances`): attempts and failed attempts (`retry` and `dead`
