@@ -15,6 +15,7 @@ from conftest import PRODUCT
 from dagster_project.core import smoke
 from dagster_project.core.contracts import ContractError
 from dagster_project.core.smoke import (
+    FLOOD_DRAINED_ROW,
     CheckFailed,
     SmokeReport,
     SmokeRow,
@@ -313,7 +314,7 @@ def test_healthy_release_passes_all_sections(
     policy_rows = [n for n in cache_names if n.endswith("headers obey the cache policy")]
     assert len(policy_rows) == len(spec.endpoints), cache_names
     worker_rows = report.section_rows("worker_dlq")
-    assert len(worker_rows) == 10, [row.name for row in worker_rows]
+    assert len(worker_rows) == 11, [row.name for row in worker_rows]
     assert "dead after 4 attempts" in worker_rows[1].detail
     details = {row.name: row.detail for row in worker_rows}
     print("\n".join(f"{name}: {detail}" for name, detail in details.items()))
@@ -329,6 +330,7 @@ def test_healthy_release_passes_all_sections(
     assert "SIGKILLed" in crash and "1 done in the attempt log, 1 result" in crash
     priority = details["high job not delayed by a flood of low jobs"]
     assert "bound 1000 ms" in priority and "still queued ahead of it" in priority
+    assert details[FLOOD_DRAINED_ROW].startswith("all 40 low jobs done")
     # Stored as an asset value: survives JSON.
     assert SmokeReport.parse(json.loads(report.model_dump_json())).passed()
 

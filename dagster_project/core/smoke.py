@@ -363,10 +363,12 @@ def run_smoke(
         # the other checks do, run at once. The guardrails run alone, last, once the expiry
         # check is done: the rate limit's burst goes through the data handlers (a release's
         # own errors are selected by call count, and a retry must meet them as it would
-        # alone), and the breaker drill fails every database call.
+        # alone), and the breaker drill fails every database call. The priority drill's flood
+        # drains beside them: that only waits on the worker and counts rows in Postgres.
         plan = expiry_endpoint(spec, purged_keys(spec) if purge else frozenset())
         expiry = plan.endpoint if plan is not None else None
         early = include_edge_cache and plan is not None and plan.early
+        floods: list[_Flood] = []  # the priority drill's, once enqueued
 
         def jobs_edge_and_drills(own: _Run) -> None:
             jobs = _worker_jobs(own) if include_worker else None
@@ -377,14 +379,21 @@ def run_smoke(
                 last = None if early else expiry
                 branches.append(lambda part: _edge_cache_section(part, expiry_last=last))
             if jobs is not None:
-                branches.append(lambda part: _worker_drills(part, jobs))
+                branches.append(lambda part: _worker_drills(part, jobs, floods))
             _concurrently(own, branches)
 
         beside = [lambda own: _expiry_check(own, expiry)] if early and expiry else []
         _concurrently(run, [jobs_edge_and_drills, *beside])
-        if include_guardrails:
-            _rate_limit_checks(run)
-            _breaker_drill(run)
+
+        def drained(own: _Run) -> None:
+            for flood in floods:
+                own.record("worker_dlq", FLOOD_DRAINED_ROW, lambda f=flood: _drain(own, f))
+
+        def guardrails(own: _Run) -> None:
+            _rate_limit_checks(own)
+            _breaker_drill(own)
+
+        _concurrently(run, [drained, guardrails] if include_guardrails else [drained])
     return report.model_copy(update={"finished_at": _now()})
 
 
@@ -1125,6 +1134,17 @@ CRASH_DRILL_ENV = "staging"
 FLOOD_ENQUEUE_THREADS = 8
 # The flood must drain within count * (duration + this) + the run's job slack.
 FLOOD_PER_JOB_OVERHEAD_MS = 50.0
+FLOOD_DRAINED_ROW = "every job of the priority drill's flood done (none starved or lost)"
+
+
+@dataclass(frozen=True)
+class _Flood:
+    """The priority drill's flood: what its drain waits for, and until when."""
+
+    keys: tuple[str, ...]
+    queue: str
+    started: float  # monotonic, the flood's enqueue
+    deadline: float  # monotonic
 
 
 @dataclass
@@ -1193,9 +1213,10 @@ def _worker_jobs(run: _Run) -> _Job:
     return normal
 
 
-def _worker_drills(run: _Run, normal: _Job) -> None:
+def _worker_drills(run: _Run, normal: _Job, floods: list[_Flood]) -> None:
     """Idempotency (the `ok` job's key enqueued again), a SIGKILL of the worker during a job,
-    and priority under a flood of the last queue."""
+    and priority under a flood of the last queue (the flood, once enqueued, goes to `floods`:
+    the caller waits for it to drain)."""
     queues = run.spec.queues.ordered
     run.record(
         "worker_dlq",
@@ -1211,7 +1232,7 @@ def _worker_drills(run: _Run, normal: _Job) -> None:
         run.record(
             "worker_dlq",
             f"{queues[0].name} job not delayed by a flood of {queues[-1].name} jobs",
-            lambda: _check_priority(run, queues[0], queues[-1]),
+            lambda: _check_priority(run, queues[0], queues[-1], floods),
         )
 
 
@@ -1683,7 +1704,7 @@ def _check_crash(run: _Run, queue: Queue) -> str:
     )
 
 
-def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
+def _check_priority(run: _Run, first: Queue, last: Queue, floods: list[_Flood]) -> str:
     from concurrent.futures import ThreadPoolExecutor
 
     worker = run.spec.contract.worker
@@ -1708,6 +1729,17 @@ def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
         raise CheckFailed(f"{len(errors)} of {flood.count} flood jobs refused: {errors[0]}")
     table, key_column = worker.results.table, worker.results.key_column
     keys = [job.key for job in flood_jobs]
+    enqueued = time.monotonic()
+    floods.append(
+        _Flood(
+            keys=tuple(keys),
+            queue=last.name,
+            started=enqueued,
+            deadline=enqueued
+            + flood.count * (flood.duration_ms + FLOOD_PER_JOB_OVERHEAD_MS) / 1000
+            + run.job_slack,
+        )
+    )
     ahead = flood.count - _count_rows_any(run, table, key_column, keys)
     if ahead * flood.duration_ms <= bound:
         raise CheckFailed(
@@ -1747,25 +1779,30 @@ def _check_priority(run: _Run, first: Queue, last: Queue) -> str:
             f"{first.name} job ({waited_ms:.0f} ms): no contention was measured "
             "(raise worker.probes.flood.count or duration_ms)"
         )
-    # The flood drains before the section ends, so later stages find an idle worker.
-    drain_until = time.monotonic() + (
-        flood.count * (flood.duration_ms + FLOOD_PER_JOB_OVERHEAD_MS) / 1000 + run.job_slack
-    )
-    left = pending
-    while left > 0 and time.monotonic() < drain_until:
-        time.sleep(JOB_POLL_INTERVAL_SECONDS)
-        left = flood.count - _count_rows_any(run, table, key_column, keys)
-    if left > 0:
-        raise CheckFailed(
-            f"{first.name} job done in {waited_ms:.0f} ms, but {left} of {flood.count} "
-            f"{last.name} jobs were still not done {drain_until - started:.1f}s later "
-            "(starved or lost)"
-        )
     return (
         f"{first.name} job done {waited_ms:.0f} ms after its enqueue (bound {bound} ms, "
         f"queues.{first.name}.priority_max_wait_ms) with {ahead} of {flood.count} "
         f"{last.name} jobs of {flood.duration_ms} ms still queued ahead of it "
-        f"(>= {ahead * flood.duration_ms} ms of work; {pending} still queued when it was "
-        f"done); all {last.name} jobs done "
-        f"{time.monotonic() - started:.2f}s after it was enqueued"
+        f"(>= {ahead * flood.duration_ms} ms of work; {pending} still queued when it was done)"
+    )
+
+
+def _drain(run: _Run, flood: _Flood) -> str:
+    """The flood drains before the smoke ends, so later stages find an idle worker; a job
+    still queued at the deadline was starved or lost."""
+    worker = run.spec.contract.worker
+    table, key_column = worker.results.table, worker.results.key_column
+    keys = list(flood.keys)
+    left = len(keys) - _count_rows_any(run, table, key_column, keys)
+    while left > 0 and time.monotonic() < flood.deadline:
+        time.sleep(JOB_POLL_INTERVAL_SECONDS)
+        left = len(keys) - _count_rows_any(run, table, key_column, keys)
+    if left > 0:
+        raise CheckFailed(
+            f"{left} of {len(keys)} {flood.queue} jobs of the priority drill's flood were still "
+            f"not done {flood.deadline - flood.started:.1f}s after their enqueue (starved or lost)"
+        )
+    return (
+        f"all {len(keys)} {flood.queue} jobs done "
+        f"{time.monotonic() - flood.started:.2f}s after their enqueue"
     )
