@@ -97,6 +97,11 @@ def test_a_product_id_is_a_name_never_a_path(product: str) -> None:
         (lambda r: r["canary"]["steps"][0].update(weight=0), "canary.steps.0.weight", "greater"),
         (lambda r: r["slos"].update(success_rate_min=1.5), "slos.success_rate_min", "less"),
         (lambda r: r["slos"].update(p99_latency_ms_max=-1), "slos.p99_latency_ms_max", "greater"),
+        (
+            lambda r: r["slos"].update(latency_shift_floor_ms=-3),
+            "slos.latency_shift_floor_ms",
+            "greater",
+        ),
         (lambda r: r["canary"].update(load_rps=10**6), "canary.load_rps", "less"),
         (lambda r: r["queues"]["high"].update(backoff_max_ms=-1), "backoff_max_ms", "greater"),
         (lambda r: r["endpoints"][0].update(load_weight=-1), "endpoints.0.load_weight", "greater"),
