@@ -360,11 +360,12 @@ def run_smoke(
         # sleep; it starts here when no purge of the cache checks can remove its object, see
         # `expiry_endpoint`, else it runs after them). Then the edge cache and the worker
         # drills, which mostly wait (Age timers, idempotency watch, restart) and touch nothing
-        # the other checks do, run at once. The guardrails run alone, last, once the expiry
-        # check is done: the rate limit's burst goes through the data handlers (a release's
-        # own errors are selected by call count, and a retry must meet them as it would
-        # alone), and the breaker drill fails every database call. The priority drill's flood
-        # drains beside them: that only waits on the worker and counts rows in Postgres.
+        # the other checks do, run at once. The guardrails run last, once the expiry check is
+        # done, and beside nothing that calls the API: the rate limit's burst goes through the
+        # data handlers (a release's own errors are selected by call count, and a retry must
+        # meet them as it would alone), and the breaker drill fails every database call. Only
+        # the priority drill's flood drains beside them: that waits on the worker (which never
+        # calls the API) and counts rows in Postgres.
         plan = expiry_endpoint(spec, purged_keys(spec) if purge else frozenset())
         expiry = plan.endpoint if plan is not None else None
         early = include_edge_cache and plan is not None and plan.early
@@ -1144,7 +1145,7 @@ class _Flood:
     keys: tuple[str, ...]
     queue: str
     started: float  # monotonic, the flood's enqueue
-    deadline: float  # monotonic
+    deadline: float  # monotonic, the priority measurement's end + the flood's budget
 
 
 @dataclass
@@ -1730,61 +1731,59 @@ def _check_priority(run: _Run, first: Queue, last: Queue, floods: list[_Flood]) 
     table, key_column = worker.results.table, worker.results.key_column
     keys = [job.key for job in flood_jobs]
     enqueued = time.monotonic()
-    floods.append(
-        _Flood(
-            keys=tuple(keys),
-            queue=last.name,
-            started=enqueued,
-            deadline=enqueued
-            + flood.count * (flood.duration_ms + FLOOD_PER_JOB_OVERHEAD_MS) / 1000
-            + run.job_slack,
+    try:
+        ahead = flood.count - _count_rows_any(run, table, key_column, keys)
+        if ahead * flood.duration_ms <= bound:
+            raise CheckFailed(
+                f"inconclusive: only {ahead} of {flood.count} {last.name} jobs of "
+                f"{flood.duration_ms} ms were still queued once the flood was enqueued, "
+                f"{ahead * flood.duration_ms} ms of work, not above the {bound} ms bound "
+                f"(queues.{first.name}.priority_max_wait_ms): a worker ignoring priority would "
+                "pass too (raise worker.probes.flood.count or duration_ms)"
+            )
+        high = _Job(f"{PRIORITY_JOB_PREFIX}{run.run_id}", first, poison=False)
+        started = time.monotonic()
+        error = _enqueue(run, high)
+        if error:
+            raise CheckFailed(error)
+        high.enqueued_at = started
+        high.deadline = started + max(3 * bound / 1000, run.job_slack)
+        _poll_until_final(run, high, FAST_POLL_SECONDS)
+        waited_ms = (time.monotonic() - started) * 1000
+        pending = flood.count - _count_rows_any(run, table, key_column, keys)
+        status, attempts = _state(run, high.state or {})
+        if status != worker.recognise.done:
+            raise CheckFailed(
+                f"{first.name} job {high.key}: status {status!r} after {attempts} attempts "
+                f"{waited_ms:.0f} ms after its enqueue behind {flood.count} {last.name} jobs, "
+                f"expected {worker.recognise.done!r} within {bound} ms "
+                f"(queues.{first.name}.priority_max_wait_ms)"
+            )
+        if waited_ms > bound:
+            raise CheckFailed(
+                f"{first.name} job {high.key} done {waited_ms:.0f} ms after its enqueue with "
+                f"{pending} of {flood.count} {last.name} jobs still queued, above "
+                f"queues.{first.name}.priority_max_wait_ms {bound} ms"
+            )
+        if pending <= 0:
+            raise CheckFailed(
+                f"inconclusive: all {flood.count} {last.name} jobs were done before the "
+                f"{first.name} job ({waited_ms:.0f} ms): no contention was measured "
+                "(raise worker.probes.flood.count or duration_ms)"
+            )
+        return (
+            f"{first.name} job done {waited_ms:.0f} ms after its enqueue (bound {bound} ms, "
+            f"queues.{first.name}.priority_max_wait_ms) with {ahead} of {flood.count} "
+            f"{last.name} jobs of {flood.duration_ms} ms still queued ahead of it "
+            f"(>= {ahead * flood.duration_ms} ms of work; {pending} still queued when it was done)"
         )
-    )
-    ahead = flood.count - _count_rows_any(run, table, key_column, keys)
-    if ahead * flood.duration_ms <= bound:
-        raise CheckFailed(
-            f"inconclusive: only {ahead} of {flood.count} {last.name} jobs of "
-            f"{flood.duration_ms} ms were still queued once the flood was enqueued, "
-            f"{ahead * flood.duration_ms} ms of work, not above the {bound} ms bound "
-            f"(queues.{first.name}.priority_max_wait_ms): a worker ignoring priority would "
-            "pass too (raise worker.probes.flood.count or duration_ms)"
+    finally:
+        # Drained whatever the verdict; the deadline counts from the end of the measurement,
+        # as when this row waited for the drain itself.
+        budget = flood.count * (flood.duration_ms + FLOOD_PER_JOB_OVERHEAD_MS) / 1000
+        floods.append(
+            _Flood(tuple(keys), last.name, enqueued, time.monotonic() + budget + run.job_slack)
         )
-    high = _Job(f"{PRIORITY_JOB_PREFIX}{run.run_id}", first, poison=False)
-    started = time.monotonic()
-    error = _enqueue(run, high)
-    if error:
-        raise CheckFailed(error)
-    high.enqueued_at = started
-    high.deadline = started + max(3 * bound / 1000, run.job_slack)
-    _poll_until_final(run, high, FAST_POLL_SECONDS)
-    waited_ms = (time.monotonic() - started) * 1000
-    pending = flood.count - _count_rows_any(run, table, key_column, keys)
-    status, attempts = _state(run, high.state or {})
-    if status != worker.recognise.done:
-        raise CheckFailed(
-            f"{first.name} job {high.key}: status {status!r} after {attempts} attempts "
-            f"{waited_ms:.0f} ms after its enqueue behind {flood.count} {last.name} jobs, "
-            f"expected {worker.recognise.done!r} within {bound} ms "
-            f"(queues.{first.name}.priority_max_wait_ms)"
-        )
-    if waited_ms > bound:
-        raise CheckFailed(
-            f"{first.name} job {high.key} done {waited_ms:.0f} ms after its enqueue with "
-            f"{pending} of {flood.count} {last.name} jobs still queued, above "
-            f"queues.{first.name}.priority_max_wait_ms {bound} ms"
-        )
-    if pending <= 0:
-        raise CheckFailed(
-            f"inconclusive: all {flood.count} {last.name} jobs were done before the "
-            f"{first.name} job ({waited_ms:.0f} ms): no contention was measured "
-            "(raise worker.probes.flood.count or duration_ms)"
-        )
-    return (
-        f"{first.name} job done {waited_ms:.0f} ms after its enqueue (bound {bound} ms, "
-        f"queues.{first.name}.priority_max_wait_ms) with {ahead} of {flood.count} "
-        f"{last.name} jobs of {flood.duration_ms} ms still queued ahead of it "
-        f"(>= {ahead * flood.duration_ms} ms of work; {pending} still queued when it was done)"
-    )
 
 
 def _drain(run: _Run, flood: _Flood) -> str:
